@@ -1,0 +1,90 @@
+"""Configuration dataclasses: what a model is (ModelConfig) and how the engine runs it (EngineConfig)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+FAMILIES = ("llama", "qwen2", "qwen3", "gemma3")
+DETERMINISM_LEVELS = ("fast", "batch_invariant", "exact")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a decoder-only transformer, read from GGUF metadata or HF config.json.
+
+    One dataclass covers every supported family; the family flags below switch the few
+    structural differences (qkv bias, q/k norm, Gemma's extra norms and scaled embeddings).
+    """
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position: int
+    rms_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_local_theta: float | None = None  # Gemma 3 sliding layers use their own base
+    rope_scaling: dict | None = None  # {"type": "linear"|"llama3"|..., "factor": ...}
+    tie_embeddings: bool = True
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    sandwich_norm: bool = False  # Gemma: post-attention and post-ffn norms
+    norm_offset: float = 0.0  # Gemma's RMSNorm multiplies by (offset + weight)
+    embed_scale: float = 1.0  # Gemma multiplies embeddings by sqrt(hidden)
+    activation: str = "silu"  # "silu" or "gelu_tanh"
+    attn_scale: float | None = None  # None -> head_dim ** -0.5
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = field(default=())  # per layer "full" or "sliding"
+    final_logit_softcap: float | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown model family {self.family!r}; supported: {', '.join(FAMILIES)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if not self.layer_types:
+            object.__setattr__(self, "layer_types", ("full",) * self.num_layers)
+        if len(self.layer_types) != self.num_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+
+    @property
+    def scale(self) -> float:
+        return self.attn_scale if self.attn_scale is not None else self.head_dim**-0.5
+
+    def window(self, layer: int) -> int | None:
+        """Sliding-window size of a layer (None for full attention)."""
+        return self.sliding_window if self.layer_types[layer] == "sliding" else None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine schedules and stores work. CLI defaults are read from here."""
+
+    numerics: str = "fp32"
+    determinism: str = "fast"
+    block_size: int = 16  # tokens per KV-cache block
+    num_kv_blocks: int | None = None  # None -> sized from kv_cache_gb
+    kv_cache_gb: float = 2.0
+    kv_dtype: str | None = None  # None -> follows numerics
+    max_num_seqs: int = 64  # sequences per step
+    max_num_batched_tokens: int = 2048  # token budget per step
+    prefill_chunk: int = 512  # longest prefill piece of one sequence in one step
+    enable_prefix_caching: bool = True
+    max_model_len: int | None = None  # None -> model's context window
+    threads: int | None = None  # None -> torch default
+
+    def __post_init__(self) -> None:
+        if self.determinism not in DETERMINISM_LEVELS:
+            raise ValueError(
+                f"unknown determinism level {self.determinism!r}; choose one of {', '.join(DETERMINISM_LEVELS)}"
+            )
+        if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
+        if self.prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be positive")

@@ -1,0 +1,222 @@
+"""Sampling: parameters, counter-based Gumbel noise and logit processing in one documented order.
+
+Processing order (recorded in every output as PROCESSING_ORDER):
+  1. repetition penalty (HF style: positive logits / p, negative logits * p) over prompt + output ids
+  2. frequency and presence penalties (OpenAI style) over output ids
+  3. temperature (T = 0 means greedy: argmax of the penalised logits)
+  4. top-k, 5. top-p (nucleus, on the tempered distribution), 6. min-p (relative to the top prob)
+  7. Gumbel-max: argmax over kept tokens of  logits / T + g(seed, sample_index, token_index, vocab_id)
+
+The noise g is a pure function of its four integer coordinates (a SplitMix64 hash turned into a
+Gumbel variate), so batching cannot change it and a verifier can recompute it exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+PROCESSING_ORDER = (
+    "repetition_penalty",
+    "frequency_presence_penalty",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "gumbel_max",
+)
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_C1 = 0xBF58476D1CE4E5B9
+_C2 = 0x94D049BB133111EB
+
+
+def _signed(x: int) -> int:
+    x &= _MASK64
+    return x - (1 << 64) if x >> 63 else x
+
+
+def _mix_int(x: int) -> int:
+    """SplitMix64 finaliser on a Python int (mod 2^64)."""
+    x &= _MASK64
+    x = ((x ^ (x >> 30)) * _C1) & _MASK64
+    x = ((x ^ (x >> 27)) * _C2) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 tensors holding unsigned 64-bit values."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64 finaliser on int64 tensors (wrapping arithmetic = arithmetic mod 2^64)."""
+    x = (x ^ _srl(x, 30)) * _signed(_C1)
+    x = (x ^ _srl(x, 27)) * _signed(_C2)
+    return x ^ _srl(x, 31)
+
+
+def row_key(seed: int, sample_index: int, token_index: int) -> int:
+    """64-bit key of one sampling step, from its three integer coordinates."""
+    k = _mix_int(seed * _GOLDEN + 1)
+    k = _mix_int(k ^ (sample_index * _GOLDEN + 2))
+    return _mix_int(k ^ (token_index * _GOLDEN + 3))
+
+
+def noise_bits(seed: int, sample_index: int, token_index: int, vocab_size: int) -> torch.Tensor:
+    """Uniform 64-bit hash per vocab id (int64 tensor of shape (V,))."""
+    key = _signed(row_key(seed, sample_index, token_index))
+    ids = torch.arange(1, vocab_size + 1, dtype=torch.int64)
+    return _mix(ids * _signed(_GOLDEN) + key)
+
+
+def gumbel_noise(seed: int, sample_index: int, token_index: int, vocab_size: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise g of shape (V,), float64: g = -log(-log(u)), u uniform in (0, 1)."""
+    u = (_srl(noise_bits(seed, sample_index, token_index, vocab_size), 11).double() + 0.5) * 2.0**-53
+    return -torch.log(-torch.log(u))
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one request. Defaults follow vLLM/OpenAI except `seed` (always recorded)."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_k: int = 0  # 0 (or -1) disables
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None  # None -> a random seed is drawn and recorded in the output
+    max_tokens: int = 16
+    min_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top logprobs to return per token (0: only the sampled)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    fingerprint_k: int = 0  # Activation-DiFR fingerprint width (0: none)
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)
+        checks = [
+            (isinstance(self.n, int) and 1 <= self.n <= 1024, f"n must be an integer in [1, 1024], got {self.n!r}"),
+            (
+                math.isfinite(self.temperature) and 0.0 <= self.temperature <= 100.0,
+                f"temperature must be in [0, 100], got {self.temperature!r}",
+            ),
+            (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be >= 0 (0 disables), got {self.top_k!r}"),
+            (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p!r}"),
+            (0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p!r}"),
+            (
+                math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+                f"repetition_penalty must be > 0, got {self.repetition_penalty!r}",
+            ),
+            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
+            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
+            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens!r}"),
+            (isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens must be in [0, max_tokens]"),
+            (self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63), "seed must be in [0, 2^63)"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            (self.fingerprint_k in (0, 8, 16, 32), "fingerprint_k must be 0, 8, 16 or 32"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def with_seed(self) -> SamplingParams:
+        """A copy whose seed is set (drawn at random when it was None)."""
+        if self.seed is not None:
+            return self
+        return self.replace(seed=random.SystemRandom().randrange(2**31))
+
+    def replace(self, **changes) -> SamplingParams:
+        fields = {k: v for k, v in asdict(self).items()}
+        fields.update(changes)
+        return SamplingParams(**fields)
+
+    def record(self) -> dict:
+        """Everything that determines the sample, for receipts and manifests."""
+        rec = {k: v for k, v in asdict(self).items() if k != "extra"}
+        rec["stop"] = list(self.stop)
+        rec["stop_token_ids"] = list(self.stop_token_ids)
+        rec["processing_order"] = list(PROCESSING_ORDER)
+        rec["noise"] = "splitmix64-gumbel-v1"
+        return rec
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids) -> torch.Tensor:
+    """Steps 1-2 on one row of logits (V,). Returns a new float32 tensor."""
+    logits = logits.float().clone()
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
+        if len(seen):
+            vals = logits[seen]
+            logits[seen] = torch.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
+    if (params.frequency_penalty or params.presence_penalty) and len(output_ids):
+        ids, counts = torch.tensor(list(output_ids), dtype=torch.long).unique(return_counts=True)
+        logits[ids] -= params.frequency_penalty * counts.float() + params.presence_penalty
+    return logits
+
+
+def kept_mask(scaled: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Steps 4-6: boolean mask (V,) of tokens that survive top-k, top-p and min-p.
+
+    `scaled` are the penalised logits divided by the temperature.
+    """
+    keep = torch.ones_like(scaled, dtype=torch.bool)
+    if params.top_k and params.top_k < scaled.numel():
+        kth = torch.topk(scaled, params.top_k).values[-1]
+        keep &= scaled >= kth
+    if params.top_p < 1.0 or params.min_p > 0.0:
+        probs = torch.softmax(scaled.masked_fill(~keep, float("-inf")), dim=-1)
+        if params.top_p < 1.0:
+            sorted_p, order = torch.sort(probs, descending=True, stable=True)
+            before = torch.cumsum(sorted_p, 0) - sorted_p  # mass strictly before each token
+            drop_sorted = before >= params.top_p
+            drop_sorted[0] = False
+            drop = torch.zeros_like(keep)
+            drop[order] = drop_sorted
+            keep &= ~drop
+        if params.min_p > 0.0:
+            keep &= probs >= params.min_p * probs.max()
+    return keep
+
+
+def processed_scores(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1-6 for one row: (scaled logits (V,) float64, kept mask (V,)). For T = 0 scaled = penalised."""
+    penalised = apply_penalties(logits, params, prompt_ids, output_ids)
+    if params.greedy:
+        return penalised.double(), torch.ones_like(penalised, dtype=torch.bool)
+    scaled = penalised.double() / params.temperature
+    return scaled, kept_mask(scaled, params)
+
+
+def sample_row(
+    logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids, sample_index: int, token_index: int
+) -> int:
+    """Choose the next token for one sequence (the whole of steps 1-7)."""
+    scaled, keep = processed_scores(logits, params, prompt_ids, output_ids)
+    if params.greedy:
+        return int(torch.argmax(scaled))
+    assert params.seed is not None, "seed must be resolved before sampling"
+    g = gumbel_noise(params.seed, sample_index, token_index, scaled.numel())
+    return int(torch.argmax((scaled + g).masked_fill(~keep, float("-inf"))))
