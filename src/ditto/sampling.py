@@ -127,8 +127,14 @@ class SamplingParams:
             ),
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
-            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens!r}"),
-            (isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens must be in [0, max_tokens]"),
+            (
+                isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+                f"max_tokens must be >= 1, got {self.max_tokens!r}",
+            ),
+            (
+                isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
+                "min_tokens must be in [0, max_tokens]",
+            ),
             (self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63), "seed must be in [0, 2^63)"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
             (self.fingerprint_k in (0, 8, 16, 32), "fingerprint_k must be 0, 8, 16 or 32"),
@@ -201,7 +207,9 @@ def kept_mask(scaled: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return keep
 
 
-def processed_scores(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids) -> tuple[torch.Tensor, torch.Tensor]:
+def processed_scores(
+    logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 1-6 for one row: (scaled logits (V,) float64, kept mask (V,)). For T = 0 scaled = penalised."""
     penalised = apply_penalties(logits, params, prompt_ids, output_ids)
     if params.greedy:

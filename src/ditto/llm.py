@@ -1,0 +1,256 @@
+"""LLM: the public Python API over the engine, and ditto's own Backend."""
+
+from __future__ import annotations
+
+import itertools
+import platform
+import time
+from collections.abc import Iterator
+from dataclasses import fields
+
+import torch
+
+from ditto.config import EngineConfig
+from ditto.engine.llm_engine import LLMEngine, Request
+from ditto.loader.load import LoadedModel, load
+from ditto.outputs import CompletionOutput, RequestOutput, ScoreOutput
+from ditto.sampling import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """Load a model once, then generate, stream or score with it.
+
+    >>> llm = LLM("smollm2-135m-instruct", numerics="fp32", determinism="batch_invariant")
+    >>> llm.generate(["2+2="], SamplingParams(max_tokens=8, temperature=0))[0].outputs[0].text
+    """
+
+    name = "ditto"
+
+    def __init__(self, model: str = "smollm2-135m-instruct", numerics: str = "fp32", determinism: str = "fast",
+                 progress: bool = True, **engine_options):
+        known = {f.name for f in fields(EngineConfig)}
+        unknown = set(engine_options) - known
+        if unknown:
+            raise TypeError(f"unknown engine option(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        self.config = EngineConfig(numerics=numerics, determinism=determinism, **engine_options)
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        from ditto.numerics import prepare
+
+        self.loaded: LoadedModel = load(model, progress=progress)
+        self.tokenizer = self.loaded.tokenizer
+        prepared = prepare(self.loaded, self.config)
+        self.numerics = prepared
+        self.engine = LLMEngine(
+            prepared.model,
+            self.loaded.config,
+            self.tokenizer,
+            self.config,
+            prepared.act_dtype,
+            prepared.kv_dtype,
+            fingerprint_fn=_fingerprint_fn(),
+        )
+        self._ids = itertools.count()
+
+    # ---- Backend protocol -------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+    def info(self) -> dict:
+        return {
+            "backend": "ditto",
+            "ditto_version": _version(),
+            "torch": torch.__version__,
+            "model": str(self.loaded.path),
+            "model_name": self.loaded.name,
+            "model_digest": self.loaded.digest,
+            "tokenizer_digest": getattr(self.tokenizer, "digest", None),
+            "family": self.loaded.config.family,
+            "numerics": self.config.numerics,
+            "determinism": self.config.determinism,
+            "kv_dtype": str(self.numerics.kv_dtype).removeprefix("torch."),
+            "block_size": self.config.block_size,
+            "max_num_seqs": self.config.max_num_seqs,
+            "max_num_batched_tokens": self.config.max_num_batched_tokens,
+            "prefill_chunk": self.config.prefill_chunk,
+            "prefix_caching": self.config.enable_prefix_caching,
+            "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(),
+            "sampler": "ditto counter-based Gumbel-max (splitmix64-gumbel-v1)",
+        }
+
+    # ---- generation ---------------------------------------------------------------------------
+    def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.encode(prompt)
+        return None, [int(t) for t in prompt]
+
+    def _submit(self, prompt: Prompt, params: SamplingParams) -> Request:
+        text, ids = self._prompt_ids(prompt)
+        return self.engine.add_request(f"req-{next(self._ids)}", ids, params, prompt=text)
+
+    def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None,
+                 *, progress: bool = False, chat: bool = False) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); outputs come back in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = params or SamplingParams()
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
+        if chat:
+            prompts = [self.chat_prompt([{"role": "user", "content": p}]) for p in prompts]
+        reqs = [self._submit(p, sp) for p, sp in zip(prompts, plist)]
+        self._run_until_done(reqs, progress, "generating")
+        return [self._output(r) for r in reqs]
+
+    def _run_until_done(self, reqs: list[Request], progress: bool, label: str) -> None:
+        bar = None
+        if progress:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[tps]}"),
+                           TimeElapsedColumn(), transient=True)
+            bar.start()
+            task = bar.add_task(label, total=len(reqs), tps="")
+        pending = {r.request_id for r in reqs}
+        t0, tokens0 = time.perf_counter(), self.engine.stats["decode_tokens"]
+        try:
+            while pending:
+                for req in self.engine.step():
+                    if req.finished and req.request_id in pending:
+                        pending.discard(req.request_id)
+                        if bar:
+                            bar.advance(task)
+                if bar:
+                    rate = (self.engine.stats["decode_tokens"] - tokens0) / max(1e-9, time.perf_counter() - t0)
+                    bar.update(task, tps=f"{rate:.0f} tok/s")
+                if not self.engine.has_unfinished() and pending:
+                    raise RuntimeError(f"engine idle with {len(pending)} unfinished requests")
+        finally:
+            if bar:
+                bar.stop()
+            for rid in pending:  # interrupted: do not leave sequences holding cache blocks
+                self.engine.abort(rid)
+            for r in reqs:
+                self.engine.requests.pop(r.request_id, None)
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[tuple[int, str, list[int]]]:
+        """Yield (sample index, new text, new token ids) as tokens are produced; runs the engine loop."""
+        from ditto.loader.tokenizer import IncrementalDecoder
+
+        params = params or SamplingParams()
+        req = self._submit(prompt, params)
+        seen: dict[int, int] = {}
+        decoders: dict[int, IncrementalDecoder] = {}
+        try:
+            while True:
+                self.engine.step()
+                for seq in req.seqs:
+                    i = seq.sample_index
+                    dec = decoders.setdefault(i, IncrementalDecoder(self.tokenizer, params.skip_special_tokens))
+                    new = seq.output_ids[seen.get(i, 0) :]
+                    if new:
+                        seen[i] = len(seq.output_ids)
+                        text = "".join(dec.push(t) for t in new)
+                        if seq.finished:
+                            text += dec.flush()
+                        yield i, text, new
+                if req.finished:
+                    break
+                if not self.engine.has_unfinished():
+                    raise RuntimeError("engine idle before the request finished")
+        finally:
+            if not req.finished:
+                self.engine.abort(req.request_id)
+            self.engine.requests.pop(req.request_id, None)
+
+    def score(self, prompt: Prompt, continuation: Prompt, *, keep_logits: bool = False) -> ScoreOutput:
+        """Teacher-forced log-probabilities of `continuation` given `prompt` (one forward pass)."""
+        return self.score_batch([(prompt, continuation)], keep_logits=keep_logits)[0]
+
+    def score_batch(self, pairs: list[tuple[Prompt, Prompt]], *, keep_logits: bool = False) -> list[ScoreOutput]:
+        reqs = []
+        for prompt, cont in pairs:
+            _, p_ids = self._prompt_ids(prompt)
+            c_ids = self.encode(cont, add_special_tokens=False) if isinstance(cont, str) else [int(t) for t in cont]
+            if not c_ids:
+                raise ValueError("empty continuation: nothing to score")
+            req = self.engine.add_request(
+                f"score-{next(self._ids)}", p_ids + c_ids, SamplingParams(temperature=0.0), score_from=len(p_ids)
+            )
+            req.n_prompt = len(p_ids)
+            reqs.append(req)
+        self._run_until_done(reqs, False, "scoring")
+        outs = []
+        for req in reqs:
+            seq = req.seqs[0]
+            c_ids = seq.prompt_ids[req.n_prompt :]
+            logits = torch.stack([row[0] for row in seq.score_rows])  # (C, V)
+            hidden = torch.stack([row[1] for row in seq.score_rows])  # (C, hidden)
+            logp = torch.log_softmax(logits, dim=-1)
+            out = ScoreOutput(
+                prompt_token_ids=seq.prompt_ids[: req.n_prompt],
+                token_ids=c_ids,
+                logprobs=logp[torch.arange(len(c_ids)), torch.tensor(c_ids)].tolist(),
+                top_ids=logits.argmax(-1).tolist(),
+            )
+            if keep_logits:
+                out.logits, out.hidden = logits, hidden
+            outs.append(out)
+        return outs
+
+    # ---- outputs ------------------------------------------------------------------------------
+    def _output(self, req: Request) -> RequestOutput:
+        completions = []
+        for seq in sorted(req.seqs, key=lambda s: s.sample_index):
+            if isinstance(seq.stop_reason, str):
+                text = seq.text
+            else:
+                text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=seq.params.skip_special_tokens)
+            completions.append(
+                CompletionOutput(
+                    index=seq.sample_index,
+                    text=text,
+                    token_ids=list(seq.output_ids),
+                    logprobs=list(seq.logprobs),
+                    finish_reason=seq.finish_reason,
+                    top_logprobs=list(seq.top_logprobs) or None,
+                    fingerprints=list(seq.fingerprints) or None,
+                    stop_reason=seq.stop_reason,
+                )
+            )
+        first = req.first_token_time or req.finished_time or time.perf_counter()
+        metrics = {
+            "numerics": self.config.numerics,
+            "determinism": self.config.determinism,
+            "seed": req.params.seed,
+            "sampling": req.params.record(),
+            "prompt_tokens": len(req.prompt_ids),
+            "cached_prompt_tokens": req.seqs[0].num_cached if req.seqs else 0,
+            "ttft_s": first - req.arrival_time,
+            "latency_s": (req.finished_time or time.perf_counter()) - req.arrival_time,
+        }
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, completions, req.finished, metrics)
+
+
+def _fingerprint_fn():
+    try:
+        from ditto.verify.activation_difr import fingerprints
+    except ImportError:  # pragma: no cover
+        return None
+    return lambda hidden, k: fingerprints(hidden.float(), k)
+
+
+def _version() -> str:
+    from ditto import __version__
+
+    return __version__

@@ -1,0 +1,161 @@
+"""Calibration for the `integer` numerics mode: activation ranges from a short text, computed once.
+
+`collect_stats(model, token_chunks)` runs the float model (fp32, a plain causal attention) over
+a few token sequences and records, per layer, the absolute maxima that fix the integer formats:
+
+  resid               max |x| of the residual stream (embedding and every block output)   scalar
+  L{i}.attn_in        per-channel max |input_norm(x)|   (D,)   SmoothQuant factors for q/k/v
+  L{i}.ffn_in         per-channel max |pre_ffn_norm(x)| (D,)   SmoothQuant factors for gate/up
+  L{i}.q, L{i}.k      max |q_proj(x)|, max |k_proj(x)|                                   scalar
+  L{i}.qn, L{i}.kn    max |q_norm(q)|, max |k_norm(k)| (qk-norm families, else = q, k)    scalar
+  L{i}.v              per-channel max |v_proj(x)|   (Hkv*d,)   static int8 V-cache scales
+  L{i}.o_in           max |attention output|                                             scalar
+  L{i}.gate, L{i}.up  max |gate_proj(x)|, max |up_proj(x)|                                scalar
+  L{i}.h              per-channel max |act(gate) * up| (I,)     SmoothQuant factors for down_proj
+  final               max |norm(x)| ; logits: max |logit|                                 scalar
+
+`save_calibration` writes them (float64, plus the text's token count and a version) to a
+safetensors file next to the model; its sha256 goes into the model digest
+(`ditto.loader.digest.files_digest(paths, extra=calibration_digest(path).encode())`).
+Everything the integer model uses at run time is derived from these numbers and the weights with
+correctly rounded IEEE operations only (see ditto.numerics.integer), so the file pins it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+CALIBRATION_VERSION = "integer-calib-v1"
+
+
+class CausalContext:
+    """Float attention for calibration: one sequence, positions 0..T-1, causal (+ sliding window)."""
+
+    def __init__(self, scale: float):
+        self.scale = scale
+
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None):
+        t, h, d = q.shape
+        g = h // k.shape[1]
+        k = k.repeat_interleave(g, dim=1)  # (T, H, D)
+        v = v.repeat_interleave(g, dim=1)
+        s = torch.einsum("thd,shd->hts", q.float(), k.float()) * self.scale  # (H, T, S)
+        pos = torch.arange(t)
+        visible = pos[None, :] <= pos[:, None]
+        if window is not None:
+            visible &= pos[None, :] > pos[:, None] - window
+        p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1)
+        return torch.einsum("hts,shd->thd", p, v.float()).to(q.dtype)  # (T, H, D)
+
+
+def _amax(x: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    x = x.detach().double().abs()
+    return x.reshape(-1, x.shape[-1]).amax(0) if per_channel else x.amax().reshape(1)
+
+
+@torch.inference_mode()
+def collect_stats(model, token_chunks: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Run the float model over each chunk and return the running maxima described above."""
+    stats: dict[str, torch.Tensor] = {}
+
+    def record(name: str, x: torch.Tensor, per_channel: bool = False) -> None:
+        m = _amax(x, per_channel)
+        stats[name] = m if name not in stats else torch.maximum(stats[name], m)
+
+    hooks = []
+
+    def on_out(name, per_channel=False):
+        return lambda mod, args, out: record(name, out, per_channel)
+
+    def on_in(name, per_channel=False):
+        return lambda mod, args, out: record(name, args[0], per_channel)
+
+    hooks.append(model.embed.register_forward_hook(on_out("resid")))
+    for i, blk in enumerate(model.layers):
+        a, mlp = blk.attn, blk.mlp
+        hooks += [
+            blk.register_forward_hook(on_out("resid")),
+            blk.input_norm.register_forward_hook(on_out(f"L{i}.attn_in", True)),
+            blk.pre_ffn_norm.register_forward_hook(on_out(f"L{i}.ffn_in", True)),
+            a.q_proj.register_forward_hook(on_out(f"L{i}.q")),
+            a.k_proj.register_forward_hook(on_out(f"L{i}.k")),
+            a.v_proj.register_forward_hook(on_out(f"L{i}.v", True)),
+            a.o_proj.register_forward_hook(on_in(f"L{i}.o_in")),
+            mlp.gate_proj.register_forward_hook(on_out(f"L{i}.gate")),
+            mlp.up_proj.register_forward_hook(on_out(f"L{i}.up")),
+            mlp.down_proj.register_forward_hook(on_in(f"L{i}.h", True)),
+        ]
+        if a.q_norm is not None:
+            hooks += [
+                a.q_norm.register_forward_hook(on_out(f"L{i}.qn")),
+                a.k_norm.register_forward_hook(on_out(f"L{i}.kn")),
+            ]
+        for name, norm in (("post_attn", blk.post_attn_norm), ("post_ffn", blk.post_ffn_norm)):
+            if norm is not None:
+                hooks.append(norm.register_forward_hook(on_out(f"L{i}.{name}")))
+    hooks.append(model.norm.register_forward_hook(on_out("final")))
+    try:
+        ctx = CausalContext(model.cfg.scale)
+        n_tokens = 0
+        for chunk in token_chunks:
+            ids = torch.tensor(chunk, dtype=torch.long)
+            hidden = model(ids, torch.arange(len(chunk)), ctx)
+            record("logits", model.compute_logits(hidden))
+            n_tokens += len(chunk)
+    finally:
+        for h in hooks:
+            h.remove()
+    for i, blk in enumerate(model.layers):
+        if blk.attn.q_norm is None:
+            stats[f"L{i}.qn"], stats[f"L{i}.kn"] = stats[f"L{i}.q"], stats[f"L{i}.k"]
+    stats["num_tokens"] = torch.tensor([float(n_tokens)], dtype=torch.float64)
+    return stats
+
+
+def calibration_path(model_path: str | Path) -> Path:
+    """Where the calibration of a model file (or directory) lives: next to it."""
+    p = Path(model_path)
+    return (p / "ditto-integer-calibration.safetensors") if p.is_dir() else p.with_name(p.name + ".int-calib.safetensors")
+
+
+def save_calibration(path: str | Path, stats: dict[str, torch.Tensor]) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    save_file({k: v.double().contiguous() for k, v in stats.items()}, str(path), {"version": CALIBRATION_VERSION})
+    return path
+
+
+def load_calibration(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        version = (f.metadata() or {}).get("version")
+        if version != CALIBRATION_VERSION:
+            raise ValueError(f"{path}: calibration version {version!r}, expected {CALIBRATION_VERSION!r}; recalibrate")
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+
+
+def calibration_digest(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def default_calibration_ids(tokenizer_encode, text: str, chunk: int = 256) -> list[list[int]]:
+    """Split the token ids of a calibration text into chunks of at most `chunk` tokens."""
+    ids = list(tokenizer_encode(text))
+    return [ids[i : i + chunk] for i in range(0, len(ids), chunk)]
+
+
+__all__ = [
+    "CALIBRATION_VERSION",
+    "CausalContext",
+    "calibration_digest",
+    "calibration_path",
+    "collect_stats",
+    "default_calibration_ids",
+    "load_calibration",
+    "save_calibration",
+]

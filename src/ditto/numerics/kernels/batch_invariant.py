@@ -1,0 +1,516 @@
+"""Batch-invariant kernels for the `batch_invariant` determinism level (CPU; fp32, bf16, layercast).
+
+Contract: for a fixed model, numerics mode, device type and thread count, the result for one row
+(one token) is bit-identical whatever the batch size M, the row's position in the batch and the
+other rows.  Measured on this project's CPU (benchmarks/batch_invariance_probe.py):
+
+* fp32 torch GEMM (MKL) is NOT invariant: M=1 takes a gemv path, M=2..3 another kernel, M>=4 a
+  third, and for 4 <= M < 12 the rows past the last multiple of 4 take an edge kernel.  MKL's
+  order is not a plain FMA chain, so no cheap torch-side trick reproduces it for small M.
+* bf16 torch GEMM (oneDNN) is invariant for every M >= 2 on the engine's shapes, but M=1 takes a
+  different path for K=1536 (e.g. the MLP down projection).  Padding M=1 to 2 rows fixes it at
+  ~no cost (a bf16 M=2 GEMM costs the same as M=1).
+* Row reductions (sum/mean/amax/argmax/softmax/log_softmax/logsumexp/rms_norm) over the last
+  dim of a contiguous (M, V) tensor, and torch.bmm with a fixed per-matrix shape, are already
+  invariant; tests/test_batch_invariant_kernels.py proves it bit for bit on every run.
+
+Design of `invariant_linear`:
+
+* fp32 (and layercast = bf16 weights, fp32 compute): a small C kernel (compiled once with the
+  system C compiler, loaded with ctypes, OpenMP shared with torch's libgomp) that computes every
+  output element as ONE sequential fp32 FMA chain over k = 0..K-1 starting from 0, then adds the
+  bias.  Tiling (6 rows x 64 columns register tiles, M blocks, N panels) and threading only decide
+  *which* elements a core computes, never the order of an element's reduction, so the result is
+  invariant to M, position, other rows AND thread count, and - the chain being plain IEEE FMA -
+  identical on any FMA-capable CPU.  Weights are pre-packed once into 64-column panels (bf16
+  weights stay bf16 and are widened in registers, which halves decode memory traffic).
+* bf16: torch/oneDNN with M padded to >= 2 rows, guarded by a one-off per-shape self-check; if the
+  self-check fails (another CPU / oneDNN version picking M-dependent kernels) that shape falls back
+  to the C kernel (exact bf16 products accumulated in an fp32 FMA chain, rounded to bf16).
+* Without a C compiler, fp32 falls back to torch GEMMs on fixed 32-row zero-padded tiles (MKL's
+  M>=12 kernel is row-position invariant on this CPU); slower, and also guarded by a self-check.
+
+A CUDA implementation plugs in at `_DEVICE_IMPLS["cuda"]` (same signature as `_cpu_linear`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "InvariantLinear",
+    "PackedWeight",
+    "invariant_argmax",
+    "invariant_bmm",
+    "invariant_linear",
+    "invariant_log_softmax",
+    "invariant_logsumexp",
+    "invariant_rms_norm",
+    "invariant_softmax",
+    "invariant_sum",
+    "kernel_available",
+    "pack_weight",
+]
+
+# ----------------------------------------------------------------------------------------------
+# C kernel
+# ----------------------------------------------------------------------------------------------
+
+_NR = 64  # columns per packed panel (4 x 16-lane vectors)
+_MC = 96  # rows per M block (cache blocking only; never changes an element's reduction order)
+
+_C_SRC = r"""
+/* ditto batch-invariant linear: y[m, n] = fmachain_k(x[m, k] * w[n, k]) (+ bias[n]).
+   Every output element is one sequential FMA chain over k = 0..K-1 starting from +0.0f;
+   tiling/threading only choose which elements a thread computes. */
+#include <stdint.h>
+#include <string.h>
+#define NR 64
+typedef float v16 __attribute__((vector_size(64)));
+typedef uint32_t u16x __attribute__((vector_size(64)));
+typedef uint16_t h16 __attribute__((vector_size(32)));
+static inline v16 ldf(const float *p) { v16 v; memcpy(&v, p, 64); return v; }
+static inline v16 ldh(const uint16_t *p) {
+  h16 h; memcpy(&h, p, 32); u16x u = __builtin_convertvector(h, u16x) << 16;
+  v16 f; memcpy(&f, &u, 64); return f;
+}
+static inline v16 bc(float s) { v16 v = {0}; return v + s; }
+
+#define KERN(NAME, WT, LD)                                                                      \
+static inline __attribute__((always_inline)) void NAME(const int mr, const float *x, long ldx,  \
+    const WT *w, long K, float *y, long ldy, int nc, const float *bias) {                      \
+  v16 acc[6][4];                                                                                \
+  for (int i = 0; i < 6; i++) for (int j = 0; j < 4; j++) acc[i][j] = bc(0.f);                  \
+  for (long k = 0; k < K; k++) {                                                                \
+    const v16 w0 = LD(w + k * NR), w1 = LD(w + k * NR + 16);                                    \
+    const v16 w2 = LD(w + k * NR + 32), w3 = LD(w + k * NR + 48);                               \
+    for (int i = 0; i < mr; i++) {                                                              \
+      const v16 a = bc(x[i * ldx + k]);                                                         \
+      acc[i][0] = __builtin_fmaf_vec(a, w0, acc[i][0]);                                         \
+      acc[i][1] = __builtin_fmaf_vec(a, w1, acc[i][1]);                                         \
+      acc[i][2] = __builtin_fmaf_vec(a, w2, acc[i][2]);                                         \
+      acc[i][3] = __builtin_fmaf_vec(a, w3, acc[i][3]);                                         \
+    }                                                                                           \
+  }                                                                                             \
+  for (int i = 0; i < mr; i++) {                                                                \
+    float tmp[NR]; memcpy(tmp, acc[i], sizeof(tmp));                                            \
+    if (bias) for (int j = 0; j < nc; j++) tmp[j] += bias[j];                                   \
+    memcpy(y + i * ldy, tmp, (size_t)nc * sizeof(float));                                       \
+  }                                                                                             \
+}
+/* a*b+c with one rounding: contracted to vfmadd by -ffp-contract=fast (checked at build time
+   by comparing against scalar fmaf in ditto_selftest). */
+#define __builtin_fmaf_vec(a, b, c) ((a) * (b) + (c))
+KERN(kf, float, ldf)
+KERN(kh, uint16_t, ldh)
+
+#define DRIVER(NAME, WT, KN)                                                                    \
+void NAME(const float *x, long M, long K, long ldx, const WT *wp, long N, const float *bias,    \
+          float *y, long mc) {                                                                  \
+  const long np = (N + NR - 1) / NR, nmb = (M + mc - 1) / mc;                                   \
+  _Pragma("omp parallel for collapse(2) schedule(static)")                                    \
+  for (long mb = 0; mb < nmb; mb++)                                                             \
+    for (long p = 0; p < np; p++) {                                                             \
+      const long m0 = mb * mc, m1 = m0 + mc < M ? m0 + mc : M;                                  \
+      const int nc = (int)(N - p * NR < NR ? N - p * NR : NR);                                  \
+      const WT *w = wp + p * K * NR;                                                            \
+      const float *b = bias ? bias + p * NR : 0;                                                \
+      float *yp = y + p * NR;                                                                   \
+      long m = m0;                                                                              \
+      for (; m + 6 <= m1; m += 6) KN(6, x + m * ldx, ldx, w, K, yp + m * N, N, nc, b);          \
+      switch (m1 - m) {                                                                         \
+        case 5: KN(5, x + m * ldx, ldx, w, K, yp + m * N, N, nc, b); break;                     \
+        case 4: KN(4, x + m * ldx, ldx, w, K, yp + m * N, N, nc, b); break;                     \
+        case 3: KN(3, x + m * ldx, ldx, w, K, yp + m * N, N, nc, b); break;                     \
+        case 2: KN(2, x + m * ldx, ldx, w, K, yp + m * N, N, nc, b); break;                     \
+        case 1: KN(1, x + m * ldx, ldx, w, K, yp + m * N, N, nc, b); break;                     \
+        default: break;                                                                         \
+      }                                                                                         \
+    }                                                                                           \
+}
+DRIVER(ditto_bi_linear_f32w, float, kf)
+DRIVER(ditto_bi_linear_bf16w, uint16_t, kh)
+
+/* Returns 1 when the vector kernel equals a scalar fmaf chain bit for bit (FMA contraction on). */
+#include <math.h>
+int ditto_selftest(void) {
+  enum { K = 37 };
+  float x[K], w[K * NR], y[NR];
+  uint32_t s = 12345u;
+  for (int i = 0; i < K; i++) { s = s * 1664525u + 1013904223u; x[i] = (float)(s >> 8) / 16777216.f - 0.5f; }
+  for (int i = 0; i < K * NR; i++) { s = s * 1664525u + 1013904223u; w[i] = (float)(s >> 8) / 16777216.f - 0.5f; }
+  ditto_bi_linear_f32w(x, 1, K, K, w, NR, 0, y, 96);
+  for (int n = 0; n < NR; n++) {
+    float acc = 0.f;
+    for (int k = 0; k < K; k++) acc = fmaf(x[k], w[k * NR + n], acc);
+    if (memcmp(&acc, &y[n], sizeof(float)) != 0) return 0;
+  }
+  return 1;
+}
+"""
+
+_lib_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_lib_error: str | None = None
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compile(cc: str, so_path: Path) -> None:
+    flags = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-fast-math", "-fopenmp", "-shared", "-fPIC"]
+    so_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=so_path.parent) as tmp:
+        src = Path(tmp) / "bi.c"
+        src.write_text(_C_SRC)
+        out = Path(tmp) / "bi.so"
+        subprocess.run([cc, *flags, str(src), "-o", str(out), "-lm"], check=True, capture_output=True, timeout=120)
+        os.replace(out, so_path)  # atomic: concurrent builders (pytest-xdist, several engines) are safe
+
+
+def _load_lib() -> ctypes.CDLL | None:
+    """Build (once, cached on disk) and load the C kernel; None when no compiler / OpenMP is usable."""
+    global _lib, _lib_error
+    if _lib is not None or _lib_error is not None:
+        return _lib
+    with _lib_lock:
+        if _lib is not None or _lib_error is not None:
+            return _lib
+        if os.environ.get("DITTO_BI_DISABLE_KERNEL"):
+            _lib_error = "disabled by DITTO_BI_DISABLE_KERNEL"
+            return None
+        cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+        if cc is None:
+            _lib_error = "no C compiler found"
+            return None
+        try:
+            version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError) as e:
+            _lib_error = f"compiler unusable: {e}"
+            return None
+        key = hashlib.sha256("\0".join([_C_SRC, version, _cpu_flags(), platform.machine()]).encode()).hexdigest()
+        cache = Path(os.environ.get("DITTO_KERNEL_CACHE", Path.home() / ".cache" / "ditto" / "kernels"))
+        so_path = cache / f"batch_invariant_{key[:20]}.so"
+        try:
+            if not so_path.exists():
+                _compile(cc, so_path)
+            # torch is imported first, so libgomp.so.1 resolves to torch's copy: one OpenMP pool,
+            # and torch.set_num_threads governs the kernel too.
+            lib = ctypes.CDLL(str(so_path))
+        except (OSError, subprocess.SubprocessError) as e:
+            _lib_error = f"kernel build failed: {e}"
+            return None
+        argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long]
+        argtypes += [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
+        for fn in (lib.ditto_bi_linear_f32w, lib.ditto_bi_linear_bf16w):
+            fn.argtypes = argtypes
+            fn.restype = None
+        lib.ditto_selftest.restype = ctypes.c_int
+        if lib.ditto_selftest() != 1:  # FMA not contracted: still invariant, but not the documented chain
+            _lib_error = "kernel self-test failed (no FMA contraction)"
+            return None
+        _lib = lib
+        return _lib
+
+
+def kernel_available() -> bool:
+    """True when the compiled CPU kernel is usable (builds it on first call)."""
+    return _load_lib() is not None
+
+
+def kernel_status() -> str:
+    """'ok' or the reason the kernel is unavailable (for manifests / logs)."""
+    return "ok" if _load_lib() is not None else str(_lib_error)
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed weights
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A (N, K) weight repacked into ceil(N/64) panels of (K, 64), fp32 or bf16 (zero padded)."""
+
+    data: Tensor  # (num_panels, K, 64)
+    n: int
+    k: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
+
+def pack_weight(weight: Tensor) -> PackedWeight:
+    """Repack an nn.Linear weight (N, K) for the CPU kernel; bf16 stays bf16, other dtypes -> fp32."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (N, K), got {tuple(weight.shape)}")
+    n, k = weight.shape
+    dtype = torch.bfloat16 if weight.dtype == torch.bfloat16 else torch.float32
+    num_panels = (n + _NR - 1) // _NR
+    wt = torch.zeros(k, num_panels * _NR, dtype=dtype)
+    wt[:, :n] = weight.detach().t().to(device="cpu", dtype=dtype)
+    return PackedWeight(wt.view(k, num_panels, _NR).permute(1, 0, 2).contiguous(), n, k)
+
+
+_pack_cache: dict[int, tuple[weakref.ref, int, int, PackedWeight]] = {}
+
+
+def _packed_for(weight: Tensor) -> PackedWeight:
+    """Packed copy of `weight`, cached per tensor object and invalidated when it is modified."""
+    hit = _pack_cache.get(id(weight))
+    if hit is not None and hit[0]() is weight and hit[1:3] == (weight.data_ptr(), weight._version):
+        return hit[3]
+    packed = pack_weight(weight)
+    key = id(weight)
+    _pack_cache[key] = (weakref.ref(weight, lambda _r, key=key: _pack_cache.pop(key, None)),
+                        weight.data_ptr(), weight._version, packed)
+    return packed
+
+
+def _kernel_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None) -> Tensor:
+    """fp32 x (T, K) @ packed^T -> fp32 (T, N) via the C kernel (caller checked availability)."""
+    lib = _lib
+    assert lib is not None
+    x = x.to(torch.float32)
+    if x.stride(-1) != 1 or x.stride(0) < x.shape[1]:
+        x = x.contiguous()
+    t = x.shape[0]
+    y = torch.empty(t, packed.n, dtype=torch.float32)
+    if t == 0:
+        return y
+    b = None
+    if bias is not None:
+        b = torch.zeros(packed.data.shape[0] * _NR, dtype=torch.float32)
+        b[: packed.n] = bias.detach().to(torch.float32)
+    fn = lib.ditto_bi_linear_bf16w if packed.dtype == torch.bfloat16 else lib.ditto_bi_linear_f32w
+    fn(x.data_ptr(), t, packed.k, x.stride(0), packed.data.data_ptr(), packed.n,
+       None if b is None else b.data_ptr(), y.data_ptr(), _MC)
+    return y
+
+
+# ----------------------------------------------------------------------------------------------
+# torch-GEMM paths (bf16 via oneDNN; fp32 fallback without a compiler) and their self-check
+# ----------------------------------------------------------------------------------------------
+
+_TILE = 32  # fixed row tile for the no-compiler fp32 fallback
+
+
+def _onednn_bf16_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    if x.shape[0] == 1:  # M=1 may take a gemv-like path with another reduction order (K=1536)
+        return F.linear(torch.cat([x, x.new_zeros(1, x.shape[1])]), weight, bias)[:1]
+    return F.linear(x, weight, bias)
+
+
+def _tiled_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """F.linear on fixed (_TILE, K) zero-padded tiles: every call has the same shape."""
+    t = x.shape[0]
+    pad = (-t) % _TILE
+    xp = torch.cat([x, x.new_zeros(pad, x.shape[1])]) if pad else x
+    out = torch.cat([F.linear(tile, weight, bias) for tile in xp.split(_TILE)]) if t else xp[:, :0]
+    return out[:t]
+
+
+_SELF_CHECK_MS = (1, 2, 3, 5, 7, 13, 33, 70)
+_checked: dict[tuple, bool] = {}
+
+
+def _self_check(kind: str, fn: Callable[[Tensor, Tensor, Tensor | None], Tensor], weight: Tensor,
+                has_bias: bool) -> bool:
+    """One-off per (path, shape, dtype, threads) check that `fn` is row-invariant (rows alone vs in batches)."""
+    key = (kind, tuple(weight.shape), weight.dtype, has_bias, torch.get_num_threads())
+    ok = _checked.get(key)
+    if ok is None:
+        g = torch.Generator().manual_seed(1234)
+        n, k = weight.shape
+        xs = torch.randn(max(_SELF_CHECK_MS), k, generator=g).to(weight.dtype)
+        w = (torch.randn(n, k, generator=g) / k**0.5).to(weight.dtype)
+        b = torch.randn(n, generator=g).to(weight.dtype) if has_bias else None
+        alone = torch.cat([fn(xs[i : i + 1], w, b) for i in range(xs.shape[0])])
+        ok = all(torch.equal(fn(xs[:m], w, b), alone[:m]) for m in _SELF_CHECK_MS)
+        ok = ok and torch.equal(fn(xs[3:9], w, b), alone[3:9])
+        _checked[key] = ok
+    return ok
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+
+def _cpu_linear(x: Tensor, weight: Tensor, bias: Tensor | None, packed: PackedWeight | None) -> Tensor:
+    out_dtype = x.dtype
+    if out_dtype == torch.bfloat16 and weight.dtype == torch.bfloat16:
+        if _self_check("onednn_bf16", _onednn_bf16_linear, weight, bias is not None):
+            return _onednn_bf16_linear(x, weight, bias)
+        # fall through: exact bf16 products in an fp32 FMA chain, rounded to bf16 once
+    if _load_lib() is not None:
+        pw = packed if packed is not None else _packed_for(weight)
+        return _kernel_linear(x, pw, bias).to(out_dtype)
+    # no compiler: fixed-tile torch GEMMs in the compute dtype (fp32 unless both are bf16)
+    cdt = torch.bfloat16 if (out_dtype == torch.bfloat16 and weight.dtype == torch.bfloat16) else torch.float32
+    w = weight.to(cdt)
+    b = None if bias is None else bias.to(cdt)
+    if not _self_check("tiled", _tiled_linear, w, b is not None):
+        raise RuntimeError(
+            f"no batch-invariant linear available on this CPU for {tuple(weight.shape)} {cdt}: "
+            f"{_lib_error}; install a C compiler (gcc) with OpenMP"
+        )
+    return _tiled_linear(x.to(cdt), w, b).to(out_dtype)
+
+
+def _cuda_linear(x: Tensor, weight: Tensor, bias: Tensor | None, packed: PackedWeight | None) -> Tensor:
+    raise NotImplementedError("batch-invariant linear on CUDA is not implemented yet")
+
+
+_DEVICE_IMPLS: dict[str, Callable[[Tensor, Tensor, Tensor | None, PackedWeight | None], Tensor]] = {
+    "cpu": _cpu_linear,
+    "cuda": _cuda_linear,
+}
+
+
+def invariant_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
+                     packed: PackedWeight | None = None) -> Tensor:
+    """Batch-invariant `F.linear` for 2-D x (T, K) and weight (N, K); returns (T, N) in x's dtype.
+
+    Row t of the result depends only on x[t] (bitwise), never on T or the other rows.
+    dtypes: fp32 x & fp32 weight; fp32 x & bf16 weight (layercast: exact widening, fp32 compute);
+    bf16 x & bf16 weight (fp32 accumulation, bf16 output).  Inference only (no autograd).
+    `packed` (from `pack_weight(weight)`) skips the per-weight packing cache lookup.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"invariant_linear expects 2-D x (T, K), got {tuple(x.shape)}")
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"shape mismatch: x {tuple(x.shape)} vs weight {tuple(weight.shape)}")
+    impl = _DEVICE_IMPLS.get(x.device.type)
+    if impl is None:
+        raise NotImplementedError(f"no batch-invariant linear for device {x.device.type!r}")
+    with torch.no_grad():
+        return impl(x, weight, bias, packed)
+
+
+class InvariantLinear(nn.Module):
+    """Drop-in for an inference-only nn.Linear whose rows are batch-invariant.
+
+    `compute_dtype=torch.float32` with bf16 weights is layercast: weights stay bf16 in memory and
+    are widened exactly inside the kernel; inputs are cast to fp32 and the output is fp32.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None, *, compute_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.in_features = weight.shape[1]
+        self.out_features = weight.shape[0]
+        self.compute_dtype = compute_dtype if compute_dtype is not None else weight.dtype
+        self._packed: PackedWeight | None = None
+        self._packed_stamp: tuple[int, int] | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, compute_dtype: torch.dtype | None = None) -> InvariantLinear:
+        return cls(linear.weight, linear.bias, compute_dtype=compute_dtype)
+
+    def _get_packed(self) -> PackedWeight | None:
+        if self.weight.device.type != "cpu":
+            return None
+        if self.compute_dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16:
+            return None  # oneDNN path normally; the fallback packs lazily via the cache
+        stamp = (self.weight.data_ptr(), self.weight._version)
+        if self._packed is None or self._packed_stamp != stamp:
+            self._packed = pack_weight(self.weight)
+            self._packed_stamp = stamp
+        return self._packed
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1]).to(self.compute_dtype)
+        y = invariant_linear(x2, self.weight, self.bias, packed=self._get_packed())
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, compute_dtype={self.compute_dtype}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Row-wise ops.  Measured invariant as-is for contiguous input (the probe and the tests prove it
+# bit for bit); the wrappers pin the conditions: contiguous rows, reduction over the last dim,
+# fp32 internal math for bf16 inputs where torch would otherwise pick per-shape strategies.
+# ----------------------------------------------------------------------------------------------
+
+
+def _rows(x: Tensor) -> Tensor:
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def invariant_log_softmax(x: Tensor, dim: int = -1) -> Tensor:
+    """log_softmax over the last dim, per row independent of the batch (fp32 math for bf16 input)."""
+    _check_last(x, dim)
+    return torch.log_softmax(_rows(x), dim=-1, dtype=torch.float32).to(x.dtype)
+
+
+def invariant_softmax(x: Tensor, dim: int = -1) -> Tensor:
+    _check_last(x, dim)
+    return torch.softmax(_rows(x), dim=-1, dtype=torch.float32).to(x.dtype)
+
+
+def invariant_logsumexp(x: Tensor, dim: int = -1) -> Tensor:
+    _check_last(x, dim)
+    return torch.logsumexp(_rows(x).float(), dim=-1).to(x.dtype)
+
+
+def invariant_sum(x: Tensor, dim: int = -1, keepdim: bool = False) -> Tensor:
+    _check_last(x, dim)
+    return _rows(x).sum(dim=-1, keepdim=keepdim, dtype=torch.float32).to(x.dtype)
+
+
+def invariant_argmax(x: Tensor, dim: int = -1) -> Tensor:
+    """argmax over the last dim (exact op; ties -> first index, as torch)."""
+    _check_last(x, dim)
+    return _rows(x).argmax(dim=-1)
+
+
+def invariant_rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """RMSNorm over the last dim in fp32 math: x * rsqrt(mean(x^2) + eps) * weight, cast back."""
+    xf = _rows(x).float()
+    var = xf.pow(2).mean(dim=-1, keepdim=True)
+    y = xf * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(x.dtype)
+
+
+def invariant_bmm(a: Tensor, b: Tensor) -> Tensor:
+    """torch.bmm whose matrix i depends only on (a[i], b[i]) when per-matrix shapes are fixed.
+
+    Measured invariant to the batch count on CPU for the paged-attention shapes; contiguity is
+    pinned because a strided operand can switch the kernel.
+    """
+    return torch.bmm(_rows(a), _rows(b))
+
+
+def _check_last(x: Tensor, dim: int) -> None:
+    if dim not in (-1, x.dim() - 1):
+        raise ValueError("invariant row ops reduce over the last dim only")
