@@ -280,3 +280,12 @@ def test_ops_identical_across_threads_and_batch():
     for r in (0, 17, 36):
         alone = _all_ops(x[r : r + 1])
         assert all(torch.equal(a[0], b[r]) for a, b in zip(alone, one))
+
+
+def test_rmsnorm_int_tiny_gain_keeps_shifts_in_range():
+    x = rand_int((8, 128), -(1 << 12), 1 << 12, seed=40)
+    gm, ge = torch.full((128,), 3 << 20), 40  # output ~ x / rms * 3 * 2^-20: a long right shift
+    y = iops.rmsnorm_int(x, gm, ge, 0).double()
+    xd = x.double()
+    ref = xd / torch.sqrt((xd * xd).mean(-1, keepdim=True)) * (3 * 2.0**20 / 2.0**40)
+    assert ((y - ref).abs() <= 1 + ref.abs() * 2.0**-20).all()

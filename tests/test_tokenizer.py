@@ -1,16 +1,24 @@
 """Tokenizer and chat template: parity with transformers on the bundled models, HF dirs, streaming, errors.
 
-The reference is transformers' GGUF tokenizer (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`),
-built once per module. One known, deliberate difference: for SmolLM2 (`tokenizer.ggml.pre = smollm`)
-transformers falls back to the plain GPT-2 split, while llama.cpp and SmolLM2's own tokenizer.json
-first split every digit off (`\\p{N}`). We follow the latter, so SmolLM2 is compared with the
-transformers tokenizer given that digit split, and with plain transformers on text without digits.
+The reference is transformers' GGUF tokenizer (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`).
+Building it takes transformers ~20 s for gemma, so it is built once, saved with `save_pretrained` under
+the ditto cache (keyed by transformers version and GGUF size/mtime) and reloaded from there on later
+runs (a saved transformers tokenizer gives the same ids).
+
+One known, deliberate difference: for SmolLM2 (`tokenizer.ggml.pre = smollm`) transformers falls back
+to the plain GPT-2 split, while llama.cpp and SmolLM2's own tokenizer.json first split every digit
+off (`\\p{N}`). We follow the latter, so SmolLM2 is compared with the transformers tokenizer given
+that digit split, and with plain transformers on text without digits.
 """
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import tempfile
 import unicodedata
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +28,7 @@ from hypothesis import strategies as st
 from ditto.loader.chat_template import PLAIN_TEMPLATE, ChatTemplateError, render_chat_template
 from ditto.loader.tokenizer import IncrementalDecoder, Tokenizer, merges_from_ranks, read_gguf_metadata
 
+# fmt: off
 HAND = [
     "", " ", "  ", "\n", "\t", "\r\n", "Hello world", " Hello world", "  leading two", "trailing  ",
     "0", "7", "42", "123456789", "3.14159", "-0.5e-10", "1,234,567", "12,345.67", "1 000 000", "2024-01-31",
@@ -45,6 +54,7 @@ POOLS = {
     "emoji": ["😀", "🎉", "👍🏽", "👨‍👩‍👧", "❤️", "🏳️‍🌈", "🇺🇸", "🤖", "✨"],
 }
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"]
+# fmt: on
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi"}],
     [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "What is 2+2?"}],
@@ -107,14 +117,38 @@ def gemma(paths) -> Tokenizer:
     return Tokenizer.from_gguf(paths["gemma3-270m"])
 
 
-def _reference(path):
+def _reference(path: Path):
+    """transformers' tokenizer for a GGUF file, and the directory it is saved in."""
     transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    from ditto.loader.registry import cache_dir
+
+    stat = path.stat()
+    saved = (
+        cache_dir()
+        / "test-references"
+        / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}-tf{transformers.__version__}"
+    )
+    if (saved / "tokenizer.json").exists():
+        return transformers.AutoTokenizer.from_pretrained(str(saved)), saved
+    ref = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    staging = Path(tempfile.mkdtemp(dir=saved.parent.parent if saved.parent.exists() else None))
+    ref.save_pretrained(staging)
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(staging, saved)
+    except OSError:  # another process saved it first
+        shutil.rmtree(staging, ignore_errors=True)
+    return ref, saved
 
 
 @pytest.fixture(scope="module")
-def smol_ref(paths):
+def smol_saved(paths):
     return _reference(paths["smollm2-135m-instruct"])
+
+
+@pytest.fixture(scope="module")
+def smol_ref(smol_saved):
+    return smol_saved[0]
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +165,13 @@ def smol_ref_digits(smol_ref):
 
 
 @pytest.fixture(scope="module")
-def gemma_ref(paths):
+def gemma_saved(paths):
     return _reference(paths["gemma3-270m"])
+
+
+@pytest.fixture(scope="module")
+def gemma_ref(gemma_saved):
+    return gemma_saved[0]
 
 
 @pytest.fixture(scope="module")
@@ -141,9 +180,10 @@ def corpus() -> list[str]:
 
 
 # ---------------------------------------------------------------- parity with transformers
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow  # uses the bundled models
 
 
+@slow
 def test_smollm_ids_match_transformers(smol, smol_ref, smol_ref_digits, corpus):
     texts = corpus + chat_texts(smol)
     assert len(texts) >= 200
@@ -156,6 +196,7 @@ def test_smollm_ids_match_transformers(smol, smol_ref, smol_ref_digits, corpus):
     assert smol.encode("  1") != smol_ref.encode("  1")
 
 
+@slow
 def test_gemma_ids_match_transformers(gemma, gemma_ref, corpus):
     texts = corpus + [gemma.apply_chat_template(c) for c in CONVERSATIONS]
     for text in texts:
@@ -163,6 +204,7 @@ def test_gemma_ids_match_transformers(gemma, gemma_ref, corpus):
         assert gemma.encode(text, add_special_tokens=False) == gemma_ref.encode(text, add_special_tokens=False)
 
 
+@slow
 @pytest.mark.parametrize("name", ["smol", "gemma"])
 def test_decode_round_trips_and_matches_transformers(name, request, corpus):
     tok = request.getfixturevalue(name)
@@ -173,14 +215,31 @@ def test_decode_round_trips_and_matches_transformers(name, request, corpus):
         assert tok.decode(tok.encode(text)) == ref.decode(ref.encode(text), skip_special_tokens=True), text
 
 
+@slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=st.text(max_size=40))
 def test_random_text_parity(gemma, gemma_ref, smol, smol_ref_digits, text):
     assert gemma.encode(text) == gemma_ref.encode(text)
     assert smol.encode(text) == smol_ref_digits.encode(text).ids
-    assert smol.decode(smol.encode(text), skip_special_tokens=False) == text
+    if not set(text.encode()) & SMOL_MISSING_BYTES:
+        assert smol.decode(smol.encode(text), skip_special_tokens=False) == text
 
 
+# SmolLM2's byte-level vocabulary has no token for these bytes (rare controls, planes 4-11, invalid UTF-8):
+# text containing them loses them on encode, in transformers as here.
+SMOL_MISSING_BYTES = {0x04, 0x06, 0x13, 0x14, 0x16, 0x1D, 0xC0, 0xC1, 0xF1, 0xF2, *range(0xF5, 0x100)}
+
+
+@slow
+def test_smollm_vocab_gaps_drop_bytes_like_transformers(smol, smol_ref):
+    from ditto.loader.tokenizer import _bytes_to_unicode
+
+    spelling = _bytes_to_unicode()
+    assert {b for b in range(256) if smol.backend.token_to_id(spelling[b]) is None} == SMOL_MISSING_BYTES
+    assert smol.encode("a\x04b\U00040000") == smol_ref.encode("a\x04b\U00040000") == [81, 82, 218, 218, 218]
+
+
+@slow
 def test_special_tokens_and_stops(smol, gemma):
     assert (smol.vocab_size, smol.bos_id, smol.eos_id, smol.add_bos) == (49152, 1, 2, False)
     assert (gemma.vocab_size, gemma.bos_id, gemma.eos_id, gemma.add_bos) == (262144, 2, 1, True)
@@ -191,11 +250,14 @@ def test_special_tokens_and_stops(smol, gemma):
     assert gemma.encode("hi")[0] == 2 and gemma.encode("hi", add_special_tokens=False)[0] != 2
     assert smol.is_special(2) and not smol.is_special(4093) and gemma.is_special(106)
     assert smol.id_to_piece(4093) == "user" and gemma.id_to_piece(138) == "▁▁"
-    assert smol.decode([1, 4093, 2]) == "user" and smol.decode([1, 4093], skip_special_tokens=False) == "<|im_start|>user"
+    assert (
+        smol.decode([1, 4093, 2]) == "user" and smol.decode([1, 4093], skip_special_tokens=False) == "<|im_start|>user"
+    )
     with pytest.raises(IndexError):
         smol.id_to_piece(10**6)
 
 
+@slow
 def test_digest_is_stable_and_distinct(paths, smol):
     again = Tokenizer.from_gguf(paths["smollm2-135m-instruct"])
     assert again.digest == smol.digest and len(smol.digest) == 64
@@ -204,15 +266,31 @@ def test_digest_is_stable_and_distinct(paths, smol):
     assert again.digest != smol.digest
 
 
-def test_from_reader_matches_from_path(paths, smol):
+@slow
+def test_gguf_reader_gives_the_same_tokenizer(paths, tmp_path):
+    """A gguf.GGUFReader (what the model loader holds) and a path build the same tokenizer.
+
+    GGUFReader parses a full vocabulary slowly, so this uses SmolLM2's first 3000 tokens.
+    """
     import gguf
 
-    reader = gguf.GGUFReader(str(paths["smollm2-135m-instruct"]))
-    tok = Tokenizer.from_gguf(reader)
-    assert tok.digest == smol.digest and tok.chat_template == smol.chat_template
+    meta = {k: v for k, v in read_gguf_metadata(paths["smollm2-135m-instruct"]).items() if k.startswith("tokenizer.")}
+    n = 3000
+    kept = set(meta["tokenizer.ggml.tokens"][:n])
+    meta["tokenizer.ggml.merges"] = [m for m in meta["tokenizer.ggml.merges"] if m.replace(" ", "") in kept]
+    meta["tokenizer.ggml.tokens"] = meta["tokenizer.ggml.tokens"][:n]
+    meta["tokenizer.ggml.token_type"] = meta["tokenizer.ggml.token_type"][:n]
+    path = _write_gguf(tmp_path / "small.gguf", **meta)
+    from_path, from_reader = Tokenizer.from_gguf(path), Tokenizer.from_gguf(gguf.GGUFReader(str(path)))
+    assert from_path.digest == from_reader.digest and from_path.vocab_size == n
+    for text in HAND:
+        assert from_reader.encode(text) == from_path.encode(text)
+    assert from_reader.encode("<|im_start|> 12")[:4] == [1, 216, 33, 34]
+    assert from_reader.chat_template == meta["tokenizer.chat_template"] and from_reader.stop_ids == {0, 2}
 
 
 # ---------------------------------------------------------------- chat templates
+@slow
 @pytest.mark.parametrize("conversation", CONVERSATIONS)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_smollm_chat_template_matches_transformers(smol, smol_ref, conversation, add_generation_prompt):
@@ -222,6 +300,7 @@ def test_smollm_chat_template_matches_transformers(smol, smol_ref, conversation,
     assert smol.encode_chat(conversation, add_generation_prompt) == smol_ref.encode(ref)
 
 
+@slow
 def test_gemma_has_no_template_and_uses_plain_fallback(gemma):
     assert gemma.chat_template is None
     text = gemma.apply_chat_template(CONVERSATIONS[3])
@@ -233,12 +312,12 @@ def test_gemma_has_no_template_and_uses_plain_fallback(gemma):
 
 
 # ---------------------------------------------------------------- HF directories
+@slow
 @pytest.mark.parametrize("name", ["smol", "gemma"])
-def test_from_hf_dir_matches_gguf(name, request, tmp_path, corpus):
+def test_from_hf_dir_matches_gguf(name, request, corpus):
     tok = request.getfixturevalue(name)
-    ref = request.getfixturevalue(f"{name}_ref")
-    ref.save_pretrained(tmp_path)
-    hf = Tokenizer.from_hf_dir(tmp_path)
+    ref, saved = request.getfixturevalue(f"{name}_saved")  # transformers' save_pretrained output
+    hf = Tokenizer.from_hf_dir(saved)
     assert (hf.vocab_size, hf.bos_id, hf.eos_id, hf.add_bos) == (tok.vocab_size, tok.bos_id, tok.eos_id, tok.add_bos)
     assert hf.stop_ids == tok.stop_ids and hf.chat_template == tok.chat_template
     for text in corpus[:150]:
@@ -247,6 +326,7 @@ def test_from_hf_dir_matches_gguf(name, request, tmp_path, corpus):
         assert hf.apply_chat_template(conversation) == tok.apply_chat_template(conversation)
 
 
+@slow
 def test_from_hf_dir_reads_config_and_generation_config(smol_ref, tmp_path):
     import json
 
@@ -268,6 +348,7 @@ def test_from_hf_dir_reads_config_and_generation_config(smol_ref, tmp_path):
 STREAM_TEXTS = ["👨‍👩‍👧‍👦 family 🏳️‍🌈!", "你好，世界！日本語のテキスト", "🇫🇷🇯🇵 café 😀😀 한국어 ١٢٣", "a\n\n👍🏽\tb  c"]
 
 
+@slow
 @pytest.mark.parametrize("name", ["smol", "gemma"])
 def test_incremental_decoder_matches_full_decode(name, request):
     tok = request.getfixturevalue(name)
@@ -279,6 +360,7 @@ def test_incremental_decoder_matches_full_decode(name, request):
         assert not any("\ufffd" in d for d in deltas)
 
 
+@slow
 def test_incremental_decoder_holds_partial_bytes(gemma):
     ids = gemma.encode("😀", add_special_tokens=False)  # byte fallback: 4 byte tokens
     assert len(ids) in (1, 4)
@@ -290,14 +372,15 @@ def test_incremental_decoder_holds_partial_bytes(gemma):
 
 
 # ---------------------------------------------------------------- errors and small pieces
-def _write_gguf(path, **fields):
+def _write_gguf(path: Path, **fields) -> Path:
+    """A small GGUF with the given metadata (names with dots as keyword arguments via **dict)."""
     gguf = pytest.importorskip("gguf")
     writer = gguf.GGUFWriter(str(path), "llama")
     for key, value in fields.items():
-        if isinstance(value, str):
-            writer.add_string(key, value)
-        else:
+        if isinstance(value, list):
             writer.add_array(key, value)
+        else:
+            writer.add_key_value(key, value, gguf.GGUFValueType.get_type(value))
     writer.add_tensor("dummy", np.zeros(4, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -343,7 +426,11 @@ def test_chat_template_errors_and_globals():
         render_chat_template(None, [{"content": "x"}])
     with pytest.raises(ChatTemplateError, match="compile"):
         render_chat_template("{% for %}", [])
-    text = render_chat_template("{{ messages | tojson }}|{{ strftime_now('%Y') | length }}", [{"role": "u", "content": "é"}])
+    text = render_chat_template(
+        "{{ messages | tojson }}|{{ strftime_now('%Y') | length }}", [{"role": "u", "content": "é"}]
+    )
     assert text == '[{"role": "u", "content": "é"}]|4'
     parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
-    assert render_chat_template(PLAIN_TEMPLATE, [{"role": "user", "content": "ab"}]) == render_chat_template(None, parts)
+    assert render_chat_template(PLAIN_TEMPLATE, [{"role": "user", "content": "ab"}]) == render_chat_template(
+        None, parts
+    )

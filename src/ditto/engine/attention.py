@@ -19,26 +19,63 @@ MIN_ROWS = 4  # matmuls with fewer rows take a different kernel (another summati
 
 
 class KVCache:
-    """Per-layer K and V tensors of shape (num_blocks, block_size, Hkv, D)."""
+    """Per-layer K and V of shape (num_blocks, block_size, Hkv, D) in fp32, bf16, fp16 or int8.
+
+    int8 stores one fp32 scale per (slot, head): x ~= q * scale with scale = max|x| / 127.
+    """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype):
         shape = (num_blocks, block_size, kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        self.quantized = dtype == torch.int8
+        if self.quantized:
+            self.k_scale = [torch.zeros(shape[:3]) for _ in range(num_layers)]
+            self.v_scale = [torch.zeros(shape[:3]) for _ in range(num_layers)]
         self.block_size = block_size
         self.dtype = dtype
+
+    def _all(self) -> list[torch.Tensor]:
+        return self.k + self.v + (self.k_scale + self.v_scale if self.quantized else [])
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
             return
         src = torch.tensor([s for s, _ in copies])
         dst = torch.tensor([d for _, d in copies])
-        for t in self.k + self.v:
+        for t in self._all():
             t[dst] = t[src]
 
     @staticmethod
+    def _quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = x.float().abs().amax(-1).clamp_min(1e-8) / 127.0  # (T, Hkv)
+        q = torch.round(x.float() / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+        return q, scale
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (T, Hkv, D) at flat slot indices (T,)."""
+        for cache, scales, x in ((self.k, "k_scale", k), (self.v, "v_scale", v)):
+            flat = cache[layer].view(-1, *cache[layer].shape[2:])  # (blocks*bs, Hkv, D)
+            if self.quantized:
+                q, scale = self._quant(x)
+                flat[slots] = q
+                getattr(self, scales)[layer].view(-1, x.shape[1])[slots] = scale
+            else:
+                flat[slots] = x.to(self.dtype)
+
+    def read(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of the given blocks as fp32 (nb, bs, Hkv, D)."""
+        k, v = self.k[layer][blocks].float(), self.v[layer][blocks].float()
+        if self.quantized:
+            k = k * self.k_scale[layer][blocks][..., None]
+            v = v * self.v_scale[layer][blocks][..., None]
+        return k, v
+
+    @staticmethod
     def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype) -> int:
-        return 2 * num_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+        size = torch.empty((), dtype=dtype).element_size()
+        extra = 4 if dtype == torch.int8 else 0  # per-head scale
+        return 2 * num_layers * kv_heads * (head_dim * size + extra)
 
 
 @dataclass
@@ -79,32 +116,30 @@ class PagedAttention:
         self.h = num_heads
 
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None):
-        kc, vc = self.cache.k[layer], self.cache.v[layer]
-        nb_total, bs, hkv, d = kc.shape
-        kc.view(nb_total * bs, hkv, d)[self.slots] = k.to(kc.dtype)  # write before reading
-        vc.view(nb_total * bs, hkv, d)[self.slots] = v.to(vc.dtype)
+        self.cache.write(layer, self.slots, k, v)  # write before reading: every path reads the cache
         qf = q.float() * self.scale
         out = torch.empty(q.shape, dtype=torch.float32)
         if self.decode is not None:
-            out[self.decode.tok_index] = self._decode(qf[self.decode.tok_index], kc, vc, window)
+            out[self.decode.tok_index] = self._decode(qf[self.decode.tok_index], layer, window)
         for chunk in self.prefills:
             sl = slice(chunk.tok_start, chunk.tok_start + chunk.num_tokens)
-            out[sl] = self._prefill(qf[sl], chunk, kc, vc, window)
+            out[sl] = self._prefill(qf[sl], chunk, layer, window)
         return out.to(q.dtype)
 
-    def _decode(self, q: torch.Tensor, kc, vc, window: int | None) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, layer: int, window: int | None) -> torch.Tensor:
         """q (R, H, D) one query per row -> (R, H, D)."""
         rows = self.decode
         r, h, d = q.shape
-        bs, hkv = kc.shape[1], kc.shape[2]
+        bs, hkv = self.cache.block_size, self.cache.k[layer].shape[2]
         g = h // hkv
         m = max(g, MIN_ROWS)
         qg = q.view(r, hkv, g, d)  # (R, Hkv, G, D)
         if m > g:
             qg = torch.cat([qg, qg.new_zeros(r, hkv, m - g, d)], dim=2)  # (R, Hkv, M, D)
         qb = qg[rows.block_row]  # (NB, Hkv, M, D)
-        kb = kc[rows.blocks].float().permute(0, 2, 3, 1)  # (NB, bs, Hkv, D) -> (NB, Hkv, D, bs)
-        vb = vc[rows.blocks].float().permute(0, 2, 1, 3)  # (NB, Hkv, bs, D)
+        kb, vb = self.cache.read(layer, rows.blocks)  # (NB, bs, Hkv, D)
+        kb = kb.permute(0, 2, 3, 1)  # (NB, Hkv, D, bs)
+        vb = vb.permute(0, 2, 1, 3)  # (NB, Hkv, bs, D)
         s = torch.matmul(qb, kb)  # (NB, Hkv, M, bs)
         key_pos = rows.block_first_pos[:, None] + torch.arange(bs)  # (NB, bs)
         qpos = rows.positions[rows.block_row][:, None]  # (NB, 1)
@@ -120,10 +155,10 @@ class PagedAttention:
         o = acc[..., :d] / acc[..., d:]
         return o[:, :, :g].reshape(r, h, d)  # (R, Hkv, G, D) -> (R, H, D)
 
-    def _prefill(self, q: torch.Tensor, chunk: PrefillChunk, kc, vc, window: int | None) -> torch.Tensor:
+    def _prefill(self, q: torch.Tensor, chunk: PrefillChunk, layer: int, window: int | None) -> torch.Tensor:
         """q (n, H, D) of one sequence's consecutive tokens -> (n, H, D)."""
         n, h, d = q.shape
-        bs, hkv = kc.shape[1], kc.shape[2]
+        bs, hkv = self.cache.block_size, self.cache.k[layer].shape[2]
         g = h // hkv
         rows = n * g
         m = max(rows, MIN_ROWS)
@@ -140,8 +175,9 @@ class PagedAttention:
             blocks = blocks[first:]
         else:
             block_index = torch.arange(len(blocks))
-        kb = kc[blocks].float().permute(0, 2, 3, 1)  # (nb, Hkv, D, bs)
-        vb = vc[blocks].float().permute(0, 2, 1, 3)  # (nb, Hkv, bs, D)
+        kb, vb = self.cache.read(layer, blocks)  # (nb, bs, Hkv, D)
+        kb = kb.permute(0, 2, 3, 1)  # (nb, Hkv, D, bs)
+        vb = vb.permute(0, 2, 1, 3)  # (nb, Hkv, bs, D)
         s = torch.matmul(qg.unsqueeze(0), kb)  # (nb, Hkv, M, bs)
         key_pos = block_index[:, None] * bs + torch.arange(bs)  # (nb, bs)
         visible = key_pos[:, None, :] <= qpos[None, :, None]  # (nb, M, bs)

@@ -83,7 +83,9 @@ class BlockManager:
         if not self.prefix_caching:
             return
         tokens = seq.tokens
-        limit = (len(tokens) - 1) // self.block_size  # always leave >= 1 token to compute (for logits)
+        # always leave >= 1 token to compute (for logits); scoring needs every scored position computed
+        last_needed = len(tokens) - 1 if seq.score_from is None else max(0, seq.score_from - 1)
+        limit = last_needed // self.block_size
         prev = None
         for i in range(limit):
             h = block_hash(prev, tokens[i * self.block_size : (i + 1) * self.block_size])

@@ -13,7 +13,7 @@ from ditto.engine.attention import KVCache
 from ditto.engine.block_manager import BlockManager
 from ditto.engine.runner import ModelRunner, StepOutput
 from ditto.engine.scheduler import Batch, Scheduler
-from ditto.engine.sequence import Sequence, Status
+from ditto.engine.sequence import Sequence
 from ditto.sampling import SamplingParams, sample_row
 
 
@@ -182,9 +182,7 @@ class LLMEngine:
         n_out = len(seq.output_ids)
         reason = None
         if n_out >= params.min_tokens:
-            if token in params.stop_token_ids:
-                reason, seq.stop_reason = "stop", token
-            elif not params.ignore_eos and token in self.stop_ids:
+            if token in params.stop_token_ids or not params.ignore_eos and token in self.stop_ids:
                 reason, seq.stop_reason = "stop", token
         if reason is None and params.stop:
             text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=params.skip_special_tokens)

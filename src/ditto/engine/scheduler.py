@@ -112,6 +112,8 @@ class Scheduler:
                 self.blocks.match_prefix(seq)
             n = self._chunk(seq, budget)
             if not self.blocks.can_allocate(seq, n):
+                self.blocks.free_seq(seq)  # give back prefix-cache blocks it would have shared
+                seq.num_cached = 0
                 if not self.running and not items:
                     raise RuntimeError(
                         f"a sequence of {len(seq)} tokens needs more KV blocks than the cache has "

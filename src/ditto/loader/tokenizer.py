@@ -167,8 +167,10 @@ def _sentencepiece_backend(meta: dict[str, Any]) -> tuple[Backend, list[str]]:
     if gemma:  # whitespace-run tokens are stored as real spaces; their merges need '▁'
         tokens = ["▁" * len(t) if t and not t.strip(" ") else t for t in tokens]
         rank = {t: -i for i, t in enumerate(tokens)}
-    else:
+    elif "tokenizer.ggml.scores" in meta:
         rank = dict(zip(tokens, meta["tokenizer.ggml.scores"]))
+    else:  # no scores: the file's order is the only ranking there is
+        rank = {t: -i for i, t in enumerate(tokens)}
     vocab = {t: i for i, t in enumerate(tokens)}
     unk = meta.get("tokenizer.ggml.unknown_token_id")
     model = BPE(
@@ -224,8 +226,10 @@ class Tokenizer:
         stop_ids=(),
         chat_template: str | None = None,
         source: str = "",
+        template_vars: dict[str, str] | None = None,
     ):
         self.backend = backend
+        self.template_vars = dict(template_vars or {})  # more special-token names the chat template may use
         self.bos_id, self.eos_id = bos_id, eos_id
         self.chat_template = chat_template
         self.source = source
@@ -251,6 +255,8 @@ class Tokenizer:
         kind = meta.get("tokenizer.ggml.model")
         if kind not in _BUILDERS:
             raise ValueError(f"GGUF tokenizer model {kind!r} is not supported (supported: {sorted(_BUILDERS)})")
+        if not meta.get("tokenizer.ggml.tokens"):
+            raise ValueError("the GGUF file has no tokenizer.ggml.tokens: it carries no vocabulary")
         backend, tokens = _BUILDERS[kind](meta)
         _add_file_tokens(backend, tokens, list(meta.get("tokenizer.ggml.token_type", [])), kind == "gpt2")
         bos, eos = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
@@ -258,9 +264,16 @@ class Tokenizer:
         add_eos = meta.get("tokenizer.ggml.add_eos_token", False) and eos is not None
         _set_post_processor(backend, tokens[bos] if add_bos else None, tokens[eos] if add_eos else None)
         stops = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eot", "eom")]
+        ids = {
+            "unk_token": meta.get("tokenizer.ggml.unknown_token_id"),
+            "pad_token": meta.get("tokenizer.ggml.padding_token_id"),
+        }
+        extra = {name: tokens[i] for name, i in ids.items() if i is not None}
         source = str(getattr(path_or_reader, "path", path_or_reader))
         template = meta.get("tokenizer.chat_template")
-        return cls(backend, bos_id=bos, eos_id=eos, stop_ids=stops, chat_template=template, source=source)
+        return cls(
+            backend, bos_id=bos, eos_id=eos, stop_ids=stops, chat_template=template, source=source, template_vars=extra
+        )
 
     @classmethod
     def from_hf_dir(cls, path: str | os.PathLike) -> Tokenizer:
@@ -274,8 +287,16 @@ class Tokenizer:
         _apply_add_flags(backend, config)
         gen_eos = _read_json(path / "generation_config.json").get("eos_token_id")
         stops = gen_eos if isinstance(gen_eos, list) else [gen_eos]
+        extra = {k: _token_text(config[k]) for k in ("unk_token", "pad_token") if config.get(k) is not None}
+        template = _hf_template(path, config)
         return cls(
-            backend, bos_id=bos, eos_id=eos, stop_ids=stops, chat_template=_hf_template(path, config), source=str(path)
+            backend,
+            bos_id=bos,
+            eos_id=eos,
+            stop_ids=stops,
+            chat_template=template,
+            source=str(path),
+            template_vars=extra,
         )
 
     # -- text <-> ids
@@ -306,7 +327,7 @@ class Tokenizer:
     # -- chat
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         """The prompt text for `messages`: the model's own template, else chat_template.PLAIN_TEMPLATE."""
-        specials = {"bos_token": self.bos_token, "eos_token": self.eos_token}
+        specials = {**self.template_vars, "bos_token": self.bos_token, "eos_token": self.eos_token}
         return render_chat_template(
             self.chat_template, messages, add_generation_prompt=add_generation_prompt, special_tokens=specials, **kwargs
         )

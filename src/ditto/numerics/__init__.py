@@ -33,5 +33,11 @@ def prepare(loaded, config) -> Prepared:
         from ditto.numerics.kernels.batch_invariant import make_invariant
 
         model = make_invariant(model)
-    kv = _KV[config.kv_dtype] if config.kv_dtype in _KV else mode.kv_dtype
+    kv_name = config.kv_dtype or mode.kv_dtype
+    if kv_name == "int8":
+        kv = torch.int8
+    elif kv_name in _KV:
+        kv = _KV[kv_name]
+    else:
+        raise ValueError(f"unknown KV-cache dtype {kv_name!r}; choose fp32, bf16, fp16 or int8")
     return Prepared(model, mode.act_dtype, kv, mode)

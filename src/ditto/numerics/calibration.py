@@ -10,9 +10,12 @@ a few token sequences and records, per layer, the absolute maxima that fix the i
   L{i}.qn, L{i}.kn    max |q_norm(q)|, max |k_norm(k)| (qk-norm families, else = q, k)    scalar
   L{i}.v              per-channel max |v_proj(x)|   (Hkv*d,)   static int8 V-cache scales
   L{i}.o_in           max |attention output|                                             scalar
-  L{i}.gate, L{i}.up  max |gate_proj(x)|, max |up_proj(x)|                                scalar
+  L{i}.gate           max |gate_proj(x)|                                                 scalar
+  L{i}.up             per-channel max |up_proj(x)| (I,)
   L{i}.h              per-channel max |act(gate) * up| (I,)     SmoothQuant factors for down_proj
   final               max |norm(x)| ; logits: max |logit|                                 scalar
+  rope{j}.cos/.sin    int16 RoPE tables in Q1.14 for positions < rope_positions, one per distinct
+                      (theta, scaling); rope_index (num_layers,) says which one a layer uses
 
 `save_calibration` writes them (float64, plus the text's token count and a version) to a
 safetensors file next to the model; its sha256 goes into the model digest
@@ -57,7 +60,7 @@ def _amax(x: torch.Tensor, per_channel: bool) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def collect_stats(model, token_chunks: list[list[int]]) -> dict[str, torch.Tensor]:
+def collect_stats(model, token_chunks: list[list[int]], rope_positions: int = 8192) -> dict[str, torch.Tensor]:
     """Run the float model over each chunk and return the running maxima described above."""
     stats: dict[str, torch.Tensor] = {}
 
@@ -85,7 +88,7 @@ def collect_stats(model, token_chunks: list[list[int]]) -> dict[str, torch.Tenso
             a.v_proj.register_forward_hook(on_out(f"L{i}.v", True)),
             a.o_proj.register_forward_hook(on_in(f"L{i}.o_in")),
             mlp.gate_proj.register_forward_hook(on_out(f"L{i}.gate")),
-            mlp.up_proj.register_forward_hook(on_out(f"L{i}.up")),
+            mlp.up_proj.register_forward_hook(on_out(f"L{i}.up", True)),
             mlp.down_proj.register_forward_hook(on_in(f"L{i}.h", True)),
         ]
         if a.q_norm is not None:
@@ -110,22 +113,48 @@ def collect_stats(model, token_chunks: list[list[int]]) -> dict[str, torch.Tenso
             h.remove()
     for i, blk in enumerate(model.layers):
         if blk.attn.q_norm is None:
-            stats[f"L{i}.qn"], stats[f"L{i}.kn"] = stats[f"L{i}.q"], stats[f"L{i}.k"]
+            stats[f"L{i}.qn"], stats[f"L{i}.kn"] = stats[f"L{i}.q"].clone(), stats[f"L{i}.k"].clone()
     stats["num_tokens"] = torch.tensor([float(n_tokens)], dtype=torch.float64)
+    stats.update(rope_stats(model, rope_positions))
     return stats
+
+
+def rope_stats(model, positions: int) -> dict[str, torch.Tensor]:
+    """Integer RoPE tables (stored, because cos/sin of another libm may round differently)."""
+    from ditto.models.layers import rope_inv_freq
+    from ditto.numerics.kernels.integer_ops import rope_tables
+
+    out: dict[str, torch.Tensor] = {}
+    keys: list[tuple] = []
+    index = []
+    for blk in model.layers:
+        rot = blk.attn.rotary
+        key = (rot.dim, float(rot.theta), repr(rot.scaling))
+        if key not in keys:
+            keys.append(key)
+            inv = rope_inv_freq(rot.dim, rot.theta, rot.scaling).double()  # fp32 values, exact in fp64
+            cos, sin = rope_tables(inv, min(positions, rot.max_position))
+            j = len(keys) - 1
+            out[f"rope{j}.cos"], out[f"rope{j}.sin"] = cos.to(torch.int16), sin.to(torch.int16)
+        index.append(keys.index(key))
+    out["rope_index"] = torch.tensor(index, dtype=torch.int64)
+    return out
 
 
 def calibration_path(model_path: str | Path) -> Path:
     """Where the calibration of a model file (or directory) lives: next to it."""
     p = Path(model_path)
-    return (p / "ditto-integer-calibration.safetensors") if p.is_dir() else p.with_name(p.name + ".int-calib.safetensors")
+    return (
+        (p / "ditto-integer-calibration.safetensors") if p.is_dir() else p.with_name(p.name + ".int-calib.safetensors")
+    )
 
 
 def save_calibration(path: str | Path, stats: dict[str, torch.Tensor]) -> Path:
     from safetensors.torch import save_file
 
     path = Path(path)
-    save_file({k: v.double().contiguous() for k, v in stats.items()}, str(path), {"version": CALIBRATION_VERSION})
+    tensors = {k: (v if not v.is_floating_point() else v.double()).contiguous() for k, v in stats.items()}
+    save_file(tensors, str(path), {"version": CALIBRATION_VERSION})
     return path
 
 

@@ -24,9 +24,28 @@ class FloatMode(NumericsMode):
         return linear
 
 
-FP32 = register(FloatMode("fp32", torch.float32, "fp32", "fp32", torch.float32, torch.float32,
-                          "reference: everything float32"))
-BF16 = register(FloatMode("bf16", torch.bfloat16, "bf16", "bf16", torch.bfloat16, torch.bfloat16,
-                          "weights, activations and KV in bfloat16 (fp32 GEMM accumulation)"))
-FP16 = register(FloatMode("fp16", torch.float16, "fp16", "fp16", torch.float16, torch.float16,
-                          "weights, activations and KV in float16 (fp32 GEMM accumulation)"))
+FP32 = register(
+    FloatMode("fp32", torch.float32, "fp32", "fp32", torch.float32, torch.float32, "reference: everything float32")
+)
+BF16 = register(
+    FloatMode(
+        "bf16",
+        torch.bfloat16,
+        "bf16",
+        "bf16",
+        torch.bfloat16,
+        torch.bfloat16,
+        "weights, activations and KV in bfloat16 (fp32 GEMM accumulation)",
+    )
+)
+FP16 = register(
+    FloatMode(
+        "fp16",
+        torch.float16,
+        "fp16",
+        "fp16",
+        torch.float16,
+        torch.float16,
+        "weights, activations and KV in float16 (fp32 GEMM accumulation)",
+    )
+)

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ditto.numerics.base import NumericsMode, _cast_param_, register
+from ditto.numerics.quant import chunked_linear
 
 
 class LayerCastLinear(nn.Module):
@@ -30,11 +30,16 @@ class LayerCastLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = None if self.bias is None else self.bias.float()
-        return F.linear(x.float(), self.weight.float(), b)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).float()
+        y = chunked_linear(x2, self.out_features, lambda s, e: self.weight[s:e].float(), b)
+        return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, weight={self.weight.dtype}, compute=float32")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, weight={self.weight.dtype}, compute=float32"
+        )
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,14 @@ class LayerCastMode(NumericsMode):
         return LayerCastLinear(linear, torch.bfloat16)
 
 
-LAYERCAST = register(LayerCastMode("layercast", torch.float32, "bf16 (upcast per op)", "fp32",
-                                   torch.bfloat16, torch.bfloat16,
-                                   "bf16 storage, every op computed in fp32"))
+LAYERCAST = register(
+    LayerCastMode(
+        "layercast",
+        torch.float32,
+        "bf16 (upcast per op)",
+        "fp32",
+        torch.bfloat16,
+        torch.bfloat16,
+        "bf16 storage, every op computed in fp32",
+    )
+)

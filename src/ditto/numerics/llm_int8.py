@@ -71,5 +71,12 @@ class LLMInt8Mode(NumericsMode):
         return LLMInt8Linear.from_linear(linear, self.threshold)
 
 
-INT8 = register(LLMInt8Mode("int8", torch.float32, "int8 per output channel + fp outlier columns", "fp32",
-                            description="LLM.int8(): vector-wise int8 with fp16/fp32 outlier decomposition"))
+INT8 = register(
+    LLMInt8Mode(
+        "int8",
+        torch.float32,
+        "int8 per output channel + fp outlier columns",
+        "fp32",
+        description="LLM.int8(): vector-wise int8, fp32 outlier columns (threshold 6.0)",
+    )
+)

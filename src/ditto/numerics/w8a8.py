@@ -58,5 +58,12 @@ class W8A8Mode(NumericsMode):
         return Int8Linear.from_linear(linear)
 
 
-W8A8 = register(W8A8Mode("w8a8", torch.float32, "int8 per output channel (symmetric)", "fp32",
-                         description="int8 weights x dynamic per-token int8 activations, int32 accumulation"))
+W8A8 = register(
+    W8A8Mode(
+        "w8a8",
+        torch.float32,
+        "int8 per output channel (symmetric)",
+        "fp32",
+        description="int8 weights x dynamic per-token int8 activations, int32 accumulation",
+    )
+)

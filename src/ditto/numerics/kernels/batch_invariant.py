@@ -60,10 +60,12 @@ __all__ = [
     "invariant_linear",
     "invariant_log_softmax",
     "invariant_logsumexp",
+    "invariant_mean",
     "invariant_rms_norm",
     "invariant_softmax",
     "invariant_sum",
     "kernel_available",
+    "kernel_status",
     "pack_weight",
 ]
 
@@ -286,8 +288,12 @@ def _packed_for(weight: Tensor) -> PackedWeight:
         return hit[3]
     packed = pack_weight(weight)
     key = id(weight)
-    _pack_cache[key] = (weakref.ref(weight, lambda _r, key=key: _pack_cache.pop(key, None)),
-                        weight.data_ptr(), weight._version, packed)
+    _pack_cache[key] = (
+        weakref.ref(weight, lambda _r, key=key: _pack_cache.pop(key, None)),
+        weight.data_ptr(),
+        weight._version,
+        packed,
+    )
     return packed
 
 
@@ -307,8 +313,17 @@ def _kernel_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None) -> Tens
         b = torch.zeros(packed.data.shape[0] * _NR, dtype=torch.float32)
         b[: packed.n] = bias.detach().to(torch.float32)
     fn = lib.ditto_bi_linear_bf16w if packed.dtype == torch.bfloat16 else lib.ditto_bi_linear_f32w
-    fn(x.data_ptr(), t, packed.k, x.stride(0), packed.data.data_ptr(), packed.n,
-       None if b is None else b.data_ptr(), y.data_ptr(), _MC)
+    fn(
+        x.data_ptr(),
+        t,
+        packed.k,
+        x.stride(0),
+        packed.data.data_ptr(),
+        packed.n,
+        None if b is None else b.data_ptr(),
+        y.data_ptr(),
+        _MC,
+    )
     return y
 
 
@@ -338,8 +353,9 @@ _SELF_CHECK_MS = (1, 2, 3, 5, 7, 13, 33, 70)
 _checked: dict[tuple, bool] = {}
 
 
-def _self_check(kind: str, fn: Callable[[Tensor, Tensor, Tensor | None], Tensor], weight: Tensor,
-                has_bias: bool) -> bool:
+def _self_check(
+    kind: str, fn: Callable[[Tensor, Tensor, Tensor | None], Tensor], weight: Tensor, has_bias: bool
+) -> bool:
     """One-off per (path, shape, dtype, threads) check that `fn` is row-invariant (rows alone vs in batches)."""
     key = (kind, tuple(weight.shape), weight.dtype, has_bias, torch.get_num_threads())
     ok = _checked.get(key)
@@ -363,10 +379,10 @@ def _self_check(kind: str, fn: Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
 def _cpu_linear(x: Tensor, weight: Tensor, bias: Tensor | None, packed: PackedWeight | None) -> Tensor:
     out_dtype = x.dtype
-    if out_dtype == torch.bfloat16 and weight.dtype == torch.bfloat16:
-        if _self_check("onednn_bf16", _onednn_bf16_linear, weight, bias is not None):
-            return _onednn_bf16_linear(x, weight, bias)
-        # fall through: exact bf16 products in an fp32 FMA chain, rounded to bf16 once
+    both_bf16 = out_dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+    if both_bf16 and _self_check("onednn_bf16", _onednn_bf16_linear, weight, bias is not None):
+        return _onednn_bf16_linear(x, weight, bias)
+    # else (fp32, layercast, or bf16 whose self-check failed): exact products in an fp32 FMA chain
     if _load_lib() is not None:
         pw = packed if packed is not None else _packed_for(weight)
         return _kernel_linear(x, pw, bias).to(out_dtype)
@@ -392,8 +408,9 @@ _DEVICE_IMPLS: dict[str, Callable[[Tensor, Tensor, Tensor | None, PackedWeight |
 }
 
 
-def invariant_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
-                     packed: PackedWeight | None = None) -> Tensor:
+def invariant_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, *, packed: PackedWeight | None = None
+) -> Tensor:
     """Batch-invariant `F.linear` for 2-D x (T, K) and weight (N, K); returns (T, N) in x's dtype.
 
     Row t of the result depends only on x[t] (bitwise), never on T or the other rows.
@@ -408,8 +425,7 @@ def invariant_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
     impl = _DEVICE_IMPLS.get(x.device.type)
     if impl is None:
         raise NotImplementedError(f"no batch-invariant linear for device {x.device.type!r}")
-    with torch.no_grad():
-        return impl(x, weight, bias, packed)
+    return impl(x, weight, bias, packed)  # inference only: the kernel path records no autograd graph
 
 
 class InvariantLinear(nn.Module):
@@ -455,60 +471,98 @@ class InvariantLinear(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Row-wise ops.  Measured invariant as-is for contiguous input (the probe and the tests prove it
-# bit for bit); the wrappers pin the conditions: contiguous rows, reduction over the last dim,
-# fp32 internal math for bf16 inputs where torch would otherwise pick per-shape strategies.
+# Row-wise ops.  Measured (2 threads): softmax/log_softmax/amax/argmax over the last dim are
+# invariant as-is; sum/mean (hence RMSNorm, logsumexp) are invariant for >= 2 rows but a single
+# row with >= 32768 elements takes torch's two-pass reduction that splits the row across threads.
+# The wrappers therefore never reduce a single row: M=1 is duplicated to 2 rows.
+# bf16 torch.bmm is NOT invariant to the batch count (some shapes change kernel at ~84-235
+# matrices); fp32 bmm is, so bf16 operands are widened exactly and the product is done in fp32.
 # ----------------------------------------------------------------------------------------------
 
 
-def _rows(x: Tensor) -> Tensor:
-    return x if x.is_contiguous() else x.contiguous()
+def _rows2d(x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    lead = tuple(x.shape[:-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    if x2.shape[0] == 1:
+        x2 = torch.cat([x2, x2])
+    return x2, lead
 
 
-def invariant_log_softmax(x: Tensor, dim: int = -1) -> Tensor:
-    """log_softmax over the last dim, per row independent of the batch (fp32 math for bf16 input)."""
-    _check_last(x, dim)
-    return torch.log_softmax(_rows(x), dim=-1, dtype=torch.float32).to(x.dtype)
-
-
-def invariant_softmax(x: Tensor, dim: int = -1) -> Tensor:
-    _check_last(x, dim)
-    return torch.softmax(_rows(x), dim=-1, dtype=torch.float32).to(x.dtype)
-
-
-def invariant_logsumexp(x: Tensor, dim: int = -1) -> Tensor:
-    _check_last(x, dim)
-    return torch.logsumexp(_rows(x).float(), dim=-1).to(x.dtype)
+def _unrows(y: Tensor, lead: tuple[int, ...]) -> Tensor:
+    n = 1
+    for d in lead:
+        n *= d
+    return y[:n].reshape(*lead, *y.shape[1:])
 
 
 def invariant_sum(x: Tensor, dim: int = -1, keepdim: bool = False) -> Tensor:
+    """Sum over the last dim with fp32 accumulation, per row independent of the batch."""
     _check_last(x, dim)
-    return _rows(x).sum(dim=-1, keepdim=keepdim, dtype=torch.float32).to(x.dtype)
+    x2, lead = _rows2d(x)
+    y = _unrows(x2.sum(dim=-1, dtype=torch.float32), lead).to(x.dtype)
+    return y.unsqueeze(-1) if keepdim else y
+
+
+def invariant_mean(x: Tensor, dim: int = -1, keepdim: bool = False) -> Tensor:
+    _check_last(x, dim)
+    x2, lead = _rows2d(x)
+    y = _unrows(x2.float().mean(dim=-1), lead).to(x.dtype)
+    return y.unsqueeze(-1) if keepdim else y
+
+
+def invariant_log_softmax(x: Tensor, dim: int = -1) -> Tensor:
+    """log_softmax over the last dim in fp32 math, per row independent of the batch."""
+    _check_last(x, dim)
+    x2, lead = _rows2d(x)
+    return _unrows(torch.log_softmax(x2, dim=-1, dtype=torch.float32), lead)
+
+
+def invariant_softmax(x: Tensor, dim: int = -1) -> Tensor:
+    """softmax over the last dim in fp32 math (fp32 output)."""
+    _check_last(x, dim)
+    x2, lead = _rows2d(x)
+    return _unrows(torch.softmax(x2, dim=-1, dtype=torch.float32), lead)
+
+
+def invariant_logsumexp(x: Tensor, dim: int = -1) -> Tensor:
+    """logsumexp over the last dim in fp32: max + log(sum(exp(x - max))) with invariant pieces."""
+    _check_last(x, dim)
+    x2, lead = _rows2d(x)
+    xf = x2.float()
+    m = xf.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    s = (xf - m).exp_().sum(dim=-1, keepdim=True)
+    return _unrows((s.log_() + m).squeeze(-1), lead)
 
 
 def invariant_argmax(x: Tensor, dim: int = -1) -> Tensor:
     """argmax over the last dim (exact op; ties -> first index, as torch)."""
     _check_last(x, dim)
-    return _rows(x).argmax(dim=-1)
+    x2, lead = _rows2d(x)
+    return _unrows(x2.argmax(dim=-1), lead)
 
 
 def invariant_rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
     """RMSNorm over the last dim in fp32 math: x * rsqrt(mean(x^2) + eps) * weight, cast back."""
-    xf = _rows(x).float()
-    var = xf.pow(2).mean(dim=-1, keepdim=True)
-    y = xf * torch.rsqrt(var + eps)
+    x2, lead = _rows2d(x)
+    xf = x2.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
     if weight is not None:
         y = y * weight.float()
-    return y.to(x.dtype)
+    return _unrows(y, lead).to(x.dtype)
 
 
 def invariant_bmm(a: Tensor, b: Tensor) -> Tensor:
-    """torch.bmm whose matrix i depends only on (a[i], b[i]) when per-matrix shapes are fixed.
+    """torch.bmm whose matrix i depends only on (a[i], b[i]) for a fixed per-matrix shape.
 
-    Measured invariant to the batch count on CPU for the paged-attention shapes; contiguity is
-    pinned because a strided operand can switch the kernel.
+    fp32 math (bf16 widened exactly; result cast back to the input dtype) on contiguous operands.
     """
-    return torch.bmm(_rows(a), _rows(b))
+    out_dtype = a.dtype
+    a = a.float().contiguous()
+    b = b.float().contiguous()
+    return torch.bmm(a, b).to(out_dtype)
 
 
 def _check_last(x: Tensor, dim: int) -> None:

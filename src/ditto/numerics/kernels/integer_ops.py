@@ -97,7 +97,8 @@ def requantise(x: torch.Tensor, m, e) -> torch.Tensor:
     if _CHECKS:
         bound = _absmax(x) * _absmax(m) + (1 << max(_absmax(e) - 1, 0))
         _check(bound <= I64_MAX, f"requantise |x*m| = {bound} >= 2^63")
-        _check(e >= 0 if isinstance(e, int) else bool((e >= 0).all()), "requantise shift e < 0")
+        _check(0 <= _absmax(e) <= 62 if isinstance(e, int) else bool((e >= 0).all()), "requantise shift e < 0")
+        _check(_absmax(e) <= 62, "requantise shift e > 62")
     return (x * m + _round_term(e)) >> e
 
 
@@ -314,7 +315,9 @@ def rmsnorm_int(x: torch.Tensor, gamma_m: torch.Tensor, gamma_e: int, eps_int: i
     inv = torch.div(torch.full_like(r, 1 << 62), r, rounding_mode="floor")  # < 2^33
     k1 = (bit_length(amax >> sh) - 5).clamp(min=0)  # keep xs * inv >> k1 < 2^38 (then * gamma_m < 2^62)
     t = rshift_round(xs * inv, k1)  # |xs * inv| < 2^(b + 33) <= 2^62
-    return requantise(t, gamma_m, 62 + gamma_e - u - k1)
+    shift = 62 + gamma_e - u - k1
+    pre = (shift - 62).clamp(min=0)  # tiny gains: shift part of the way first so every shift stays <= 62
+    return requantise(rshift_round(t, pre), gamma_m, shift - pre)
 
 
 def rmsnorm_params(gamma, out_frac: int, mbits: int = 23) -> tuple[torch.Tensor, int]:

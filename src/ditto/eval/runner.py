@@ -1,0 +1,307 @@
+"""The evaluation runner: problems -> prompts -> Backend.generate -> grading -> results.jsonl -> report.
+
+Usage from Python (any object implementing ditto.backends.base.Backend works)::
+
+    from ditto.eval.runner import EvalConfig, run_eval
+    summary = run_eval(backend, EvalConfig(task="gsm8k", limit=200, n=8, temperature=0.7, seed=0), "runs/x")
+
+Output folder:
+  manifest.json   the whole inference stack (backend.info(), sampling, prompt template, grader, versions...)
+  results.jsonl   one line per problem, appended + fsync'ed as soon as it is graded (resumable)
+  summary.json    the metrics (ditto.eval.metrics.summarize)
+  report.md / report.html / plots/*.png
+
+Resumption: running again into the same folder skips problems whose record is already in
+results.jsonl and drops a torn last line left by a kill, so nothing is lost or counted twice.
+The config must match (except --limit, batch sizes and grader settings); else ResumeMismatch.
+
+Seeds: problem p is sampled with seed = sha256(f"{seed}:{p.id}") mod 2^31 (see `problem_seed`), so
+a problem's samples do not depend on batching, order, --limit or resumption (on backends whose
+sampling is counter-based, such as ditto's own).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from ditto.eval import grading
+from ditto.eval.manifest import build_manifest, resume_key, write_json_atomic
+from ditto.eval.metrics import summarize
+from ditto.eval.prompts import PromptTemplate
+from ditto.eval.tasks import get_task
+from ditto.sampling import SamplingParams
+
+log = logging.getLogger("ditto.eval")
+
+SEED_RULE = "per-problem seed = int.from_bytes(sha256(f'{seed}:{problem_id}')[:8], 'big') % 2**31"
+_TEST_DELAY_ENV = "DITTO_EVAL_TEST_BATCH_DELAY"  # test hook: seconds to sleep after each written batch
+
+
+class ResumeMismatch(RuntimeError):
+    pass
+
+
+@dataclass
+class EvalConfig:
+    task: str = "gsm8k"
+    data: str | None = None
+    limit: int | None = None
+    offset: int = 0
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int = 0
+    max_tokens: int = 512
+    prompt: str = "chat"
+    shots: int = 0
+    thousands: bool = False
+    system: str | None = None
+    arith_digits: str = "1"
+    arith_steps: str = "1"
+    arith_count: int = 200
+    arith_ops: str = "+-*"
+    batch_problems: int = 16
+    grader_timeout: float = grading.DEFAULT_TIMEOUT_S
+    grader_workers: int = 2
+
+    @classmethod
+    def from_args(cls, args) -> EvalConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+
+    def template(self) -> PromptTemplate:
+        return PromptTemplate(format=self.prompt, shots=self.shots, thousands=self.thousands, system=self.system)
+
+    def sampling(self, stop: tuple[str, ...] = ()) -> SamplingParams:
+        return SamplingParams(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              min_p=self.min_p, seed=self.seed, max_tokens=self.max_tokens, stop=stop)
+
+    def make_task(self):
+        return get_task(self.task, data=self.data, digits=self.arith_digits, steps=self.arith_steps,
+                        count=self.arith_count, seed=self.seed, ops=self.arith_ops)
+
+
+def problem_seed(seed: int, problem_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{problem_id}".encode()).digest()[:8], "big") % 2**31
+
+
+# ----------------------------------------------------------------------------------------------
+# results.jsonl
+# ----------------------------------------------------------------------------------------------
+
+
+def load_results(path: str | os.PathLike) -> list[dict]:
+    """Complete records of a results file; a torn or unparsable last line is ignored, duplicates dropped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out, seen = [], set()
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if i >= len(lines) - 2:  # the torn tail of a killed run
+                continue
+            raise
+        if i == len(lines) - 1 and not data.endswith(b"\n"):
+            continue  # complete JSON but no newline: treat as torn (the write did not finish)
+        if rec["id"] not in seen:
+            seen.add(rec["id"])
+            out.append(rec)
+    return out
+
+
+def _repair_tail(path: Path) -> int:
+    """Truncate a torn last line (no trailing newline) so appends start on a fresh line. Returns bytes cut."""
+    if not path.exists():
+        return 0
+    size = path.stat().st_size
+    if size == 0:
+        return 0
+    with open(path, "rb+") as f:
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return 0
+        chunk = 1 << 16
+        pos = size
+        while pos > 0:
+            start = max(0, pos - chunk)
+            f.seek(start)
+            buf = f.read(pos - start)
+            k = buf.rfind(b"\n")
+            if k >= 0:
+                keep = start + k + 1
+                break
+            pos = start
+        else:
+            keep = 0
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    return size - keep
+
+
+class _ResultsWriter:
+    def __init__(self, path: Path):
+        self.path = path
+        cut = _repair_tail(path)
+        if cut:
+            log.warning("results.jsonl: dropped a torn last line (%d bytes) left by an interrupted run", cut)
+        self.f = open(path, "ab")
+
+    def write(self, rec: dict) -> None:
+        self.f.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def close(self) -> None:
+        self.f.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+# ----------------------------------------------------------------------------------------------
+
+
+def _progress(enabled: bool, total: int, done: int):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    prog = Progress(TextColumn("[bold]eval[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+    prog.start()
+    prog.add_task("", total=total, completed=done)
+    return prog
+
+
+def run_eval(backend, config: EvalConfig, out_dir: str | os.PathLike, *, progress: bool = True,
+             report: bool = True) -> dict:
+    """Evaluate `backend` on `config`, writing into `out_dir` (resuming if it holds a matching run).
+
+    Returns the summary metrics (also written to summary.json).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    task = config.make_task()
+    problems = task.load(limit=config.limit, offset=config.offset)
+    template = config.template()
+    prompt_rec = template.record(task.name)
+    base_params = config.sampling(stop=template.stop())
+    binfo = backend.info()
+    cfg = asdict(config)
+    manifest_path = out / "manifest.json"
+    results_path = out / "results.jsonl"
+
+    if manifest_path.exists():
+        old = json.loads(manifest_path.read_text())
+        key = resume_key(cfg, binfo, prompt_rec)
+        if old.get("resume_key") != key:
+            diffs = [k for k in cfg if old.get("config", {}).get(k) != cfg[k]]
+            if old.get("backend", {}).get("model_digest") != binfo.get("model_digest"):
+                diffs.append("model_digest")
+            if old.get("prompt_template", {}).get("sha256") != prompt_rec.get("sha256"):
+                diffs.append("prompt_template")
+            raise ResumeMismatch(
+                f"{out} holds a different run (differs in: {', '.join(diffs) or 'backend'}); "
+                "use another --out or delete the folder"
+            )
+        manifest = old
+    else:
+        if results_path.exists() and results_path.stat().st_size:
+            raise ResumeMismatch(f"{results_path} exists without a manifest.json; refusing to mix runs")
+        manifest = build_manifest(
+            config=cfg, backend_info=binfo, task_info=task.info(), prompt_record=prompt_rec,
+            sampling=base_params.record(), seed_rule=SEED_RULE,
+            grader=grading.grader_info(config.grader_timeout, config.grader_workers),
+            problems=[p.id for p in problems],
+            batch={"problems_per_generate_call": config.batch_problems,
+                   "backend_batch_size": binfo.get("batch_size"), "samples_per_problem": config.n},
+        )
+    session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "limit": config.limit}
+    manifest.setdefault("sessions", []).append(session)
+    write_json_atomic(manifest_path, manifest)
+
+    writer = _ResultsWriter(results_path)
+    done_recs = {r["id"]: r for r in load_results(results_path)}
+    todo = [p for p in problems if p.id not in done_recs]
+    session["resumed_with"] = len([p for p in problems if p.id in done_recs])
+    n_correct = sum(s["correct"] for r in done_recs.values() for s in r["samples"])
+    n_samples = sum(len(r["samples"]) for r in done_recs.values())
+    prog = _progress(progress, len(problems), len(problems) - len(todo))
+    delay = float(os.environ.get(_TEST_DELAY_ENV, "0") or 0)
+    task_name = task.name
+    try:
+        with grading.GraderPool(config.grader_workers, config.grader_timeout) as pool:
+            for start in range(0, len(todo), max(1, config.batch_problems)):
+                batch = todo[start : start + config.batch_problems]
+                prompts = [template.render(p, task_name, backend) for p in batch]
+                params = [base_params.replace(seed=problem_seed(config.seed, p.id)) for p in batch]
+                t0 = time.perf_counter()
+                outs = backend.generate(prompts, params)
+                gen_s = time.perf_counter() - t0
+                jobs = [(p.answer, c.text) for p, o in zip(batch, outs) for c in o.outputs]
+                grades = iter(pool.grade(jobs))
+                for p, o, prm, sp in zip(batch, outs, prompts, params):
+                    samples = []
+                    for c in o.outputs:
+                        g = next(grades)
+                        if g.disagreement:
+                            log.warning("grader disagreement on %s sample %d: gold=%r answer=%r math_verify=%s "
+                                        "fallback=%s", p.id, c.index, p.answer, g.extracted, g.math_verify,
+                                        g.fallback)
+                        if g.status == "timeout":
+                            log.warning("grading timed out on %s sample %d (answer %r)", p.id, c.index, g.extracted)
+                        samples.append({
+                            "index": c.index, "text": c.text, "answer": g.extracted,
+                            "key": grading.answer_key(g.extracted), "correct": g.correct, "status": g.status,
+                            "method": g.method, "math_verify": g.math_verify, "fallback": g.fallback,
+                            "disagreement": g.disagreement, "grade_error": g.error,
+                            "n_tokens": len(c.token_ids), "finish_reason": c.finish_reason,
+                        })
+                    rec = {
+                        "id": p.id, "difficulty": p.difficulty, "gold": p.answer, "question": p.question,
+                        "prompt_sha256": hashlib.sha256(prm.encode()).hexdigest(), "seed": sp.seed,
+                        "seconds": gen_s / len(batch), "n": len(samples),
+                        "n_correct": sum(s["correct"] for s in samples), "samples": samples,
+                        "backend_metrics": {k: v for k, v in o.metrics.items() if isinstance(v, (int, float, str))},
+                    }
+                    writer.write(rec)
+                    done_recs[p.id] = rec
+                    n_correct += rec["n_correct"]
+                    n_samples += len(samples)
+                    if prog:
+                        prog.update(prog.task_ids[0], advance=1,
+                                    description=f"acc {n_correct / max(1, n_samples):.3f} ({n_correct}/{n_samples})")
+                if delay:
+                    time.sleep(delay)
+            session["grader_timeouts"] = pool.timeouts
+    finally:
+        writer.close()
+        if prog:
+            prog.stop()
+    records = [done_recs[p.id] for p in problems if p.id in done_recs]
+    summary = summarize(records, seed=config.seed)
+    summary["task"] = task_name
+    summary["run"] = str(out)
+    write_json_atomic(out / "summary.json", summary)
+    session["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    session["problems_done"] = len(records)
+    write_json_atomic(manifest_path, manifest)
+    if report:
+        from ditto.eval.report import write_report
+
+        write_report(out)
+    return summary

@@ -1,0 +1,365 @@
+"""The `integer` numerics mode (determinism level `exact`): a module swap to integer-only layers.
+
+`IntegerMode(stats).apply(model)` replaces, in place, every float module of a `Decoder` by an
+integer twin; the model file is unchanged and its forward runs on int32 tensors end to end.
+`stats` come from `ditto.numerics.calibration.collect_stats` (a short calibration text, run
+once, saved next to the model so the model digest covers it).
+
+How each layer maps (s = real value of one integer unit; "Q.F" means s = 2^-F):
+  Embedding        -> IntEmbedding  int8 table (per-row scale) -> residual int32 Q.R via a per-row
+                      dyadic (embed_scale folded in). R = 24 - ceil(log2 max|resid|): 128x headroom.
+  input_norm /     -> IntRMSNorm    rmsnorm_int: residual Q.R -> Q.Fn (Fn from max gain so |y| < 2^22),
+  pre_ffn_norm                      gain divided by the SmoothQuant factors of the next GEMMs.
+  q/k/v/gate/up    -> IntLinear     per-token int8 (quantize_rows) x int8 per-channel weight (columns
+                      multiplied by the smoothing factors), int32 accumulation, per-channel dyadic
+                      epilogue to Q.F (F = 20 - ceil(log2 max|out|)); v goes straight to int8 with
+                      a static per-channel scale (the V cache format).
+  q_norm / k_norm  -> IntRMSNorm    per head.
+  rotary           -> rope_int      Q1.14 tables stored in the calibration.
+  attention math   -> IntAttention  K cache int8 + per-(token, head) scale (a16, sa), V cache int8;
+                      scores Q16 -> softmax_int (Q20 probabilities) -> P.V exact (7-bit limbs) ->
+                      per-channel dyadic to Q.Fo -> o_proj IntLinear -> residual Q.R.
+  act(gate) * up   -> IntMLP        silu_int / gelu_tanh_int on Q.Fg, product requantised to Q.Fh
+                      (up rows divided, down columns multiplied by smoothing factors), down_proj.
+  post norms       -> IntRMSNorm    (Gemma sandwich) output shifted to the residual Q.R.
+  norm             -> IntRMSNorm    final hidden state Q.Ff (int32).
+  lm_head          -> IntLMHead     logits int in Q.Fl with |logit| < 2^24, returned as float32
+                      logit_int * 2^-Fl (exact), so compute_logits' .float() is exact and
+                      `logits * 2^Fl` gives back the integers for gumbel_argmax_int.
+Residual adds stay in the model file (`x + h` on int32): every module output and every norm
+input is checked below 2^30, so the add cannot wrap.
+
+Setup derives integers from the float weights and the stored stats with correctly rounded IEEE
+operations only (mul, div, sqrt, round, frexp), so every machine derives the same integers.
+
+The attention context must offer `int_attention_groups(layer, k8, ka16, ksa, v8)`: store the new
+keys/values, then list (token_index, (k8, ka16, ksa, v8) of the visible cache, key_pos, q_pos)
+per group of queries. `DenseIntContext` (contiguous, for tests and scoring) and
+`IntegerPagedAttention` (the engine's block tables) implement it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ditto.numerics.kernels import integer_ops as iops
+
+RESID_TOP, INTER_TOP, LOGIT_TOP, NORM_TOP = 24, 20, 20, 22
+SCORE_FRAC, PROB_BITS = 16, 20
+LIMIT = 1 << 30
+
+
+def frac_for(amax: float, top: int, hi: int = 40) -> int:
+    """F such that amax * 2^F < 2^top (power-of-two format), clamped to [-8, hi]."""
+    amax = float(amax)
+    return hi if amax <= 0 else max(-8, min(hi, top - math.frexp(amax)[1]))
+
+
+def quant_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (w8 (N, K), s_w (N,) float64) with w ~= w8 * s_w."""
+    w = w.detach().double()
+    s = w.abs().amax(1) / 127
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8), s
+
+
+def smooth_factors(act_max: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    """SmoothQuant with alpha = 0.5: s_c = sqrt(max|x_c| / max|W[:, c]|) (sqrt is correctly rounded)."""
+    w_max = torch.stack([w.detach().double().abs().amax(0) for w in weights]).amax(0)
+    a = act_max.double()
+    s = torch.sqrt(a / w_max)
+    ok = (a > 0) & (w_max > 0) & torch.isfinite(s)
+    return torch.where(ok, s, torch.ones_like(s)).clamp(1e-4, 1e4)
+
+
+def _dyadic_vec(scales: torch.Tensor, mbits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    pairs = [iops.dyadic(float(s), mbits) for s in scales.reshape(-1).tolist()]
+    m = torch.tensor([p[0] for p in pairs], dtype=torch.int64).reshape(scales.shape)
+    e = torch.tensor([p[1] for p in pairs], dtype=torch.int64).reshape(scales.shape)
+    return m, e
+
+
+def _check_limit(x: torch.Tensor, what: str) -> None:
+    if iops._CHECKS and x.numel() and int(x.abs().max()) >= LIMIT:
+        raise OverflowError(f"{what}: |value| >= 2^30 (outside the calibrated range); recalibrate")
+
+
+class IntEmbedding(nn.Module):
+    def __init__(self, w8: torch.Tensor, s_w: torch.Tensor, embed_scale: float, resid_frac: int):
+        super().__init__()
+        self.w8 = w8
+        self.m, self.e = _dyadic_vec(s_w * embed_scale * 2.0**resid_frac, 24)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = iops.requantise(self.w8[ids].long(), self.m[ids, None], self.e[ids, None])  # (T, D)
+        _check_limit(x, "embedding")
+        return x.to(torch.int32)
+
+
+class IntRMSNorm(nn.Module):
+    """rmsnorm_int from Q.in_frac to Q.out_frac; gain = (offset + weight) / smooth."""
+
+    def __init__(self, norm, in_frac: int, out_frac: int | None = None, smooth: torch.Tensor | None = None):
+        super().__init__()
+        gain = norm.offset + norm.weight.detach().double()
+        if smooth is not None:
+            gain = gain / smooth
+        dim = gain.numel()
+        natural = frac_for(math.sqrt(dim) * float(gain.abs().max()), NORM_TOP)
+        self.out_frac = natural if out_frac is None else out_frac
+        self.gm, self.ge = iops.rmsnorm_params(gain, natural)
+        self.shift = self.out_frac - natural  # > 0: exact left shift, < 0: rounding right shift
+        self.eps_int = max(0, round(norm.eps * 2.0 ** (2 * in_frac)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_limit(x, "RMSNorm input")
+        y = iops.rmsnorm_int(x, self.gm, self.ge, self.eps_int)
+        y = y << self.shift if self.shift >= 0 else iops.rshift_round(y, -self.shift)
+        _check_limit(y, "RMSNorm output")
+        return y.to(torch.int32)
+
+
+class IntLinear(nn.Module):
+    """W8A8 with per-token dynamic activation scales: Q.in_frac -> out units s_out (per channel)."""
+
+    def __init__(self, weight, bias, in_frac: int, s_out, col_scale=None, row_scale=None, limit: int = LIMIT):
+        super().__init__()
+        w = weight.detach().double()
+        if col_scale is not None:
+            w = w * col_scale[None, :]
+        if row_scale is not None:
+            w = w / row_scale[:, None]
+        self.w8, s_w = quant_weight(w)
+        s_out = torch.as_tensor(s_out, dtype=torch.float64).expand(w.shape[0])
+        self.m, self.e = _dyadic_vec(2.0**-in_frac * s_w / (127 * s_out), 18)
+        b = None
+        if bias is not None:
+            b = bias.detach().double() / (row_scale if row_scale is not None else 1.0)
+            b = torch.round(b / s_out).long()
+        self.bias = b
+        self.limit = limit
+
+    def forward_int(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        q, a16, sa = iops.quantize_rows(x.reshape(-1, shape[-1]))
+        y = iops.linear_int(q, a16, sa, self.w8, self.m, self.e, self.bias)
+        return y.clamp(-self.limit + 1, self.limit - 1).reshape(*shape[:-1], -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_int(x).to(torch.int32)
+
+
+class IntLMHead(IntLinear):
+    """Logits int in Q.frac (|logit| < 2^24), returned as exact float32 logit_int * 2^-frac."""
+
+    def __init__(self, weight, in_frac: int, frac: int):
+        super().__init__(weight, None, in_frac, 2.0**-frac, limit=1 << 24)
+        self.frac = frac
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_int(x).float() * 2.0**-self.frac
+
+
+class IntMLP(nn.Module):
+    def __init__(self, mlp, stats, i: int, in_frac: int, resid_frac: int, activation: str, smooth_in):
+        super().__init__()
+        s_h = smooth_factors(stats[f"L{i}.h"], [mlp.down_proj.weight])  # h_c / s_c into down_proj
+        self.fg = min(24, frac_for(stats[f"L{i}.gate"].max(), INTER_TOP))
+        self.fu = frac_for((stats[f"L{i}.up"] / s_h).max(), INTER_TOP)
+        self.fh = frac_for((stats[f"L{i}.h"] / s_h).max(), INTER_TOP)
+        self.gate_proj = IntLinear(mlp.gate_proj.weight, None, in_frac, 2.0**-self.fg, col_scale=smooth_in)
+        self.up_proj = IntLinear(mlp.up_proj.weight, None, in_frac, 2.0**-self.fu, smooth_in, row_scale=s_h)
+        self.down_proj = IntLinear(mlp.down_proj.weight, None, self.fh, 2.0**-resid_frac, col_scale=s_h)
+        self.act = iops.silu_int if activation == "silu" else iops.gelu_tanh_int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.act(self.gate_proj.forward_int(x), self.fg)  # Q.fg
+        prod = g * self.up_proj.forward_int(x)  # Q.(fg + fu), |.| < 2^62
+        shift = self.fg + self.fu - self.fh
+        h = iops.rshift_round(prod, shift) if shift >= 0 else prod << -shift
+        h = h.clamp(-LIMIT + 1, LIMIT - 1)
+        return self.down_proj(h)
+
+
+class IntAttention(nn.Module):
+    def __init__(self, attn, stats, i: int, in_frac: int, resid_frac: int, smooth_in, cfg):
+        super().__init__()
+        self.layer, self.h, self.kv, self.d, self.window = attn.layer, attn.h, attn.kv, attn.d, attn.window
+        self.fq = frac_for(stats[f"L{i}.q"].max(), INTER_TOP)
+        self.fk = frac_for(stats[f"L{i}.k"].max(), INTER_TOP)
+        lin = attn.q_proj, attn.k_proj, attn.v_proj
+        bias = [p.bias for p in lin]
+        self.q_proj = IntLinear(lin[0].weight, bias[0], in_frac, 2.0**-self.fq, smooth_in)
+        self.k_proj = IntLinear(lin[1].weight, bias[1], in_frac, 2.0**-self.fk, smooth_in)
+        v_max = stats[f"L{i}.v"].double()
+        self.s_v = torch.where(v_max > 0, v_max / 127, torch.ones_like(v_max))  # (Hkv*d,)
+        self.v_proj = IntLinear(lin[2].weight, bias[2], in_frac, self.s_v, smooth_in, limit=128)
+        self.q_norm = self.k_norm = None
+        fq, fk = self.fq, self.fk
+        if attn.q_norm is not None:
+            self.q_norm, self.k_norm = IntRMSNorm(attn.q_norm, fq), IntRMSNorm(attn.k_norm, fk)
+            fq, fk = self.q_norm.out_frac, self.k_norm.out_frac
+        j = int(stats["rope_index"][i])
+        self.cos, self.sin = stats[f"rope{j}.cos"], stats[f"rope{j}.sin"]
+        self.score_m, self.score_e = iops.dyadic(cfg.scale * 2.0 ** (SCORE_FRAC - fq - fk) / 127**2, 18)
+        self.fo = frac_for(stats[f"L{i}.o_in"].max(), INTER_TOP)
+        s_v_heads = self.s_v.view(self.kv, 1, self.d).expand(self.kv, self.h // self.kv, self.d)
+        self.o_m, self.o_e = _dyadic_vec(s_v_heads.reshape(self.h, self.d) * 2.0 ** (self.fo - PROB_BITS), 24)
+        self.o_proj = IntLinear(attn.o_proj.weight, None, self.fo, 2.0**-resid_frac)
+
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if int(positions.max()) >= self.cos.shape[0]:
+            raise ValueError(f"position {int(positions.max())} beyond the calibrated RoPE table ({self.cos.shape[0]})")
+        return iops.rope_int(x, positions, self.cos, self.sin, 14)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj.forward_int(x).view(t, self.h, self.d)  # (T, H, D)
+        k = self.k_proj.forward_int(x).view(t, self.kv, self.d)  # (T, Hkv, D)
+        v8 = self.v_proj.forward_int(x).view(t, self.kv, self.d).to(torch.int8)  # (T, Hkv, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q8, qa16, qsa = iops.quantize_rows(self._rope(q, positions))  # (T, H, D), (T, H, 1) x2
+        k8, ka16, ksa = iops.quantize_rows(self._rope(k, positions))
+        o = torch.empty(t, self.h, self.d, dtype=torch.int64)
+        for idx, (kc, kac, ksc, vc), key_pos, q_pos in ctx.int_attention_groups(self.layer, k8, ka16, ksa, v8):
+            mask = key_pos[None, :] <= q_pos[:, None]  # (n, L)
+            if self.window is not None:
+                mask &= key_pos[None, :] > q_pos[:, None] - self.window
+            qg = (q8[idx], qa16[idx], qsa[idx])
+            o[idx] = iops.attention_int(qg, (kc, kac, ksc), vc, mask, self.score_m, self.score_e, SCORE_FRAC, PROB_BITS)
+        o = iops.requantise(o, self.o_m, self.o_e).clamp(-LIMIT + 1, LIMIT - 1)  # Q.fo
+        return self.o_proj(o.reshape(t, self.h * self.d))  # (T, H*D) -> (T, hidden)
+
+
+class IntegerMode:
+    """Swap a float Decoder's modules for integer ones, from calibration stats."""
+
+    name = "integer"
+    determinism = "exact"
+
+    def __init__(self, stats: dict[str, torch.Tensor], smooth: bool = True):
+        self.stats = stats
+        self.smooth = smooth
+        self.logit_frac: int | None = None
+
+    def apply(self, model):
+        cfg, st = model.cfg, self.stats
+        if cfg.final_logit_softcap:
+            raise NotImplementedError("integer mode: final_logit_softcap is not supported yet")
+        r = frac_for(st["resid"].max(), RESID_TOP, hi=30)
+        w8, s_w = quant_weight(model.embed.weight)
+        embed_scale = float(torch.tensor(model.embed.scale, dtype=model.embed.weight.dtype))
+        new_embed = IntEmbedding(w8, s_w, embed_scale, r)
+        for i, blk in enumerate(model.layers):
+            a, mlp = blk.attn, blk.mlp
+            s_a = s_f = None
+            if self.smooth:
+                s_a = smooth_factors(st[f"L{i}.attn_in"], [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+                s_f = smooth_factors(st[f"L{i}.ffn_in"], [mlp.gate_proj.weight, mlp.up_proj.weight])
+            blk.input_norm = IntRMSNorm(blk.input_norm, r, smooth=s_a)
+            blk.pre_ffn_norm = IntRMSNorm(blk.pre_ffn_norm, r, smooth=s_f)
+            if blk.post_attn_norm is not None:
+                blk.post_attn_norm = IntRMSNorm(blk.post_attn_norm, r, out_frac=r)
+                blk.post_ffn_norm = IntRMSNorm(blk.post_ffn_norm, r, out_frac=r)
+            # with sandwich norms the attention/MLP outputs feed a norm, not the residual: same format
+            blk.attn = IntAttention(a, st, i, blk.input_norm.out_frac, r, s_a, cfg)
+            blk.mlp = IntMLP(mlp, st, i, blk.pre_ffn_norm.out_frac, r, cfg.activation, s_f)
+        model.norm = IntRMSNorm(model.norm, r)
+        self.logit_frac = frac_for(st["logits"].max(), LOGIT_TOP, hi=24)
+        model.lm_head = IntLMHead(model.lm_head.weight, model.norm.out_frac, self.logit_frac)
+        model.embed = new_embed
+        model.integer_mode = self
+        return model
+
+    def logits_int(self, logits: torch.Tensor) -> torch.Tensor:
+        """The exact integer logits (int64) behind the float32 logits of an integer model."""
+        return (logits.double() * 2.0**self.logit_frac).long()
+
+    @property
+    def logit_scale(self) -> float:
+        return 2.0**-self.logit_frac
+
+
+class DenseIntContext:
+    """Contiguous integer KV cache per sequence id: for tests, scoring and reference runs.
+
+    Call `step([(seq_id, num_tokens), ...])` before each forward; tokens are flattened in that order.
+    """
+
+    def __init__(self):
+        self.kv: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self.items: list[tuple[object, int]] = []
+
+    def step(self, items):
+        self.items = list(items)
+        return self
+
+    def int_attention_groups(self, layer, k8, ka16, ksa, v8):
+        groups, off = [], 0
+        for seq, n in self.items:
+            new = (k8[off : off + n], ka16[off : off + n], ksa[off : off + n], v8[off : off + n])
+            old = self.kv.get((seq, layer))
+            cur = new if old is None else tuple(torch.cat([a, b]) for a, b in zip(old, new))
+            self.kv[(seq, layer)] = cur
+            length = cur[0].shape[0]
+            groups.append((torch.arange(off, off + n), cur, torch.arange(length), torch.arange(length - n, length)))
+            off += n
+        return groups
+
+
+class IntKVCache:
+    """Paged integer KV cache: per layer k8, v8 (blocks, bs, Hkv, D) int8, k scales (blocks, bs, Hkv, 1)."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int):
+        shape, sshape = (num_blocks, block_size, kv_heads, head_dim), (num_blocks, block_size, kv_heads, 1)
+        self.k = [torch.zeros(shape, dtype=torch.int8) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=torch.int8) for _ in range(num_layers)]
+        self.ka16 = [torch.ones(sshape, dtype=torch.int32) for _ in range(num_layers)]
+        self.ksa = [torch.zeros(sshape, dtype=torch.int8) for _ in range(num_layers)]
+        self.block_size = block_size
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if copies:
+            src, dst = torch.tensor([s for s, _ in copies]), torch.tensor([d for _, d in copies])
+            for t in self.k + self.v + self.ka16 + self.ksa:
+                t[dst] = t[src]
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int) -> int:
+        return num_layers * kv_heads * (2 * head_dim + 5)
+
+
+class IntegerPagedAttention:
+    """Integer twin of ditto.engine.attention.PagedAttention (same slots / DecodeRows / PrefillChunk)."""
+
+    def __init__(self, cache: IntKVCache, slots, decode, prefills):
+        self.cache, self.slots, self.decode, self.prefills = cache, slots, decode, prefills
+
+    def int_attention_groups(self, layer, k8, ka16, ksa, v8):
+        c = self.cache
+        store = (c.k[layer], c.ka16[layer], c.ksa[layer], c.v[layer])
+        for dst, src in zip(store, (k8, ka16, ksa, v8)):
+            dst.view(-1, *dst.shape[2:])[self.slots] = src.to(dst.dtype)  # write before reading
+
+        def gather(blocks, length):
+            return tuple(
+                t[blocks].reshape(-1, *t.shape[2:])[:length].to(s.dtype) for t, s in zip(store, (k8, ka16, ksa, v8))
+            )
+
+        groups = []
+        if self.decode is not None:
+            for r, (tok, pos) in enumerate(zip(self.decode.tok_index.tolist(), self.decode.positions.tolist())):
+                blocks = self.decode.blocks[self.decode.block_row == r]
+                groups.append(
+                    (torch.tensor([tok]), gather(blocks, pos + 1), torch.arange(pos + 1), torch.tensor([pos]))
+                )
+        for ch in self.prefills:
+            length = ch.start_pos + ch.num_tokens
+            idx = torch.arange(ch.tok_start, ch.tok_start + ch.num_tokens)
+            q_pos = torch.arange(ch.start_pos, length)
+            groups.append((idx, gather(ch.blocks, length), torch.arange(length), q_pos))
+        return groups
