@@ -58,7 +58,7 @@ def main() -> None:
             else:
                 w, xs = w32.bfloat16(), xs32
                 wbase = w.float()
-            packed = bi.pack_weight(w) if mode != "bf16" else None
+            packed = bi.pack_weight(w)
             cells = []
             for m in ms:
                 x = xs[:m]

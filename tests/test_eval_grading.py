@@ -161,7 +161,12 @@ def test_pool_grades_in_order():
 def test_hanging_grader_times_out_and_pool_recovers(monkeypatch):
     # a real pathological input: sympy tries to evaluate a power tower and never returns
     monkeypatch.setenv("DITTO_GRADER_TEST_HANG", "@@hang@@")  # and a test-only hook that sleeps
-    jobs = [("3", "The answer is \\boxed{9^{9^{9^{9}}}}"), ("4", "\\boxed{4}"), ("5", "@@hang@@ 5"), ("6", "\\boxed{6}")]
+    jobs = [
+        ("3", "The answer is \\boxed{9^{9^{9^{9}}}}"),
+        ("4", "\\boxed{4}"),
+        ("5", "@@hang@@ 5"),
+        ("6", "\\boxed{6}"),
+    ]
     t0 = time.monotonic()
     with GraderPool(workers=2, timeout=1.5) as pool:
         gs = pool.grade(jobs)

@@ -108,8 +108,10 @@ def test_paired_bootstrap_seeded():
 def test_summarize_shapes():
     recs = []
     for i in range(4):
-        samples = [{"correct": j < i, "key": str(j < i), "n_tokens": 10 + j, "status": "ok", "finish_reason": "stop"}
-                   for j in range(4)]
+        samples = [
+            {"correct": j < i, "key": str(j < i), "n_tokens": 10 + j, "status": "ok", "finish_reason": "stop"}
+            for j in range(4)
+        ]
         recs.append({"id": str(i), "difficulty": i % 2, "samples": samples, "seconds": 0.5, "n_correct": i})
     s = summarize(recs)
     assert s["problems"] == 4 and s["samples_per_problem"] == 4

@@ -40,17 +40,28 @@ def make_tiny_hf_model(path: Path) -> Path:
     vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "<pad>", *chars])}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
     fast.chat_template = (
         "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}assistant:{% endif %}"
     )
     fast.save_pretrained(path)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(cfg).save_pretrained(path)
     return path
 
@@ -68,8 +79,18 @@ def backend(model_dir):
 
 
 def _cfg(**kw) -> EvalConfig:
-    base = dict(task="arith-easy", limit=6, n=2, temperature=0.8, seed=3, max_tokens=8, prompt="chat",
-                batch_problems=3, grader_timeout=20, grader_workers=1)
+    base = dict(
+        task="arith-easy",
+        limit=6,
+        n=2,
+        temperature=0.8,
+        seed=3,
+        max_tokens=8,
+        prompt="chat",
+        batch_problems=3,
+        grader_timeout=20,
+        grader_workers=1,
+    )
     base.update(kw)
     return EvalConfig(**base)
 
@@ -120,8 +141,19 @@ def test_run_writes_manifest_results_report(backend, tmp_path):
     summary = run_eval(backend, _cfg(), out, progress=False)
     assert summary["problems"] == 6 and summary["samples_per_problem"] == 2
     man = json.loads((out / "manifest.json").read_text())
-    for key in ("backend", "sampling", "prompt_template", "grader", "versions", "hardware", "threads",
-                "batch_limits", "seed_rule", "task", "resume_key"):
+    for key in (
+        "backend",
+        "sampling",
+        "prompt_template",
+        "grader",
+        "versions",
+        "hardware",
+        "threads",
+        "batch_limits",
+        "seed_rule",
+        "task",
+        "resume_key",
+    ):
         assert key in man, key
     assert man["backend"]["model_digest"] == backend.info()["model_digest"]
     assert man["sampling"]["n"] == 2 and man["sampling"]["noise"]
@@ -160,25 +192,20 @@ def test_hanging_grader_inside_a_run(backend, tmp_path, monkeypatch):
     data = tmp_path / "gsm8k-test.jsonl"
     rows = [("What is 2 + 2?", "4"), ("Find the code.", "31337"), ("What is 3 + 3?", "6")]
     data.write_text("".join(json.dumps({"question": q, "answer": f"... \n#### {a}"}) + "\n" for q, a in rows))
-    monkeypatch.setenv("DITTO_GRADER_TEST_HANG", "31337")
-    monkeypatch.setattr("ditto.eval.grading.extract_answer", _extract_hook(), raising=True)
-    summary = run_eval(backend, _cfg(task="gsm8k", data=str(data), limit=None, n=1, grader_timeout=1.5,
-                                     grader_workers=2, prompt="fewshot"), tmp_path / "run", progress=False,
-                       report=False)
+    monkeypatch.setenv("DITTO_GRADER_TEST_HANG", "31337")  # test hook: grading this gold sleeps for ever
+    summary = run_eval(
+        backend,
+        _cfg(task="gsm8k", data=str(data), limit=None, n=1, grader_timeout=1.5, grader_workers=2, prompt="fewshot"),
+        tmp_path / "run",
+        progress=False,
+        report=False,
+    )
     recs = {r["id"]: r for r in load_results(tmp_path / "run" / "results.jsonl")}
     assert summary["problems"] == 3
     assert recs["gsm8k-00001"]["samples"][0]["status"] == "timeout"
     assert recs["gsm8k-00001"]["samples"][0]["correct"] is False
     assert recs["gsm8k-00000"]["samples"][0]["status"] in ("ok", "no_answer")
     assert summary["grading_status"]["timeout"] == 1
-
-
-def _extract_hook():
-    """The run passes the gold only to the worker; the hang hook matches the gold inside the response,
-    so the hanging problem is found by the marker in its gold answer (see grading.grade_response)."""
-    from ditto.eval import grading
-
-    return grading.extract_answer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,12 +215,39 @@ def _extract_hook():
 
 def test_resume_after_kill(backend, model_dir, tmp_path):
     killed = tmp_path / "killed"
-    args = ["--model", str(model_dir), "--task", "arith-easy", "--limit", "10", "--n", "2", "--temperature", "0.8",
-            "--seed", "3", "--max-tokens", "8", "--batch-problems", "1", "--grader-workers", "1",
-            "--grader-timeout", "20", "--no-progress", "--out", str(killed)]
+    args = [
+        "--model",
+        str(model_dir),
+        "--task",
+        "arith-easy",
+        "--limit",
+        "10",
+        "--n",
+        "2",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "3",
+        "--max-tokens",
+        "8",
+        "--batch-problems",
+        "1",
+        "--grader-workers",
+        "1",
+        "--grader-timeout",
+        "20",
+        "--no-progress",
+        "--out",
+        str(killed),
+    ]
     env = dict(os.environ, DITTO_EVAL_TEST_BATCH_DELAY="0.5", PYTHONPATH=str(REPO / "src"))
-    proc = subprocess.Popen([sys.executable, "-m", "ditto.eval.cli", *args], env=env, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ditto.eval.cli", *args],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     results = killed / "results.jsonl"
     deadline = time.monotonic() + 120
     try:
@@ -244,8 +298,25 @@ def test_cli_help_and_parse(capsys):
     common = argparse.ArgumentParser(add_help=False)
     cli.add_backend_args(common)
     cli.add_parser(sub, parents=[common])
-    args = parser.parse_args(["eval", "--task", "gsm8k", "--limit", "200", "--n", "8", "--temperature", "0.7",
-                              "--seed", "0", "--out", "runs/x", "--model", "m"])
+    args = parser.parse_args(
+        [
+            "eval",
+            "--task",
+            "gsm8k",
+            "--limit",
+            "200",
+            "--n",
+            "8",
+            "--temperature",
+            "0.7",
+            "--seed",
+            "0",
+            "--out",
+            "runs/x",
+            "--model",
+            "m",
+        ]
+    )
     assert args.action == [] and args.n == 8 and args.out == "runs/x"
     cfg = EvalConfig.from_args(args)
     assert (cfg.task, cfg.limit, cfg.n, cfg.temperature) == ("gsm8k", 200, 8, 0.7)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import FAMILIES
 
 from ditto import LLM, SamplingParams
-from tiny_models import FAMILIES
 
 PROMPTS = [
     "The quick brown fox",
@@ -40,7 +40,7 @@ def test_tiny_family_parity(tiny_dirs, family):
     for prompt in PROMPTS[:2]:
         ids = llm.encode(prompt)
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False, min_new_tokens=64)[0, len(ids):]
+            ref = hf.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False, min_new_tokens=64)[0, len(ids) :]
         ours = llm.generate([ids], SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))[0].outputs[0]
         assert ours.token_ids == ref.tolist()
 
@@ -66,6 +66,6 @@ def test_bundled_gguf_parity(name):
     assert worst <= 1e-4
     ids = llm.encode(PROMPTS[1])
     with torch.no_grad():
-        ref = hf.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False, min_new_tokens=64)[0, len(ids):]
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False, min_new_tokens=64)[0, len(ids) :]
     ours = llm.generate([ids], SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))[0].outputs[0]
     assert ours.token_ids == ref.tolist()

@@ -289,6 +289,32 @@ def test_gguf_reader_gives_the_same_tokenizer(paths, tmp_path):
     assert from_reader.chat_template == meta["tokenizer.chat_template"] and from_reader.stop_ids == {0, 2}
 
 
+@slow
+def test_generic_sentencepiece_matches_transformers(paths, tmp_path, corpus):
+    """`llama` vocabulary outside the Gemma family: merges by score, prefix space ('▁' prepended), Strip decoder.
+
+    Built from a 25k-token slice of gemma's vocabulary (its top 6000 tokens and every single character),
+    declared as architecture `llama`, so transformers builds it with its LlamaTokenizer.
+    """
+    transformers = pytest.importorskip("transformers")
+    meta = read_gguf_metadata(paths["gemma3-270m"])
+    keep = [i for i, t in enumerate(meta["tokenizer.ggml.tokens"]) if i < 6000 or len(t) == 1]
+    arrays = ("tokens", "scores", "token_type")
+    fields = {f"tokenizer.ggml.{k}": [meta[f"tokenizer.ggml.{k}"][i] for i in keep] for k in arrays}
+    for k in ("model", "bos_token_id", "eos_token_id", "unknown_token_id"):
+        fields[f"tokenizer.ggml.{k}"] = meta[f"tokenizer.ggml.{k}"]
+    path = _write_gguf(tmp_path / "spm.gguf", **fields)
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    tok = Tokenizer.from_gguf(path)
+    assert tok.add_bos and tok.encode("hi") == tok.encode(" hi") == [2, tok.backend.token_to_id("▁hi")]
+    for text in corpus:
+        ids = tok.encode(text)
+        assert ids == ref.encode(text), text
+        assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=True), text
+        stream = IncrementalDecoder(tok)
+        assert "".join([stream.push(i) for i in ids] + [stream.flush()]) == tok.decode(ids)
+
+
 # ---------------------------------------------------------------- chat templates
 @slow
 @pytest.mark.parametrize("conversation", CONVERSATIONS)
@@ -309,6 +335,20 @@ def test_gemma_has_no_template_and_uses_plain_fallback(gemma):
     )
     ids = gemma.encode_chat(CONVERSATIONS[0])
     assert ids[:2] != [2, 2] and ids[0] == 2 and ids == gemma.encode("User: Hi\nAssistant:")
+
+
+@slow
+def test_template_that_writes_bos_gets_one_bos(gemma):
+    template = (
+        "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
+        "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}{{ unk_token }}"
+    )
+    tok = Tokenizer(gemma.backend, bos_id=2, eos_id=1, chat_template=template, template_vars={"unk_token": "<unk>"})
+    text = tok.apply_chat_template(CONVERSATIONS[0])
+    assert text == "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n<unk>"
+    ids = tok.encode_chat(CONVERSATIONS[0])
+    assert ids[:3] == [2, 105, 2364] and ids.count(2) == 1 and ids[-1] == 3
+    assert tok.stop_ids == {1, 106}
 
 
 # ---------------------------------------------------------------- HF directories

@@ -28,12 +28,20 @@ class LLM:
 
     name = "ditto"
 
-    def __init__(self, model: str = "smollm2-135m-instruct", numerics: str = "fp32", determinism: str = "fast",
-                 progress: bool = True, **engine_options):
+    def __init__(
+        self,
+        model: str = "smollm2-135m-instruct",
+        numerics: str = "fp32",
+        determinism: str = "fast",
+        progress: bool = True,
+        **engine_options,
+    ):
         known = {f.name for f in fields(EngineConfig)}
         unknown = set(engine_options) - known
         if unknown:
-            raise TypeError(f"unknown engine option(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+            raise TypeError(
+                f"unknown engine option(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}"
+            )
         self.config = EngineConfig(numerics=numerics, determinism=determinism, **engine_options)
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
@@ -97,8 +105,14 @@ class LLM:
         text, ids = self._prompt_ids(prompt)
         return self.engine.add_request(f"req-{next(self._ids)}", ids, params, prompt=text)
 
-    def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None,
-                 *, progress: bool = False, chat: bool = False) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Prompt | list[Prompt],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        *,
+        progress: bool = False,
+        chat: bool = False,
+    ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs come back in prompt order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -117,8 +131,14 @@ class LLM:
         if progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[tps]}"),
-                           TimeElapsedColumn(), transient=True)
+            bar = Progress(
+                TextColumn(label),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[tps]}"),
+                TimeElapsedColumn(),
+                transient=True,
+            )
             bar.start()
             task = bar.add_task(label, total=len(reqs), tps="")
         pending = {r.request_id for r in reqs}

@@ -20,8 +20,14 @@ import torch
 from ditto.outputs import CompletionOutput, RequestOutput, ScoreOutput
 from ditto.sampling import SamplingParams
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 
 
@@ -35,13 +41,32 @@ def _digest_files(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
+class _StopOnText:
+    """Stop a row once its generated text (prompt excluded, unlike HF's stop_strings) holds a stop string."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...], prompt_width: int):
+        self.tokenizer, self.stops, self.width = tokenizer, stops, prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        done = []
+        for row in input_ids[:, self.width :].tolist():
+            text = self.tokenizer.decode(row, skip_special_tokens=True)
+            done.append(any(s in text for s in self.stops))
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 class TransformersBackend:
     """Backend protocol on transformers. `model_path_or_dir`: an HF folder or a .gguf file (local only)."""
 
     name = "transformers"
 
-    def __init__(self, model_path_or_dir: str | os.PathLike, dtype: str = "float32", batch_size: int = 16,
-                 device: str | None = None):
+    def __init__(
+        self,
+        model_path_or_dir: str | os.PathLike,
+        dtype: str = "float32",
+        batch_size: int = 16,
+        device: str | None = None,
+    ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if dtype not in _DTYPES:
@@ -144,10 +169,13 @@ class TransformersBackend:
             pad_token_id=pad,
             return_dict_in_generate=True,
             output_logits=True,
-            stop_strings=list(sp.stop) or None,
         )
         torch.manual_seed(sp.seed)
-        kwargs = {"tokenizer": self.tokenizer} if sp.stop else {}
+        kwargs = {}
+        if sp.stop:
+            from transformers import StoppingCriteriaList
+
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnText(self.tokenizer, sp.stop, width)])
         out = self.model.generate(
             input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), generation_config=gc, **kwargs
         )
@@ -168,15 +196,22 @@ class TransformersBackend:
                     prompt_token_ids=ids,
                     outputs=comps,
                     finished=True,
-                    metrics={"seed": sp.seed, "backend": self.name, "sampling": "hf-multinomial",
-                             "determinism": "none", "numerics": self.dtype, "batch_seconds": elapsed,
-                             "batch_size": len(batch_ids)},
+                    metrics={
+                        "seed": sp.seed,
+                        "backend": self.name,
+                        "sampling": "hf-multinomial",
+                        "determinism": "none",
+                        "numerics": self.dtype,
+                        "batch_seconds": elapsed,
+                        "batch_size": len(batch_ids),
+                    },
                 )
             )
         return results
 
-    def _completion(self, index: int, toks: list[int], logp: torch.Tensor, sp: SamplingParams,
-                    eos: set[int]) -> CompletionOutput:
+    def _completion(
+        self, index: int, toks: list[int], logp: torch.Tensor, sp: SamplingParams, eos: set[int]
+    ) -> CompletionOutput:
         finish, stop_reason = "length", None
         cut = len(toks)
         for t, tok in enumerate(toks):
@@ -204,8 +239,15 @@ class TransformersBackend:
             for t in range(len(toks)):
                 v, i = torch.topk(logp[t], sp.logprobs)
                 top.append({int(a): float(b) for a, b in zip(i, v)})
-        return CompletionOutput(index=index, text=text, token_ids=toks, logprobs=lps, finish_reason=finish,
-                                top_logprobs=top, stop_reason=stop_reason)
+        return CompletionOutput(
+            index=index,
+            text=text,
+            token_ids=toks,
+            logprobs=lps,
+            finish_reason=finish,
+            top_logprobs=top,
+            stop_reason=stop_reason,
+        )
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
@@ -243,6 +285,9 @@ class TransformersBackend:
             "counter-based Gumbel sampling; outputs may depend on batch composition and padding)",
             "sampling": "hf-multinomial",
             "batch_size": self.batch_size,
-            "versions": {"transformers": transformers.__version__, "torch": torch.__version__,
-                         "python": platform.python_version()},
+            "versions": {
+                "transformers": transformers.__version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
         }

@@ -106,8 +106,15 @@ def _row_partials(s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 class PagedAttention:
     """The AttentionContext the runner hands the model for one step."""
 
-    def __init__(self, cache: KVCache, slots: torch.Tensor, decode: DecodeRows | None, prefills: list[PrefillChunk],
-                 scale: float, num_heads: int):
+    def __init__(
+        self,
+        cache: KVCache,
+        slots: torch.Tensor,
+        decode: DecodeRows | None,
+        prefills: list[PrefillChunk],
+        scale: float,
+        num_heads: int,
+    ):
         self.cache = cache
         self.slots = slots
         self.decode = decode

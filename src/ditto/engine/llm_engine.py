@@ -39,16 +39,15 @@ class Request:
 
 
 class LLMEngine:
-    def __init__(self, model, cfg: ModelConfig, tokenizer, config: EngineConfig, act_dtype, kv_dtype,
-                 fingerprint_fn=None):
+    def __init__(
+        self, model, cfg: ModelConfig, tokenizer, config: EngineConfig, act_dtype, kv_dtype, fingerprint_fn=None
+    ):
         self.cfg = cfg
         self.config = config
         self.tokenizer = tokenizer
         self.max_model_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
         per_token = KVCache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
-        num_blocks = config.num_kv_blocks or max(
-            4, int(config.kv_cache_gb * 2**30 / (per_token * config.block_size))
-        )
+        num_blocks = config.num_kv_blocks or max(4, int(config.kv_cache_gb * 2**30 / (per_token * config.block_size)))
         self.cache = KVCache(cfg.num_layers, num_blocks, config.block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.blocks, self.max_model_len)
@@ -60,8 +59,14 @@ class LLMEngine:
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0}
 
     # ---- requests ---------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None,
-                    score_from: int | None = None) -> Request:
+    def add_request(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+        score_from: int | None = None,
+    ) -> Request:
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         if not prompt_ids:

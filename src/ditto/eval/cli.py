@@ -45,9 +45,13 @@ then <repo>/../shared/data.
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     """The eval-specific flags (not --model/--backend/--numerics/--determinism, which the caller adds)."""
-    p.add_argument("action", nargs="*", metavar="compare A B | report DIR",
-                   help="omit to run an evaluation; 'compare A B' compares two run folders; "
-                        "'report DIR' re-renders a run's report")
+    p.add_argument(
+        "action",
+        nargs="*",
+        metavar="compare A B | report DIR",
+        help="omit to run an evaluation; 'compare A B' compares two run folders; "
+        "'report DIR' re-renders a run's report",
+    )
     g = p.add_argument_group("task")
     g.add_argument("--task", default="gsm8k", choices=list(TASKS), help="which problems (default gsm8k)")
     g.add_argument("--data", default=None, help="JSONL file or folder for gsm8k/math500")
@@ -58,12 +62,20 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--arith-count", type=int, default=200, help="arith: problems per (digits, steps) level")
     g.add_argument("--arith-ops", default="+-*", help="arith: operations to draw from (subset of '+-*')")
     g = p.add_argument_group("prompt")
-    g.add_argument("--prompt", default="chat", choices=FORMATS,
-                   help="chat (zero-shot, model's chat template), fewshot (plain Q/A exemplars), "
-                        "chat-fewshot, plain (zero-shot text)")
+    g.add_argument(
+        "--prompt",
+        default="chat",
+        choices=FORMATS,
+        help="chat (zero-shot, model's chat template), fewshot (plain Q/A exemplars), "
+        "chat-fewshot, plain (zero-shot text)",
+    )
     g.add_argument("--shots", type=int, default=0, help="exemplars for few-shot formats (0 = all 4)")
-    g.add_argument("--thousands-sep", dest="thousands", action="store_true",
-                   help="write numbers with thousands separators, grouped from the right")
+    g.add_argument(
+        "--thousands-sep",
+        dest="thousands",
+        action="store_true",
+        help="write numbers with thousands separators, grouped from the right",
+    )
     g.add_argument("--system", default=None, help="system message for chat formats")
     g = p.add_argument_group("sampling")
     g.add_argument("--n", type=int, default=1, help="samples per problem (pass@k, maj@k for k <= n)")
@@ -85,10 +97,13 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 def add_parser(subparsers, parents: list[argparse.ArgumentParser] | None = None) -> argparse.ArgumentParser:
     """Register `eval` on a subparsers object. `parents`: parsers holding the shared backend flags."""
     p = subparsers.add_parser(
-        "eval", parents=parents or [], help="evaluate a model on GSM8K / MATH-500 / synthetic arithmetic",
+        "eval",
+        parents=parents or [],
+        help="evaluate a model on GSM8K / MATH-500 / synthetic arithmetic",
         description="Evaluate a model (any Backend) on a math task with sampling, robust grading and a "
-                    "resumable run folder; compare two runs with a paired significance test.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "resumable run folder; compare two runs with a paired significance test.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_eval_args(p)
     return p
@@ -135,10 +150,12 @@ def run(args, make_backend) -> int:
         print(json.dumps(summary, indent=2, default=str))
     else:
         lo, hi = summary["accuracy_ci95"]
-        print(f"{summary['problems']} problems x {summary['samples_per_problem']} samples: accuracy "
-              f"{100 * summary['accuracy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]; "
-              + ", ".join(f"pass@{k} {100 * v:.1f}%" for k, v in summary["pass_at_k"].items())
-              + f"\nreport: {Path(out) / 'report.md'}")
+        print(
+            f"{summary['problems']} problems x {summary['samples_per_problem']} samples: accuracy "
+            f"{100 * summary['accuracy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]; "
+            + ", ".join(f"pass@{k} {100 * v:.1f}%" for k, v in summary["pass_at_k"].items())
+            + f"\nreport: {Path(out) / 'report.md'}"
+        )
     return 0
 
 
@@ -160,13 +177,15 @@ def default_make_backend(args):
         from ditto.backends.transformers import TransformersBackend
 
         return TransformersBackend(args.model, dtype=args.numerics, batch_size=args.backend_batch_size)
-    raise SystemExit(f"the standalone entry only builds the transformers backend; use `ditto eval` for "
-                     f"--backend {args.backend}")
+    raise SystemExit(
+        f"the standalone entry only builds the transformers backend; use `ditto eval` for --backend {args.backend}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ditto.eval.cli", epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m ditto.eval.cli", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_backend_args(parser)
     add_eval_args(parser)
     args = parser.parse_args(argv)

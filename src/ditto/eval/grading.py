@@ -22,6 +22,7 @@ Extraction order (first that matches): "final answer is $...$", the last ``\\box
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing as mp
 import os
@@ -212,8 +213,10 @@ def fallback_equal(gold: str, pred: str | None) -> bool:
     sm_p = re.fullmatch(r"\\\{(.*)\\\}", p)
     if sm_g and sm_p:
         ge, pe = _split_top(sm_g.group(1)), _split_top(sm_p.group(1))
-        return len(ge) == len(pe) and all(any(_atom_equal(x, y) for y in pe) for x in ge) and all(
-            any(_atom_equal(y, x) for x in ge) for y in pe
+        return (
+            len(ge) == len(pe)
+            and all(any(_atom_equal(x, y) for y in pe) for x in ge)
+            and all(any(_atom_equal(y, x) for x in ge) for y in pe)
         )
     # tuples / intervals: same brackets, element-wise
     if len(g) >= 2 and len(p) >= 2 and g[0] in "([" and g[-1] in ")]" and (g[0], g[-1]) == (p[0], p[-1]):
@@ -252,7 +255,7 @@ def _mv_prepare(gold: str, pred: str) -> tuple[str, str]:
     p = pred.strip()
     if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", p.replace("\\!", "")) and "," not in g:
         p = p.replace("\\!", "").replace(",", "")
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", g) :
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", g):
         g = g.replace(",", "")
     return g, p
 
@@ -303,11 +306,11 @@ _TEST_HANG_ENV = "DITTO_GRADER_TEST_HANG"  # test hook: a response containing th
 def grade_response(gold: str, response: str, hang_marker: str | None = None) -> Grade:
     """Extract and judge one response (runs inside a worker; may be slow on pathological input).
 
-    `hang_marker` is a test hook: a response containing it sleeps for an hour (the pool's
-    GraderPool.grade passes $DITTO_GRADER_TEST_HANG here).
+    `hang_marker` is a test hook: a response containing it, or a gold answer equal to it, sleeps for
+    an hour (GraderPool.grade passes $DITTO_GRADER_TEST_HANG here).
     """
     t0 = time.perf_counter()
-    if hang_marker and hang_marker in (response or ""):
+    if hang_marker and (hang_marker in (response or "") or hang_marker == gold.strip()):
         time.sleep(3600)
     extracted, method = extract_answer(response)
     if extracted is None:
@@ -338,10 +341,8 @@ def grade_answer(gold: str, extracted: str, method: str = "given", t0: float | N
 
 
 def _worker_main(conn) -> None:  # pragma: no cover - runs in the child process
-    try:
-        import math_verify  # noqa: F401  (warm the import before the first deadline starts)
-    except ImportError:
-        pass
+    with contextlib.suppress(ImportError):  # warm the import before the first deadline starts
+        import math_verify  # noqa: F401
     conn.send(("ready", None))
     while True:
         try:
@@ -426,10 +427,8 @@ class GraderPool:
 
     def close(self) -> None:
         for w in self._workers:
-            try:
+            with contextlib.suppress(OSError):
                 w.conn.send(None)
-            except (OSError, BrokenPipeError):
-                pass
         for w in self._workers:
             w.proc.join(timeout=1)
             if w.proc.is_alive():
@@ -483,14 +482,23 @@ class GraderPool:
                         continue
                     w.job = None
                     if "__error__" in payload:
-                        results[got_id] = Grade(False, "error", None, "none", None, None, False, 0.0, payload["__error__"])
+                        results[got_id] = Grade(
+                            False, "error", None, "none", None, None, False, 0.0, payload["__error__"]
+                        )
                     else:
                         results[got_id] = Grade(**payload)
                 elif time.monotonic() >= w.job[1]:
                     self.timeouts += 1
                     extracted, method = extract_answer(jobs[jid][1])
                     results[jid] = Grade(
-                        False, "timeout", extracted, method, None, None, False, self.timeout,
+                        False,
+                        "timeout",
+                        extracted,
+                        method,
+                        None,
+                        None,
+                        False,
+                        self.timeout,
                         f"grading exceeded {self.timeout:g}s; worker killed",
                     )
                     w.job = None

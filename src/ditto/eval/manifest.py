@@ -26,8 +26,17 @@ def _version(dist: str) -> str | None:
 
 def versions() -> dict:
     out = {"python": platform.python_version()}
-    for dist in ("ditto", "torch", "numpy", "transformers", "tokenizers", "math-verify", "sympy", "matplotlib",
-                 "llama_cpp_python"):
+    for dist in (
+        "ditto",
+        "torch",
+        "numpy",
+        "transformers",
+        "tokenizers",
+        "math-verify",
+        "sympy",
+        "matplotlib",
+        "llama_cpp_python",
+    ):
         v = _version(dist)
         if v is not None:
             out[dist] = v
@@ -95,8 +104,18 @@ def resume_key(config: dict, backend_info: dict, prompt_record: dict) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def build_manifest(*, config: dict, backend_info: dict, task_info: dict, prompt_record: dict, sampling: dict,
-                   seed_rule: str, grader: dict, problems: list[str], batch: dict) -> dict:
+def build_manifest(
+    *,
+    config: dict,
+    backend_info: dict,
+    task_info: dict,
+    prompt_record: dict,
+    sampling: dict,
+    seed_rule: str,
+    grader: dict,
+    problems: list[str],
+    batch: dict,
+) -> dict:
     ids_hash = hashlib.sha256("\n".join(problems).encode()).hexdigest()
     return {
         "manifest_version": MANIFEST_VERSION,

@@ -220,13 +220,16 @@ def summarize(records: list[dict], *, seed: int = 0) -> dict:
         "maj_at_k": {},
     }
     for k in ks_for(n):
-        out["pass_at_k"][k] = sum(
-            pass_at_k(len(r["samples"]), sum(s["correct"] for s in r["samples"]), k) for r in records
-        ) / n_probs
-        out["maj_at_k"][k] = sum(
-            maj_at_k([s.get("key") for s in r["samples"]], [s["correct"] for s in r["samples"]], k, seed=seed)
-            for r in records
-        ) / n_probs
+        out["pass_at_k"][k] = (
+            sum(pass_at_k(len(r["samples"]), sum(s["correct"] for s in r["samples"]), k) for r in records) / n_probs
+        )
+        out["maj_at_k"][k] = (
+            sum(
+                maj_at_k([s.get("key") for s in r["samples"]], [s["correct"] for s in r["samples"]], k, seed=seed)
+                for r in records
+            )
+            / n_probs
+        )
     rates = [sum(s["correct"] for s in r["samples"]) / len(r["samples"]) for r in records]
     out["solve_rate"] = {
         "mean": sum(rates) / n_probs,
@@ -245,7 +248,5 @@ def summarize(records: list[dict], *, seed: int = 0) -> dict:
     by_diff: dict[str, list[float]] = {}
     for r, rate in zip(records, rates):
         by_diff.setdefault(str(r.get("difficulty")), []).append(rate)
-    out["by_difficulty"] = {
-        k: {"problems": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(by_diff.items())
-    }
+    out["by_difficulty"] = {k: {"problems": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(by_diff.items())}
     return out

@@ -27,7 +27,7 @@ from ditto.eval.tasks.base import Problem
 FORMATS = ("chat", "fewshot", "chat-fewshot", "plain")
 
 INSTRUCTIONS = {
-    "default": "Solve the problem step by step. End with a line of the form \"The answer is N.\" "
+    "default": 'Solve the problem step by step. End with a line of the form "The answer is N." '
     "where N is the final number.",
     "math500": "Solve the problem step by step. Put the final answer in \\boxed{}.",
 }
@@ -35,25 +35,33 @@ INSTRUCTIONS = {
 # Short worked exemplars written for ditto (not taken from any test set).
 EXEMPLARS = {
     "default": [
-        ("Lily has 3 red balloons and 4 blue balloons. She gives 2 balloons to her brother. "
-         "How many balloons does she have left?",
-         "Lily has 3 + 4 = 7 balloons. After giving away 2 she has 7 - 2 = 5. The answer is 5."),
-        ("A baker makes 12 muffins per tray and bakes 5 trays. He sells 38 muffins. "
-         "How many muffins are left?",
-         "He bakes 12 * 5 = 60 muffins. After selling 38, 60 - 38 = 22 are left. The answer is 22."),
-        ("Sam reads 15 pages a day for 6 days and then 10 pages on the seventh day. "
-         "How many pages did he read in total?",
-         "In 6 days he reads 15 * 6 = 90 pages. Adding the seventh day gives 90 + 10 = 100. The answer is 100."),
+        (
+            "Lily has 3 red balloons and 4 blue balloons. She gives 2 balloons to her brother. "
+            "How many balloons does she have left?",
+            "Lily has 3 + 4 = 7 balloons. After giving away 2 she has 7 - 2 = 5. The answer is 5.",
+        ),
+        (
+            "A baker makes 12 muffins per tray and bakes 5 trays. He sells 38 muffins. How many muffins are left?",
+            "He bakes 12 * 5 = 60 muffins. After selling 38, 60 - 38 = 22 are left. The answer is 22.",
+        ),
+        (
+            "Sam reads 15 pages a day for 6 days and then 10 pages on the seventh day. "
+            "How many pages did he read in total?",
+            "In 6 days he reads 15 * 6 = 90 pages. Adding the seventh day gives 90 + 10 = 100. The answer is 100.",
+        ),
         ("What is 7 + 8 - 6?", "7 + 8 = 15 and 15 - 6 = 9. The answer is 9."),
     ],
     "math500": [
-        ("What is the value of $\\frac{3}{4} + \\frac{1}{6}$?",
-         "The common denominator is 12: $\\frac{9}{12} + \\frac{2}{12} = \\frac{11}{12}$. "
-         "The answer is $\\boxed{\\frac{11}{12}}$."),
-        ("Solve for $x$: $2x + 5 = 17$.",
-         "Subtract 5: $2x = 12$, so $x = 6$. The answer is $\\boxed{6}$."),
-        ("Find all real $x$ with $x^2 = 9$.",
-         "Taking square roots, $x = 3$ or $x = -3$. The answer is $\\boxed{-3, 3}$."),
+        (
+            "What is the value of $\\frac{3}{4} + \\frac{1}{6}$?",
+            "The common denominator is 12: $\\frac{9}{12} + \\frac{2}{12} = \\frac{11}{12}$. "
+            "The answer is $\\boxed{\\frac{11}{12}}$.",
+        ),
+        ("Solve for $x$: $2x + 5 = 17$.", "Subtract 5: $2x = 12$, so $x = 6$. The answer is $\\boxed{6}$."),
+        (
+            "Find all real $x$ with $x^2 = 9$.",
+            "Taking square roots, $x = 3$ or $x = -3$. The answer is $\\boxed{-3, 3}$.",
+        ),
         ("What is $15\\%$ of $80$?", "$0.15 \\cdot 80 = 12$. The answer is $\\boxed{12}$."),
     ],
 }

@@ -96,20 +96,23 @@ def _fmt(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def render_markdown(manifest: dict, summary: dict, plots: list[tuple[str, Path]], records: list[dict],
-                    base: Path) -> str:
+def render_markdown(
+    manifest: dict, summary: dict, plots: list[tuple[str, Path]], records: list[dict], base: Path
+) -> str:
     b = manifest.get("backend", {})
     cfg = manifest.get("config", {})
+    grader = manifest.get("grader", {})
     lo, hi = summary["accuracy_ci95"]
     lines = [
         f"# ditto eval: {summary.get('task', cfg.get('task'))}",
         "",
         f"- model: `{b.get('model')}` ({b.get('model_digest')})",
-        f"- backend: {b.get('backend')}; numerics: {json.dumps(b.get('numerics'))}; determinism: {b.get('determinism')}",
+        f"- backend: {b.get('backend')}; numerics: {json.dumps(b.get('numerics'))}; "
+        f"determinism: {b.get('determinism')}",
         f"- sampling: n={cfg.get('n')} temperature={cfg.get('temperature')} top_p={cfg.get('top_p')} "
         f"seed={cfg.get('seed')} max_tokens={cfg.get('max_tokens')}; prompt: {cfg.get('prompt')}"
         f"{' (thousands separators)' if cfg.get('thousands') else ''}",
-        f"- grader: {manifest.get('grader', {}).get('version')} (math-verify {manifest.get('grader', {}).get('math_verify')})",
+        f"- grader: {grader.get('version')} (math-verify {grader.get('math_verify')})",
         "",
         "## Results",
         "",
@@ -146,20 +149,28 @@ def render_markdown(manifest: dict, summary: dict, plots: list[tuple[str, Path]]
         lines += [f"### {title}", "", f"![{title}]({p.relative_to(base).as_posix()})", ""]
     dis = [(r["id"], s) for r in records for s in r["samples"] if s.get("disagreement")]
     if dis:
-        lines += ["## Grader disagreements", "", "| problem | sample | gold | answer | math-verify | fallback |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "## Grader disagreements",
+            "",
+            "| problem | sample | gold | answer | math-verify | fallback |",
+            "|---|---|---|---|---|---|",
+        ]
         for pid, s in dis[:50]:
             gold = next(r["gold"] for r in records if r["id"] == pid)
-            lines.append(f"| {pid} | {s['index']} | `{gold}` | `{s['answer']}` | {s['math_verify']} | {s['fallback']} |")
+            lines.append(
+                f"| {pid} | {s['index']} | `{gold}` | `{s['answer']}` | {s['math_verify']} | {s['fallback']} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
 
 def _md_to_html(md: str, plots: list[tuple[str, Path]], base: Path) -> str:
     """A small markdown subset (headings, tables, lists, images) to self-contained HTML."""
-    out = ["<!doctype html><html><head><meta charset='utf-8'><title>ditto eval report</title>",
-           "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
-           "td,th{border:1px solid #ccc;padding:2px 8px}img{max-width:100%}</style></head><body>"]
+    out = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>ditto eval report</title>",
+        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 8px}img{max-width:100%}</style></head><body>",
+    ]
     images = {p.relative_to(base).as_posix(): p for _, p in plots}
     in_table = in_list = False
     for line in md.splitlines():
@@ -228,21 +239,29 @@ def compare(run_a: str | Path, run_b: str | Path, *, seed: int = 0) -> tuple[str
     def row(name, fa, fb):
         return f"| {name} | {fa} | {fb} |"
 
-    ia, ib = wilson_interval(cmp.both + cmp.only_a, cmp.n_problems), wilson_interval(cmp.both + cmp.only_b, cmp.n_problems)
+    ia, ib = (
+        wilson_interval(cmp.both + cmp.only_a, cmp.n_problems),
+        wilson_interval(cmp.both + cmp.only_b, cmp.n_problems),
+    )
     lo, hi = cmp.bootstrap["ci95"]
     lines = [
-        f"# compare\n\nA = `{ra}` ({ma.get('backend', {}).get('model')})  \nB = `{rb}` ({mb.get('backend', {}).get('model')})",
+        f"# compare\n\nA = `{ra}` ({ma.get('backend', {}).get('model')})  \n"
+        f"B = `{rb}` ({mb.get('backend', {}).get('model')})",
         "",
         "| | A | B |",
         "|---|---|---|",
         row("shared problems", cmp.n_problems, cmp.n_problems),
         row("accuracy (mean per-problem solve rate)", _fmt(cmp.acc_a), _fmt(cmp.acc_b)),
-        row("first-sample accuracy [95% Wilson]",
+        row(
+            "first-sample accuracy [95% Wilson]",
             f"{_fmt((cmp.both + cmp.only_a) / cmp.n_problems)} [{_fmt(ia[0])}, {_fmt(ia[1])}]",
-            f"{_fmt((cmp.both + cmp.only_b) / cmp.n_problems)} [{_fmt(ib[0])}, {_fmt(ib[1])}]"),
+            f"{_fmt((cmp.both + cmp.only_b) / cmp.n_problems)} [{_fmt(ib[0])}, {_fmt(ib[1])}]",
+        ),
         row("pass@1", _fmt(sa["pass_at_k"][1]), _fmt(sb["pass_at_k"][1])),
         row("mean tokens per sample", f"{sa['mean_tokens_per_sample']:.1f}", f"{sb['mean_tokens_per_sample']:.1f}"),
-        row("mean seconds per problem", f"{sa['mean_seconds_per_problem']:.3f}", f"{sb['mean_seconds_per_problem']:.3f}"),
+        row(
+            "mean seconds per problem", f"{sa['mean_seconds_per_problem']:.3f}", f"{sb['mean_seconds_per_problem']:.3f}"
+        ),
         "",
         f"First samples: both right {cmp.both}, only A {cmp.only_a}, only B {cmp.only_b}, neither {cmp.neither}; "
         f"McNemar exact p = {cmp.mcnemar_p:.4g}.",
@@ -251,7 +270,17 @@ def compare(run_a: str | Path, run_b: str | Path, *, seed: int = 0) -> tuple[str
         "",
         f"**Verdict: {cmp.verdict()}** (basis: {cmp.basis}).",
     ]
-    numbers = {"n_problems": cmp.n_problems, "acc_a": cmp.acc_a, "acc_b": cmp.acc_b, "both": cmp.both,
-               "only_a": cmp.only_a, "only_b": cmp.only_b, "neither": cmp.neither, "mcnemar_p": cmp.mcnemar_p,
-               "bootstrap": cmp.bootstrap, "significant": cmp.significant, "verdict": cmp.verdict()}
+    numbers = {
+        "n_problems": cmp.n_problems,
+        "acc_a": cmp.acc_a,
+        "acc_b": cmp.acc_b,
+        "both": cmp.both,
+        "only_a": cmp.only_a,
+        "only_b": cmp.only_b,
+        "neither": cmp.neither,
+        "mcnemar_p": cmp.mcnemar_p,
+        "bootstrap": cmp.bootstrap,
+        "significant": cmp.significant,
+        "verdict": cmp.verdict(),
+    }
     return "\n".join(lines), numbers

@@ -81,12 +81,27 @@ class EvalConfig:
         return PromptTemplate(format=self.prompt, shots=self.shots, thousands=self.thousands, system=self.system)
 
     def sampling(self, stop: tuple[str, ...] = ()) -> SamplingParams:
-        return SamplingParams(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              min_p=self.min_p, seed=self.seed, max_tokens=self.max_tokens, stop=stop)
+        return SamplingParams(
+            n=self.n,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            seed=self.seed,
+            max_tokens=self.max_tokens,
+            stop=stop,
+        )
 
     def make_task(self):
-        return get_task(self.task, data=self.data, digits=self.arith_digits, steps=self.arith_steps,
-                        count=self.arith_count, seed=self.seed, ops=self.arith_ops)
+        return get_task(
+            self.task,
+            data=self.data,
+            digits=self.arith_digits,
+            steps=self.arith_steps,
+            count=self.arith_count,
+            seed=self.seed,
+            ops=self.arith_ops,
+        )
 
 
 def problem_seed(seed: int, problem_id: str) -> int:
@@ -159,7 +174,7 @@ class _ResultsWriter:
         cut = _repair_tail(path)
         if cut:
             log.warning("results.jsonl: dropped a torn last line (%d bytes) left by an interrupted run", cut)
-        self.f = open(path, "ab")
+        self.f = open(path, "ab")  # noqa: SIM115 - held open for the whole run, closed in close()
 
     def write(self, rec: dict) -> None:
         self.f.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
@@ -178,17 +193,32 @@ class _ResultsWriter:
 def _progress(enabled: bool, total: int, done: int):
     if not enabled:
         return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    prog = Progress(TextColumn("[bold]eval[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+    prog = Progress(
+        TextColumn("[bold]eval[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        transient=False,
+    )
     prog.start()
     prog.add_task("", total=total, completed=done)
     return prog
 
 
-def run_eval(backend, config: EvalConfig, out_dir: str | os.PathLike, *, progress: bool = True,
-             report: bool = True) -> dict:
+def run_eval(
+    backend, config: EvalConfig, out_dir: str | os.PathLike, *, progress: bool = True, report: bool = True
+) -> dict:
     """Evaluate `backend` on `config`, writing into `out_dir` (resuming if it holds a matching run).
 
     Returns the summary metrics (also written to summary.json).
@@ -223,12 +253,19 @@ def run_eval(backend, config: EvalConfig, out_dir: str | os.PathLike, *, progres
         if results_path.exists() and results_path.stat().st_size:
             raise ResumeMismatch(f"{results_path} exists without a manifest.json; refusing to mix runs")
         manifest = build_manifest(
-            config=cfg, backend_info=binfo, task_info=task.info(), prompt_record=prompt_rec,
-            sampling=base_params.record(), seed_rule=SEED_RULE,
+            config=cfg,
+            backend_info=binfo,
+            task_info=task.info(),
+            prompt_record=prompt_rec,
+            sampling=base_params.record(),
+            seed_rule=SEED_RULE,
             grader=grading.grader_info(config.grader_timeout, config.grader_workers),
             problems=[p.id for p in problems],
-            batch={"problems_per_generate_call": config.batch_problems,
-                   "backend_batch_size": binfo.get("batch_size"), "samples_per_problem": config.n},
+            batch={
+                "problems_per_generate_call": config.batch_problems,
+                "backend_batch_size": binfo.get("batch_size"),
+                "samples_per_problem": config.n,
+            },
         )
     session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "limit": config.limit}
     manifest.setdefault("sessions", []).append(session)
@@ -259,23 +296,45 @@ def run_eval(backend, config: EvalConfig, out_dir: str | os.PathLike, *, progres
                     for c in o.outputs:
                         g = next(grades)
                         if g.disagreement:
-                            log.warning("grader disagreement on %s sample %d: gold=%r answer=%r math_verify=%s "
-                                        "fallback=%s", p.id, c.index, p.answer, g.extracted, g.math_verify,
-                                        g.fallback)
+                            log.warning(
+                                "grader disagreement on %s sample %d: gold=%r answer=%r math_verify=%s fallback=%s",
+                                p.id,
+                                c.index,
+                                p.answer,
+                                g.extracted,
+                                g.math_verify,
+                                g.fallback,
+                            )
                         if g.status == "timeout":
                             log.warning("grading timed out on %s sample %d (answer %r)", p.id, c.index, g.extracted)
-                        samples.append({
-                            "index": c.index, "text": c.text, "answer": g.extracted,
-                            "key": grading.answer_key(g.extracted), "correct": g.correct, "status": g.status,
-                            "method": g.method, "math_verify": g.math_verify, "fallback": g.fallback,
-                            "disagreement": g.disagreement, "grade_error": g.error,
-                            "n_tokens": len(c.token_ids), "finish_reason": c.finish_reason,
-                        })
+                        samples.append(
+                            {
+                                "index": c.index,
+                                "text": c.text,
+                                "answer": g.extracted,
+                                "key": grading.answer_key(g.extracted),
+                                "correct": g.correct,
+                                "status": g.status,
+                                "method": g.method,
+                                "math_verify": g.math_verify,
+                                "fallback": g.fallback,
+                                "disagreement": g.disagreement,
+                                "grade_error": g.error,
+                                "n_tokens": len(c.token_ids),
+                                "finish_reason": c.finish_reason,
+                            }
+                        )
                     rec = {
-                        "id": p.id, "difficulty": p.difficulty, "gold": p.answer, "question": p.question,
-                        "prompt_sha256": hashlib.sha256(prm.encode()).hexdigest(), "seed": sp.seed,
-                        "seconds": gen_s / len(batch), "n": len(samples),
-                        "n_correct": sum(s["correct"] for s in samples), "samples": samples,
+                        "id": p.id,
+                        "difficulty": p.difficulty,
+                        "gold": p.answer,
+                        "question": p.question,
+                        "prompt_sha256": hashlib.sha256(prm.encode()).hexdigest(),
+                        "seed": sp.seed,
+                        "seconds": gen_s / len(batch),
+                        "n": len(samples),
+                        "n_correct": sum(s["correct"] for s in samples),
+                        "samples": samples,
                         "backend_metrics": {k: v for k, v in o.metrics.items() if isinstance(v, (int, float, str))},
                     }
                     writer.write(rec)
@@ -283,8 +342,11 @@ def run_eval(backend, config: EvalConfig, out_dir: str | os.PathLike, *, progres
                     n_correct += rec["n_correct"]
                     n_samples += len(samples)
                     if prog:
-                        prog.update(prog.task_ids[0], advance=1,
-                                    description=f"acc {n_correct / max(1, n_samples):.3f} ({n_correct}/{n_samples})")
+                        prog.update(
+                            prog.task_ids[0],
+                            advance=1,
+                            description=f"acc {n_correct / max(1, n_samples):.3f} ({n_correct}/{n_samples})",
+                        )
                 if delay:
                     time.sleep(delay)
             session["grader_timeouts"] = pool.timeouts

@@ -27,6 +27,7 @@ BUNDLED = {
     ),
 }
 ALIASES = {
+    "smollm2-135m": "smollm2-135m-instruct",
     "smollm2": "smollm2-135m-instruct",
     "default": DEFAULT_MODEL,
     "gemma3": "gemma3-270m",

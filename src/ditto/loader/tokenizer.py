@@ -269,7 +269,7 @@ class Tokenizer:
             "pad_token": meta.get("tokenizer.ggml.padding_token_id"),
         }
         extra = {name: tokens[i] for name, i in ids.items() if i is not None}
-        source = str(getattr(path_or_reader, "path", path_or_reader))
+        source = str(getattr(getattr(path_or_reader, "data", None), "filename", None) or path_or_reader)
         template = meta.get("tokenizer.chat_template")
         return cls(
             backend, bos_id=bos, eos_id=eos, stop_ids=stops, chat_template=template, source=source, template_vars=extra

@@ -15,8 +15,14 @@ class Prepared:
     mode: object
 
 
-_KV = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-       "fp16": torch.float16, "float16": torch.float16}
+_KV = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def prepare(loaded, config) -> Prepared:
@@ -30,9 +36,9 @@ def prepare(loaded, config) -> Prepared:
     mode = get_mode(config.numerics)
     model = mode.apply(loaded.model)
     if config.determinism == "batch_invariant":
-        from ditto.numerics.kernels.batch_invariant import make_invariant
+        from ditto.numerics.kernels.padded import make_invariant
 
-        model = make_invariant(model)
+        model = make_invariant(model, mode.act_dtype)
     kv_name = config.kv_dtype or mode.kv_dtype
     if kv_name == "int8":
         kv = torch.int8

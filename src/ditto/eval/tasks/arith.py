@@ -21,8 +21,14 @@ import random
 from ditto.eval.tasks.base import Problem, Task
 
 NAMES = [
-    ("Tom", "He", "his"), ("Anna", "She", "her"), ("Ravi", "He", "his"), ("Mia", "She", "her"),
-    ("Lena", "She", "her"), ("Omar", "He", "his"), ("Sofia", "She", "her"), ("Ken", "He", "his"),
+    ("Tom", "He", "his"),
+    ("Anna", "She", "her"),
+    ("Ravi", "He", "his"),
+    ("Mia", "She", "her"),
+    ("Lena", "She", "her"),
+    ("Omar", "He", "his"),
+    ("Sofia", "She", "her"),
+    ("Ken", "He", "his"),
 ]
 OBJECTS = ["apples", "marbles", "stickers", "books", "coins", "pencils", "cookies", "stamps", "shells", "cards"]
 
@@ -108,10 +114,8 @@ def make_program(rng: random.Random, digits: int, steps: int, ops: str) -> list[
     value = program[0][1]
     for _ in range(steps):
         op = rng.choice(ops)
-        if op == "*":
-            x = _operand(rng, max(1, digits - 1))  # multipliers one digit shorter (2-9 up to 2 digits)
-        else:
-            x = _operand(rng, digits)
+        # multipliers are one digit shorter (2-9 up to 2 digits)
+        x = _operand(rng, max(1, digits - 1)) if op == "*" else _operand(rng, digits)
         if op == "-" and x > value:
             if value >= _lo(digits):
                 x = rng.randint(_lo(digits), value)
@@ -156,8 +160,14 @@ def make_problem(seed: int, digits: int, steps: int, index: int, ops: str = "+-*
         question=question,
         answer=str(answer),
         difficulty=f"d{digits}s{steps}",
-        meta={"program": program, "expression": expression_of(program), "template": story["id"],
-              "digits": digits, "steps": steps, "ops": ops},
+        meta={
+            "program": program,
+            "expression": expression_of(program),
+            "template": story["id"],
+            "digits": digits,
+            "steps": steps,
+            "ops": ops,
+        },
     )
 
 
@@ -195,5 +205,12 @@ class Arith(Task):
         return [make_problem(self.seed, d, s, i, self.ops) for i in range(self.count) for d, s in levels]
 
     def info(self) -> dict:
-        return {"name": self.name, "generator": "ditto-arith-v1", "digits": self.digits, "steps": self.steps,
-                "count_per_level": self.count, "seed": self.seed, "ops": self.ops}
+        return {
+            "name": self.name,
+            "generator": "ditto-arith-v1",
+            "digits": self.digits,
+            "steps": self.steps,
+            "count_per_level": self.count,
+            "seed": self.seed,
+            "ops": self.ops,
+        }

@@ -15,8 +15,9 @@ TASKS = {
 }
 
 
-def get_task(name: str, *, data: str | None = None, digits="1", steps="1", count: int = 200, seed: int = 0,
-             ops: str = "+-*") -> Task:
+def get_task(
+    name: str, *, data: str | None = None, digits="1", steps="1", count: int = 200, seed: int = 0, ops: str = "+-*"
+) -> Task:
     """Build a task by name. `data` (file or folder) applies to gsm8k / math500; the rest to arith."""
     if name == "gsm8k":
         return GSM8K(data)

@@ -7,9 +7,9 @@ other rows.  Measured on this project's CPU (benchmarks/batch_invariance_probe.p
 * fp32 torch GEMM (MKL) is NOT invariant: M=1 takes a gemv path, M=2..3 another kernel, M>=4 a
   third, and for 4 <= M < 12 the rows past the last multiple of 4 take an edge kernel.  MKL's
   order is not a plain FMA chain, so no cheap torch-side trick reproduces it for small M.
-* bf16 torch GEMM (oneDNN) is invariant for every M >= 2 on the engine's shapes, but M=1 takes a
-  different path for K=1536 (e.g. the MLP down projection).  Padding M=1 to 2 rows fixes it at
-  ~no cost (a bf16 M=2 GEMM costs the same as M=1).
+* bf16 torch GEMM (oneDNN) is invariant for every M >= 2 on the engine's shapes on the AMD dev
+  box, but M=1 takes a different path for K=1536 (e.g. the MLP down projection); on an Intel Xeon
+  rows also change at larger M (K=1536, M=255).
 * Row reductions (sum/mean/amax/argmax/softmax/log_softmax/logsumexp/rms_norm) over the last
   dim of a contiguous (M, V) tensor, and torch.bmm with a fixed per-matrix shape, are already
   invariant; tests/test_batch_invariant_kernels.py proves it bit for bit on every run.
@@ -24,9 +24,10 @@ Design of `invariant_linear`:
   invariant to M, position, other rows AND thread count, and - the chain being plain IEEE FMA -
   identical on any FMA-capable CPU.  Weights are pre-packed once into 64-column panels (bf16
   weights stay bf16 and are widened in registers, which halves decode memory traffic).
-* bf16: torch/oneDNN with M padded to >= 2 rows, guarded by a one-off per-shape self-check; if the
-  self-check fails (another CPU / oneDNN version picking M-dependent kernels) that shape falls back
-  to the C kernel (exact bf16 products accumulated in an fp32 FMA chain, rounded to bf16).
+* bf16: the same C kernel (bf16 x and W widened exactly, products exact in fp32, one fp32 FMA
+  chain, rounded to bf16 once).  torch/oneDNN bf16 with M padded to >= 2 rows was invariant on the
+  AMD EPYC dev box but NOT on an Intel Xeon (K=1536, M=255), so it is opt-in only
+  (DITTO_BI_BF16_ONEDNN=1, guarded by a one-off per-shape self-check).
 * Without a C compiler, fp32 falls back to torch GEMMs on fixed 32-row zero-padded tiles (MKL's
   M>=12 kernel is row-position invariant on this CPU); slower, and also guarded by a self-check.
 
@@ -349,7 +350,10 @@ def _tiled_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return out[:t]
 
 
-_SELF_CHECK_MS = (1, 2, 3, 5, 7, 13, 33, 70)
+# oneDNN bf16 (M padded to >= 2) is invariant on the AMD EPYC dev box but NOT on an Intel Xeon
+# (K=1536 rows change at M=255), so it is opt-in (DITTO_BI_BF16_ONEDNN=1) and self-checked.
+_BF16_ONEDNN = os.environ.get("DITTO_BI_BF16_ONEDNN", "") == "1"
+_SELF_CHECK_MS = (1, 2, 3, 5, 7, 13, 33, 70, 255, 300)
 _checked: dict[tuple, bool] = {}
 
 
@@ -380,7 +384,7 @@ def _self_check(
 def _cpu_linear(x: Tensor, weight: Tensor, bias: Tensor | None, packed: PackedWeight | None) -> Tensor:
     out_dtype = x.dtype
     both_bf16 = out_dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
-    if both_bf16 and _self_check("onednn_bf16", _onednn_bf16_linear, weight, bias is not None):
+    if both_bf16 and _BF16_ONEDNN and _self_check("onednn_bf16", _onednn_bf16_linear, weight, bias is not None):
         return _onednn_bf16_linear(x, weight, bias)
     # else (fp32, layercast, or bf16 whose self-check failed): exact products in an fp32 FMA chain
     if _load_lib() is not None:

@@ -1,0 +1,290 @@
+"""`ditto` command line: generate | chat | models | bench | quality | eval | repro | verify | keygen | serve."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from ditto.config import DETERMINISM_LEVELS, EngineConfig
+
+EXAMPLES = """examples:
+  ditto generate "What is 17 * 23?"                       bundled SmolLM2, chat template, greedy, streamed
+  ditto generate --model model.gguf --temperature 0.7 --seed 3 --max-tokens 200 "..."
+  ditto generate --model path/to/hf_dir --receipt out.json "..."   also write a verifiable receipt
+  ditto chat                                              multi-turn REPL (ctrl-d to leave)
+  ditto models                                            bundled models, where they live, digests
+  ditto bench --prompts 64 --output-len 256               throughput / latency table
+  ditto eval --task arith --limit 200 --out runs/arith    math evaluation with CIs and a report
+  ditto verify receipt.json                               replay a receipt: exact / consistent / inconsistent
+"""
+
+
+def engine_parent() -> argparse.ArgumentParser:
+    """Options shared by every command that runs a model; defaults come from EngineConfig."""
+    d = EngineConfig()
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("model and engine")
+    g.add_argument(
+        "--model",
+        "-m",
+        default="smollm2-135m-instruct",
+        help="bundled name (smollm2-135m-instruct, gemma3-270m), a .gguf file or an HF directory",
+    )
+    g.add_argument(
+        "--numerics",
+        default=d.numerics,
+        help="fp32 | bf16 | fp16 | layercast | int8 | w8a8 | w4 | w4-g128 | w4-asym | mxint8 | integer",
+    )
+    g.add_argument(
+        "--determinism",
+        default=d.determinism,
+        choices=DETERMINISM_LEVELS,
+        help="fast: no promise across batches; batch_invariant: same bits whatever the batch; "
+        "exact: integer-only, same bits on any machine (implies --numerics integer)",
+    )
+    g.add_argument("--kv-dtype", default=None, choices=["fp32", "bf16", "fp16", "int8"], help="KV-cache precision")
+    g.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default: all cores)")
+    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences per engine step")
+    g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens, help="token budget per step")
+    g.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk, help="longest prefill piece per step")
+    g.add_argument("--block-size", type=int, default=d.block_size, help="KV-cache block size (tokens)")
+    g.add_argument("--kv-cache-gb", type=float, default=d.kv_cache_gb, help="KV-cache memory")
+    g.add_argument("--no-prefix-caching", action="store_true", help="recompute shared prefixes")
+    return p
+
+
+def sampling_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("sampling (applied in this order: penalties, temperature, top-k, top-p, min-p)")
+    g.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (recorded in every output)")
+    g.add_argument("--max-tokens", "-n", type=int, default=256)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    return p
+
+
+def make_llm(args, progress: bool = True):
+    from ditto import LLM
+
+    numerics = "integer" if args.determinism == "exact" else args.numerics
+    return LLM(
+        args.model,
+        numerics=numerics,
+        determinism=args.determinism,
+        progress=progress,
+        kv_dtype=args.kv_dtype,
+        threads=args.threads,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        prefill_chunk=args.prefill_chunk,
+        block_size=args.block_size,
+        kv_cache_gb=args.kv_cache_gb,
+        enable_prefix_caching=not args.no_prefix_caching,
+    )
+
+
+def make_backend(args):
+    """Backend for eval/repro/strategies: ditto itself or a peer engine."""
+    backend = getattr(args, "backend", "ditto")
+    if backend == "ditto":
+        return make_llm(args)
+    if backend == "transformers":
+        from ditto.backends.transformers import TransformersBackend
+        from ditto.loader.registry import resolve_model
+
+        return TransformersBackend(str(resolve_model(args.model)))
+    if backend == "llama_cpp":
+        from ditto.backends.llama_cpp import LlamaCppBackend
+        from ditto.loader.registry import resolve_model
+
+        return LlamaCppBackend(str(resolve_model(args.model)), threads=args.threads)
+    raise SystemExit(f"unknown backend {backend!r}")
+
+
+def sampling_from(args):
+    from ditto import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        stop=tuple(args.stop),
+    )
+
+
+def cmd_generate(args) -> int:
+    llm = make_llm(args)
+    params = sampling_from(args)
+    if args.fingerprint_k:
+        params = params.replace(fingerprint_k=args.fingerprint_k)
+    prompt = " ".join(args.prompt) if args.prompt else sys.stdin.read()
+    use_chat = not args.raw and llm.tokenizer.chat_template is not None
+    text = llm.chat_prompt([{"role": "user", "content": prompt}]) if use_chat else prompt
+    ids = llm.encode(text, add_special_tokens=not use_chat)
+    if args.receipt or args.json:
+        out = llm.generate([ids], params)[0]
+        comp = out.outputs[0]
+        print(comp.text)
+        if args.receipt:
+            from ditto.verify.build import receipt_for
+
+            receipt = receipt_for(llm, out, comp, params, sign_key=args.sign_key)
+            receipt.save(args.receipt)
+            print(f"receipt written to {args.receipt} ({receipt.content_hash})", file=sys.stderr)
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "text": comp.text,
+                        "token_ids": comp.token_ids,
+                        "finish_reason": comp.finish_reason,
+                        "metrics": out.metrics,
+                    },
+                    default=str,
+                )
+            )
+        return 0
+    t0, n = time.perf_counter(), 0
+    for _, text_delta, new in llm.stream(ids, params):
+        n += len(new)
+        sys.stdout.write(text_delta)
+        sys.stdout.flush()
+    dt = time.perf_counter() - t0
+    print(
+        f"\n[{n} tokens, {n / dt:.1f} tok/s, numerics={args.numerics}, determinism={args.determinism}, "
+        f"seed={params.seed}]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_chat(args) -> int:
+    llm = make_llm(args)
+    params = sampling_from(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("ditto chat — empty line or ctrl-d to quit", file=sys.stderr)
+    while True:
+        try:
+            user = input("> ").strip()
+        except EOFError:
+            break
+        if not user:
+            break
+        messages.append({"role": "user", "content": user})
+        ids = llm.encode(llm.chat_prompt(messages), add_special_tokens=False)
+        reply = []
+        for _, delta, _ in llm.stream(ids, params):
+            reply.append(delta)
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
+def cmd_models(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ditto.loader.digest import file_digest
+    from ditto.loader.registry import BUNDLED, resolve_model
+
+    table = Table(title="bundled models")
+    for col in ("name", "description", "path", "size", "sha256"):
+        table.add_column(col)
+    for name, info in BUNDLED.items():
+        try:
+            path = resolve_model(name)
+            table.add_row(
+                name,
+                info.description,
+                str(path),
+                f"{path.stat().st_size / 2**20:.0f} MiB",
+                file_digest(path)[:16] + "…",
+            )
+        except Exception as exc:  # a missing package is reported, not fatal
+            table.add_row(name, info.description, f"unavailable: {exc}", "", "")
+    Console().print(table)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ditto",
+        description="Reproducible, verifiable LLM inference for reasoning workloads.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    eng, samp = engine_parent(), sampling_parent()
+
+    g = sub.add_parser("generate", parents=[eng, samp], help="generate text for one prompt (streams)")
+    g.add_argument("prompt", nargs="*", help="the prompt (read from stdin when absent)")
+    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.add_argument("--receipt", help="write a verifiable JSON receipt to this file")
+    g.add_argument("--sign-key", help="Ed25519 private key (PEM) to sign the receipt (see `ditto keygen`)")
+    g.add_argument(
+        "--fingerprint-k",
+        type=int,
+        default=0,
+        choices=[0, 8, 16, 32],
+        help="record Activation-DiFR fingerprints of this width in the receipt",
+    )
+    g.add_argument("--json", action="store_true", help="print a JSON record instead of streaming")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", parents=[eng, samp], help="interactive multi-turn chat (streams)")
+    c.add_argument("--system", default=None, help="system message")
+    c.set_defaults(func=cmd_chat)
+
+    m = sub.add_parser("models", help="list bundled models, their files and digests")
+    m.set_defaults(func=cmd_models)
+
+    backend = argparse.ArgumentParser(add_help=False)
+    backend.add_argument(
+        "--backend",
+        default="ditto",
+        choices=["ditto", "transformers", "llama_cpp"],
+        help="engine that runs the model (peers for comparison)",
+    )
+    plugins = {
+        "ditto.bench": [eng],
+        "ditto.quality": [eng],
+        "ditto.eval.cli": [eng, backend],
+        "ditto.repro.cli": [eng],
+        "ditto.verify.cli": [eng],
+        "ditto.server.cli": [eng],
+    }
+    for module, parents in plugins.items():
+        try:
+            mod = __import__(module, fromlist=["add_parser"])
+        except ImportError as exc:
+            if exc.name != module:
+                raise
+            continue
+        mod.add_parser(sub, parents=parents)
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "eval":
+            return args.func(args, make_backend)
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"ditto: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

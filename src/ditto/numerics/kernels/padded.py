@@ -1,0 +1,103 @@
+"""Batch-invariant linear layers by fixed-regime GEMMs.
+
+On this class of CPU, torch's fp32 (MKL) and bf16 (oneDNN) GEMMs pick their summation order from
+the number of rows M only while M is small (M = 1, 2-3, 4-11 behave differently); from 16 rows on,
+a row's bits no longer depend on M, its position or its neighbours (measured for every SmolLM2 /
+Gemma shape, 1 and 2 threads, M up to 2048: benchmarks/batch_invariance_probe.py). So padding the
+rows of every call up to 16 puts every call in the same regime at almost no cost for batches, and a
+16-row GEMM instead of a GEMV for single-sequence decode.
+
+Each wrapped layer checks the claim for its own shape once (rows alone vs inside batches of several
+sizes and positions) and falls back to the sequential-FMA C kernel of `batch_invariant.py` when the
+check fails, so the promise holds on CPUs whose BLAS behaves differently.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MIN_ROWS = 16
+_CHECK_SIZES = (16, 17, 33, 64, 255, 300)
+_verdicts: dict[tuple, bool] = {}
+
+
+def _pad_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    m = x.shape[0]
+    if m >= MIN_ROWS:
+        return x, m
+    return torch.cat([x, x.new_zeros(MIN_ROWS - m, *x.shape[1:])]), m
+
+
+class PaddedLinear(nn.Module):
+    """Wraps any linear-like module (fp32, bf16, layercast, quantised) and pads its rows to 16."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    @property
+    def weight(self):  # tied-weight bookkeeping and introspection still work
+        return self.inner.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+        padded, m = _pad_rows(x2)
+        y = self.inner(padded)[:m]
+        return y.reshape(*lead, y.shape[-1])
+
+
+def _in_features(module: nn.Module) -> int:
+    w = getattr(module, "weight", None)
+    if isinstance(module, nn.Linear) or (w is not None and w.dim() == 2 and w.is_floating_point()):
+        return module.weight.shape[1]
+    return int(module.in_features)
+
+
+def regime_is_invariant(module: nn.Module, dtype: torch.dtype) -> bool:
+    """Do rows of `module` computed in padded batches of several sizes and positions agree bitwise?"""
+    k = _in_features(module)
+    key = (type(module).__name__, k, getattr(module, "out_features", None), dtype, torch.get_num_threads())
+    if key in _verdicts:
+        return _verdicts[key]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(max(_CHECK_SIZES) + 8, k, generator=gen).to(dtype)
+    with torch.inference_mode():
+        ref = module(_pad_rows(x[:3])[0])[:3]
+        ok = True
+        for m in _CHECK_SIZES:
+            for offset in (0, 5):
+                rows = torch.cat([x[m : m + offset], x[:3], x[3 + offset : m]]) if offset else x[:m]
+                out = module(_pad_rows(rows)[0])
+                ok &= torch.equal(out[offset : offset + 3], ref)
+    _verdicts[key] = bool(ok)
+    return _verdicts[key]
+
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+
+
+def make_invariant(model: nn.Module, act_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Wrap every projection and the LM head so that each row's result is independent of the batch."""
+    from ditto.numerics.kernels.batch_invariant import InvariantLinear
+
+    targets = [(name, mod) for name, mod in model.named_modules() if name.split(".")[-1] in LINEAR_NAMES]
+    for name, mod in targets:
+        if type(mod).__name__ == "LLMInt8Linear":
+            raise ValueError(
+                "numerics int8 (LLM.int8) picks its outlier columns from the whole batch, so it cannot be "
+                "batch-invariant; use w8a8 (per-token int8) or a float mode with --determinism batch_invariant"
+            )
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        attr = name.split(".")[-1]
+        if regime_is_invariant(mod, act_dtype):
+            setattr(parent, attr, PaddedLinear(mod))
+        elif isinstance(mod, nn.Linear):
+            setattr(parent, attr, InvariantLinear.from_linear(mod))
+        else:
+            raise ValueError(
+                f"{name} ({type(mod).__name__}) is not batch-invariant on this CPU and has no invariant "
+                "kernel; use numerics fp32, bf16, layercast, w8a8, w4 or mxint8 with batch_invariant"
+            )
+    return model
