@@ -51,16 +51,15 @@ class LLM:
         self.tokenizer = self.loaded.tokenizer
         prepared = prepare(self.loaded, self.config)
         self.numerics = prepared
-        self.engine = LLMEngine(
-            prepared.model,
-            self.loaded.config,
-            self.tokenizer,
-            self.config,
-            prepared.act_dtype,
-            prepared.kv_dtype,
-            fingerprint_fn=_fingerprint_fn(),
-        )
+        self.engine = LLMEngine(prepared, self.loaded.config, self.tokenizer, self.config, _fingerprint_fn())
         self._ids = itertools.count()
+
+    @property
+    def model_digest(self) -> str:
+        """sha256 of the weight files (plus calibration data the numerics mode adds, e.g. integer scales)."""
+        from ditto.loader.digest import files_digest
+
+        return files_digest(self.loaded.weight_files, self.numerics.digest_extra)
 
     # ---- Backend protocol -------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -79,7 +78,7 @@ class LLM:
             "torch": torch.__version__,
             "model": str(self.loaded.path),
             "model_name": self.loaded.name,
-            "model_digest": self.loaded.digest,
+            "model_digest": self.model_digest,
             "tokenizer_digest": getattr(self.tokenizer, "digest", None),
             "family": self.loaded.config.family,
             "numerics": self.config.numerics,

@@ -9,12 +9,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ditto.config import EngineConfig, ModelConfig
-from ditto.engine.attention import KVCache
 from ditto.engine.block_manager import BlockManager
 from ditto.engine.runner import ModelRunner, StepOutput
 from ditto.engine.scheduler import Batch, Scheduler
 from ditto.engine.sequence import Sequence
-from ditto.sampling import SamplingParams, sample_row
+from ditto.sampling import SamplingParams
 
 
 class PromptTooLong(ValueError):
@@ -39,19 +38,19 @@ class Request:
 
 
 class LLMEngine:
-    def __init__(
-        self, model, cfg: ModelConfig, tokenizer, config: EngineConfig, act_dtype, kv_dtype, fingerprint_fn=None
-    ):
+    def __init__(self, prepared, cfg: ModelConfig, tokenizer, config: EngineConfig, fingerprint_fn=None):
+        """`prepared` (ditto.numerics.Prepared) carries the converted model, its KV cache and sampler."""
         self.cfg = cfg
         self.config = config
         self.tokenizer = tokenizer
         self.max_model_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
-        per_token = KVCache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
+        per_token = prepared.kv_bytes_per_token(cfg)
         num_blocks = config.num_kv_blocks or max(4, int(config.kv_cache_gb * 2**30 / (per_token * config.block_size)))
-        self.cache = KVCache(cfg.num_layers, num_blocks, config.block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
+        self.cache = prepared.make_cache(cfg, num_blocks, config.block_size)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.blocks, self.max_model_len)
-        self.runner = ModelRunner(model, cfg, self.cache, act_dtype)
+        self.runner = ModelRunner(prepared.model, cfg, self.cache, prepared.make_context)
+        self.sample = prepared.sample
         self.requests: dict[str, Request] = {}
         self.fingerprint_fn = fingerprint_fn  # (hidden (N, d), k) -> (N, k) float64
         self.stop_ids = frozenset(getattr(tokenizer, "stop_ids", ()) or ()) | frozenset(cfg.eos_token_ids)
@@ -171,7 +170,7 @@ class LLMEngine:
         if token_index < params.min_tokens and not params.ignore_eos:
             logits = logits.clone()
             logits[list(self.stop_ids | set(params.stop_token_ids))] = float("-inf")
-        token = sample_row(logits, params, seq.prompt_ids, seq.output_ids, seq.sample_index, token_index)
+        token = self.sample(logits, params, seq.prompt_ids, seq.output_ids, seq.sample_index, token_index)
         logp = torch.log_softmax(logits.float(), dim=-1)
         seq.output_ids.append(token)
         seq.logprobs.append(float(logp[token]))
@@ -186,9 +185,9 @@ class LLMEngine:
         params = seq.params
         n_out = len(seq.output_ids)
         reason = None
-        if n_out >= params.min_tokens:
-            if token in params.stop_token_ids or not params.ignore_eos and token in self.stop_ids:
-                reason, seq.stop_reason = "stop", token
+        is_stop = token in params.stop_token_ids or (not params.ignore_eos and token in self.stop_ids)
+        if n_out >= params.min_tokens and is_stop:
+            reason, seq.stop_reason = "stop", token
         if reason is None and params.stop:
             text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=params.skip_special_tokens)
             tail_from = max(0, len(seq.text) - max(len(s) for s in params.stop))

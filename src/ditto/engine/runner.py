@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ditto.config import ModelConfig
-from ditto.engine.attention import DecodeRows, KVCache, PagedAttention, PrefillChunk
+from ditto.engine.attention import DecodeRows, PrefillChunk
 from ditto.engine.scheduler import Batch, ScheduledItem
 
 
@@ -24,11 +24,11 @@ class StepOutput:
 
 
 class ModelRunner:
-    def __init__(self, model, cfg: ModelConfig, cache: KVCache, act_dtype: torch.dtype):
+    def __init__(self, model, cfg: ModelConfig, cache, make_context):
         self.model = model
         self.cfg = cfg
         self.cache = cache
-        self.act_dtype = act_dtype
+        self.make_context = make_context  # from the numerics mode: float or integer paged attention
 
     def _metadata(self, batch: Batch):
         bs = self.cache.block_size
@@ -64,7 +64,7 @@ class ModelRunner:
                 torch.tensor(dec_row),
                 torch.tensor(dec_first),
             )
-        ctx = PagedAttention(self.cache, torch.tensor(slots), decode, prefills, self.cfg.scale, self.cfg.num_heads)
+        ctx = self.make_context(self.cache, torch.tensor(slots), decode, prefills, self.cfg)
         return torch.tensor(ids), torch.tensor(positions), ctx
 
     @torch.inference_mode()

@@ -1,19 +1,18 @@
-"""Numerics modes: chosen by name, applied to a loaded model by swapping layers after construction."""
+"""Numerics modes: chosen by name, applied to a loaded model by swapping layers after construction.
+
+`prepare()` returns a `Prepared` bundle: the converted model plus the three things the engine asks
+the mode for — how to build the KV cache, how to build the per-step attention context, and how
+to sample a token — so that the engine never branches on the mode either.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
-
-@dataclass
-class Prepared:
-    model: torch.nn.Module
-    act_dtype: torch.dtype
-    kv_dtype: torch.dtype
-    mode: object
-
+from ditto.sampling import sample_row
 
 _KV = {
     "fp32": torch.float32,
@@ -22,17 +21,59 @@ _KV = {
     "bfloat16": torch.bfloat16,
     "fp16": torch.float16,
     "float16": torch.float16,
+    "int8": torch.int8,
 }
+
+
+def _float_cache(cfg, num_blocks: int, block_size: int, kv_dtype):
+    from ditto.engine.attention import KVCache
+
+    return KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
+
+
+def _float_context(cache, slots, decode, prefills, cfg):
+    from ditto.engine.attention import PagedAttention
+
+    return PagedAttention(cache, slots, decode, prefills, cfg.scale, cfg.num_heads)
+
+
+@dataclass
+class Prepared:
+    model: torch.nn.Module
+    act_dtype: torch.dtype
+    kv_dtype: torch.dtype
+    mode: object
+    make_cache: Callable = None  # (cfg, num_blocks, block_size) -> cache with copy_blocks()
+    make_context: Callable = None  # (cache, slots, decode, prefills, cfg) -> AttentionContext
+    kv_bytes_per_token: Callable = None  # (cfg) -> bytes
+    sample: Callable = sample_row  # (logits_row, params, prompt_ids, output_ids, sample_index, token_index) -> id
+    digest_extra: bytes = b""  # e.g. calibration data that is part of the model's identity
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from ditto.engine.attention import KVCache
+
+        kv = self.kv_dtype
+        if self.make_cache is None:
+            self.make_cache = lambda cfg, n, bs: _float_cache(cfg, n, bs, kv)
+        if self.make_context is None:
+            self.make_context = _float_context
+        if self.kv_bytes_per_token is None:
+            self.kv_bytes_per_token = lambda cfg: KVCache.bytes_per_token(
+                cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv
+            )
 
 
 def prepare(loaded, config) -> Prepared:
     """Apply `config.numerics` (and the determinism level's kernels) to a loaded model."""
-    try:
-        from ditto.numerics.base import get_mode
-    except ImportError:  # registry not built yet: plain fp32 only
-        if config.numerics != "fp32":
-            raise ValueError(f"unknown numerics {config.numerics!r}") from None
-        return Prepared(loaded.model, torch.float32, _KV.get(config.kv_dtype or "fp32", torch.float32), None)
+    if config.determinism == "exact" and config.numerics != "integer":
+        raise ValueError("determinism 'exact' needs numerics 'integer' (integer-only arithmetic end to end)")
+    if config.numerics == "integer":
+        from ditto.numerics.integer_engine import prepare_integer
+
+        return prepare_integer(loaded, config)
+    from ditto.numerics.base import get_mode
+
     mode = get_mode(config.numerics)
     model = mode.apply(loaded.model)
     if config.determinism == "batch_invariant":
@@ -40,10 +81,6 @@ def prepare(loaded, config) -> Prepared:
 
         model = make_invariant(model, mode.act_dtype)
     kv_name = config.kv_dtype or mode.kv_dtype
-    if kv_name == "int8":
-        kv = torch.int8
-    elif kv_name in _KV:
-        kv = _KV[kv_name]
-    else:
+    if kv_name not in _KV:
         raise ValueError(f"unknown KV-cache dtype {kv_name!r}; choose fp32, bf16, fp16 or int8")
-    return Prepared(model, mode.act_dtype, kv, mode)
+    return Prepared(model, mode.act_dtype, _KV[kv_name], mode)
