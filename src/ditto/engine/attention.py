@@ -19,19 +19,20 @@ MIN_ROWS = 4  # matmuls with fewer rows take a different kernel (another summati
 
 
 class KVCache:
-    """Per-layer K and V of shape (num_blocks, block_size, Hkv, D) in fp32, bf16, fp16 or int8.
+    """Per-layer K and V in fp32, bf16, fp16 or int8, laid out for the attention matmuls:
+    K as (num_blocks, Hkv, D, block_size) and V as (num_blocks, Hkv, block_size, D), so gathering
+    a sequence's blocks yields the matmul operands directly (no transpose copies).
 
     int8 stores one fp32 scale per (slot, head): x ~= q * scale with scale = max|x| / 127.
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype):
-        shape = (num_blocks, block_size, kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        self.k = [torch.zeros(num_blocks, kv_heads, head_dim, block_size, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.zeros(num_blocks, kv_heads, block_size, head_dim, dtype=dtype) for _ in range(num_layers)]
         self.quantized = dtype == torch.int8
         if self.quantized:
-            self.k_scale = [torch.zeros(shape[:3]) for _ in range(num_layers)]
-            self.v_scale = [torch.zeros(shape[:3]) for _ in range(num_layers)]
+            self.k_scale = [torch.zeros(num_blocks, kv_heads, 1, block_size) for _ in range(num_layers)]
+            self.v_scale = [torch.zeros(num_blocks, kv_heads, block_size, 1) for _ in range(num_layers)]
         self.block_size = block_size
         self.dtype = dtype
 
@@ -53,22 +54,24 @@ class KVCache:
         return q, scale
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v (T, Hkv, D) at flat slot indices (T,)."""
-        for cache, scales, x in ((self.k, "k_scale", k), (self.v, "v_scale", v)):
-            flat = cache[layer].view(-1, *cache[layer].shape[2:])  # (blocks*bs, Hkv, D)
-            if self.quantized:
-                q, scale = self._quant(x)
-                flat[slots] = q
-                getattr(self, scales)[layer].view(-1, x.shape[1])[slots] = scale
-            else:
-                flat[slots] = x.to(self.dtype)
+        """Store k, v (T, Hkv, D) at flat slot indices (T,) = block * block_size + offset."""
+        block, off = slots // self.block_size, slots % self.block_size
+        if self.quantized:
+            (kq, ks), (vq, vs) = self._quant(k), self._quant(v)
+            self.k[layer][block, :, :, off] = kq  # advanced indices first: (T, Hkv, D)
+            self.v[layer][block, :, off, :] = vq
+            self.k_scale[layer][block, :, 0, off] = ks
+            self.v_scale[layer][block, :, off, 0] = vs
+        else:
+            self.k[layer][block, :, :, off] = k.to(self.dtype)
+            self.v[layer][block, :, off, :] = v.to(self.dtype)
 
     def read(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V of the given blocks as fp32 (nb, bs, Hkv, D)."""
+        """fp32 K^T (nb, Hkv, D, bs) and V (nb, Hkv, bs, D) of the given blocks."""
         k, v = self.k[layer][blocks].float(), self.v[layer][blocks].float()
         if self.quantized:
-            k = k * self.k_scale[layer][blocks][..., None]
-            v = v * self.v_scale[layer][blocks][..., None]
+            k = k * self.k_scale[layer][blocks]
+            v = v * self.v_scale[layer][blocks]
         return k, v
 
     @staticmethod
@@ -95,12 +98,11 @@ class DecodeRows:
     block_first_pos: torch.Tensor  # (NB,) position of each block's first slot
 
 
-def _row_partials(s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _row_partials(s: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-block softmax partials. s (NB, Hkv, M, bs) masked scores minus the row max,
-    v (NB, Hkv, bs, D) -> (NB, Hkv, M, D + 1): sum_j p_j v_j and sum_j p_j in the last column."""
+    v (NB, Hkv, bs, D) -> (sum_j p_j v_j (NB, Hkv, M, D), sum_j p_j (NB, Hkv, M, 1))."""
     p = torch.exp(s)
-    ones = torch.ones(v.shape[:-1] + (1,), dtype=v.dtype)
-    return torch.matmul(p, torch.cat([v, ones], dim=-1))  # (NB, Hkv, M, D+1)
+    return torch.matmul(p, v), p.sum(-1, keepdim=True)  # fixed inner size bs: same order for every row
 
 
 class PagedAttention:
@@ -137,16 +139,14 @@ class PagedAttention:
         """q (R, H, D) one query per row -> (R, H, D)."""
         rows = self.decode
         r, h, d = q.shape
-        bs, hkv = self.cache.block_size, self.cache.k[layer].shape[2]
+        bs, hkv = self.cache.block_size, self.cache.k[layer].shape[1]
         g = h // hkv
         m = max(g, MIN_ROWS)
         qg = q.view(r, hkv, g, d)  # (R, Hkv, G, D)
         if m > g:
             qg = torch.cat([qg, qg.new_zeros(r, hkv, m - g, d)], dim=2)  # (R, Hkv, M, D)
         qb = qg[rows.block_row]  # (NB, Hkv, M, D)
-        kb, vb = self.cache.read(layer, rows.blocks)  # (NB, bs, Hkv, D)
-        kb = kb.permute(0, 2, 3, 1)  # (NB, Hkv, D, bs)
-        vb = vb.permute(0, 2, 1, 3)  # (NB, Hkv, bs, D)
+        kb, vb = self.cache.read(layer, rows.blocks)  # (NB, Hkv, D, bs), (NB, Hkv, bs, D)
         s = torch.matmul(qb, kb)  # (NB, Hkv, M, bs)
         key_pos = rows.block_first_pos[:, None] + torch.arange(bs)  # (NB, bs)
         qpos = rows.positions[rows.block_row][:, None]  # (NB, 1)
@@ -154,18 +154,18 @@ class PagedAttention:
         if window is not None:
             visible &= key_pos > qpos - window
         s = s.masked_fill(~visible[:, None, None, :], float("-inf"))
-        row_max = torch.full((r, hkv, m), float("-inf")).index_reduce_(
-            0, rows.block_row, s.amax(-1), "amax", include_self=True
-        )  # (R, Hkv, M)
-        part = _row_partials(s - row_max[rows.block_row][..., None], vb)  # (NB, Hkv, M, D+1)
-        acc = torch.zeros(r, hkv, m, d + 1).index_add_(0, rows.block_row, part)  # blocks in order
-        o = acc[..., :d] / acc[..., d:]
+        block_max = s.amax(-1)  # (NB, Hkv, M)
+        index = rows.block_row[:, None, None].expand_as(block_max)
+        row_max = torch.full((r, hkv, m), float("-inf")).scatter_reduce_(0, index, block_max, "amax")  # (R, Hkv, M)
+        o_part, l_part = _row_partials(s - row_max[rows.block_row][..., None], vb)
+        o = torch.zeros(r, hkv, m, d).index_add_(0, rows.block_row, o_part)  # blocks added in order
+        o = o / torch.zeros(r, hkv, m, 1).index_add_(0, rows.block_row, l_part)
         return o[:, :, :g].reshape(r, h, d)  # (R, Hkv, G, D) -> (R, H, D)
 
     def _prefill(self, q: torch.Tensor, chunk: PrefillChunk, layer: int, window: int | None) -> torch.Tensor:
         """q (n, H, D) of one sequence's consecutive tokens -> (n, H, D)."""
         n, h, d = q.shape
-        bs, hkv = self.cache.block_size, self.cache.k[layer].shape[2]
+        bs, hkv = self.cache.block_size, self.cache.k[layer].shape[1]
         g = h // hkv
         rows = n * g
         m = max(rows, MIN_ROWS)
@@ -182,9 +182,7 @@ class PagedAttention:
             blocks = blocks[first:]
         else:
             block_index = torch.arange(len(blocks))
-        kb, vb = self.cache.read(layer, blocks)  # (nb, bs, Hkv, D)
-        kb = kb.permute(0, 2, 3, 1)  # (nb, Hkv, D, bs)
-        vb = vb.permute(0, 2, 1, 3)  # (nb, Hkv, bs, D)
+        kb, vb = self.cache.read(layer, blocks)  # (nb, Hkv, D, bs), (nb, Hkv, bs, D)
         s = torch.matmul(qg.unsqueeze(0), kb)  # (nb, Hkv, M, bs)
         key_pos = block_index[:, None] * bs + torch.arange(bs)  # (nb, bs)
         visible = key_pos[:, None, :] <= qpos[None, :, None]  # (nb, M, bs)
@@ -192,8 +190,8 @@ class PagedAttention:
             visible &= key_pos[:, None, :] > qpos[None, :, None] - window
         s = s.masked_fill(~visible[:, None], float("-inf"))
         row_max = s.amax(dim=(0, 3))  # (Hkv, M)
-        part = _row_partials(s - row_max[None, :, :, None], vb)  # (nb, Hkv, M, D+1)
+        o_part, l_part = _row_partials(s - row_max[None, :, :, None], vb)  # (nb, Hkv, M, D), (nb, Hkv, M, 1)
         zeros = torch.zeros(len(blocks), dtype=torch.long)
-        acc = torch.zeros(1, hkv, m, d + 1).index_add_(0, zeros, part)[0]  # blocks in order
-        o = acc[:, :rows, :d] / acc[:, :rows, d:]  # (Hkv, n*G, D)
+        o = torch.zeros(1, hkv, m, d).index_add_(0, zeros, o_part)[0]  # blocks added in order
+        o = (o / torch.zeros(1, hkv, m, 1).index_add_(0, zeros, l_part)[0])[:, :rows]  # (Hkv, n*G, D)
         return o.reshape(hkv, n, g, d).permute(1, 0, 2, 3).reshape(n, h, d)  # -> (n, H, D)

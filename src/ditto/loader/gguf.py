@@ -166,4 +166,4 @@ def iter_gguf_weights(reader, cfg: ModelConfig) -> Iterator[tuple[str, torch.Ten
             w = _unpermute_rope(w, cfg.num_heads if "q_proj" in name else cfg.num_kv_heads)
         if cfg.family == "gemma3" and name.endswith("norm.weight"):
             w = w - np.float32(1.0)  # llama.cpp stores Gemma norms as (1 + w)
-        yield name, torch.from_numpy(np.ascontiguousarray(w)), tensor.tensor_type.name
+        yield name, torch.from_numpy(np.array(w, dtype=np.float32, order="C", copy=True)), tensor.tensor_type.name
