@@ -66,6 +66,15 @@ def make_tiny_hf_model(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny model is far faster on one thread (and CI machines are shared); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     return make_tiny_hf_model(tmp_path_factory.mktemp("tiny-hf-llama"))
@@ -240,7 +249,7 @@ def test_resume_after_kill(backend, model_dir, tmp_path):
         "--out",
         str(killed),
     ]
-    env = dict(os.environ, DITTO_EVAL_TEST_BATCH_DELAY="0.5", PYTHONPATH=str(REPO / "src"))
+    env = dict(os.environ, DITTO_EVAL_TEST_BATCH_DELAY="0.3", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
     proc = subprocess.Popen(
         [sys.executable, "-m", "ditto.eval.cli", *args],
         env=env,

@@ -129,7 +129,10 @@ class TransformersBackend:
         results: list[RequestOutput | None] = [None] * len(prompts)
         groups: dict[str, list[int]] = {}
         for i, p in enumerate(plist):
-            groups.setdefault(repr(sorted(p.record().items())), []).append(i)
+            rec = p.record()
+            if p.greedy:  # the seed cannot matter, so greedy prompts batch together
+                rec.pop("seed")
+            groups.setdefault(repr(sorted(rec.items())), []).append(i)
         for idxs in groups.values():
             sp = plist[idxs[0]]
             per_call = max(1, self.batch_size // sp.n)

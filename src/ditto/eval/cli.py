@@ -60,6 +60,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--arith-digits", default="1", help="arith: operand digits, e.g. 1 or 1,2 or 1-3")
     g.add_argument("--arith-steps", default="1", help="arith: operations per problem, e.g. 1 or 1-4")
     g.add_argument("--arith-count", type=int, default=200, help="arith: problems per (digits, steps) level")
+    g.add_argument("--arith-seed", type=int, default=0, help="arith: which problems (separate from --seed)")
     g.add_argument("--arith-ops", default="+-*", help="arith: operations to draw from (subset of '+-*')")
     g = p.add_argument_group("prompt")
     g.add_argument(
@@ -122,7 +123,11 @@ def run(args, make_backend) -> int:
             return 2
         from ditto.eval.report import compare
 
-        text, numbers = compare(action[1], action[2], seed=args.seed)
+        try:
+            text, numbers = compare(action[1], action[2], seed=args.seed)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(json.dumps(numbers, indent=2, default=str) if args.json else text)
         return 0
     if action and action[0] == "report":

@@ -23,14 +23,16 @@ Extraction order (first that matches): "final answer is $...$", the last ``\\box
 from __future__ import annotations
 
 import contextlib
+import json
 import math
-import multiprocessing as mp
 import os
 import re
+import selectors
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from fractions import Fraction
-from multiprocessing.connection import wait as mp_wait
 
 GRADER_VERSION = "ditto-grader-1"
 FALLBACK_RTOL = 1e-4
@@ -340,50 +342,70 @@ def grade_answer(gold: str, extracted: str, method: str = "given", t0: float | N
 # ----------------------------------------------------------------------------------------------
 
 
-def _worker_main(conn) -> None:  # pragma: no cover - runs in the child process
+def _stdio_worker() -> None:  # pragma: no cover - runs in the worker process
+    """Worker loop: one JSON job per stdin line -> one JSON result per stdout line."""
     with contextlib.suppress(ImportError):  # warm the import before the first deadline starts
         import math_verify  # noqa: F401
-    conn.send(("ready", None))
-    while True:
+    out = sys.stdout
+    out.write('"ready"\n')
+    out.flush()
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        job_id, gold, response, marker = json.loads(line)
         try:
-            msg = conn.recv()
-        except EOFError:
-            return
-        if msg is None:
-            return
-        job_id, gold, response, marker = msg
-        try:
-            conn.send((job_id, grade_response(gold, response, marker).to_dict()))
+            payload = grade_response(gold, response, marker).to_dict()
         except Exception as e:  # noqa: BLE001
-            conn.send((job_id, {"__error__": f"{type(e).__name__}: {e}"}))
-
-
-def _context():
-    """forkserver where available: workers fork from a clean server that preloaded the grader (and
-    math-verify / sympy) once, so replacing a killed worker costs milliseconds, not an import."""
-    methods = mp.get_all_start_methods()
-    if "forkserver" in methods:
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["ditto.eval.grading", "math_verify"])
-        return ctx
-    return mp.get_context("spawn")
+            payload = {"__error__": f"{type(e).__name__}: {e}"}
+        out.write(json.dumps([job_id, payload]) + "\n")
+        out.flush()
 
 
 class _Worker:
-    def __init__(self, ctx):
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child,), daemon=True)
-        self.proc.start()
-        child.close()
+    """A grading worker: a plain `python grading.py --worker` subprocess (this file imports only the
+    standard library at top level, so it starts without importing ditto/torch; nothing re-imports the
+    caller's __main__, unlike multiprocessing's spawn/forkserver)."""
+
+    def __init__(self):
+        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-u", "-P", os.path.abspath(__file__), "--worker"],  # -P: no script dir on sys.path
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
         self.ready = False
         self.job = None  # (job_id, deadline)
 
+    def fileno(self) -> int:
+        return self.proc.stdout.fileno()
+
+    def send(self, obj) -> None:
+        self.proc.stdin.write((json.dumps(obj) + "\n").encode())
+        self.proc.stdin.flush()
+
+    def recv(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            raise EOFError("grading worker exited")
+        return json.loads(line)
+
     def kill(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.proc.kill()
-            self.proc.join(timeout=5)
-        finally:
-            self.conn.close()
+        with contextlib.suppress(Exception):
+            self.proc.wait(timeout=5)
+        for f in (self.proc.stdin, self.proc.stdout):
+            with contextlib.suppress(OSError):
+                f.close()
+
+
+def _wait_readable(workers: list[_Worker], timeout: float) -> list[_Worker]:
+    with selectors.DefaultSelector() as sel:
+        for w in workers:
+            sel.register(w.proc.stdout, selectors.EVENT_READ, w)
+        return [key.data for key, _ in sel.select(timeout=max(0.0, timeout))]
 
 
 class GraderPool:
@@ -399,7 +421,6 @@ class GraderPool:
         self.n_workers = max(1, int(workers))
         self.timeout = float(timeout)
         self.start_timeout = start_timeout
-        self._ctx = _context()
         self._workers: list[_Worker] = []
         self.timeouts = 0
         self.restarts = 0
@@ -412,29 +433,24 @@ class GraderPool:
 
     def _ensure_workers(self) -> None:
         while len(self._workers) < self.n_workers:
-            self._workers.append(_Worker(self._ctx))
+            self._workers.append(_Worker())
 
     def _wait_ready(self, w: _Worker) -> bool:
-        if w.ready:
-            return True
-        if w.conn.poll(self.start_timeout):
+        if not w.ready and _wait_readable([w], self.start_timeout):
             try:
-                msg = w.conn.recv()
-            except EOFError:
+                w.ready = w.recv() == "ready"
+            except (EOFError, ValueError):
                 return False
-            w.ready = msg[0] == "ready"
         return w.ready
 
     def close(self) -> None:
         for w in self._workers:
             with contextlib.suppress(OSError):
-                w.conn.send(None)
+                w.proc.stdin.close()
         for w in self._workers:
-            w.proc.join(timeout=1)
-            if w.proc.is_alive():
-                w.kill()
-            else:
-                w.conn.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                w.proc.wait(timeout=2)
+            w.kill()
         self._workers = []
 
     def _replace(self, w: _Worker) -> None:
@@ -458,8 +474,8 @@ class GraderPool:
                         continue
                     jid = pending.pop()
                     try:
-                        w.conn.send((jid, jobs[jid][0], jobs[jid][1], marker))
-                    except (OSError, BrokenPipeError):
+                        w.send([jid, jobs[jid][0], jobs[jid][1], marker])
+                    except OSError:
                         pending.append(jid)
                         self._replace(w)
                         continue
@@ -467,24 +483,22 @@ class GraderPool:
             busy = [w for w in self._workers if w.job]
             if not busy:
                 continue
-            now = time.monotonic()
             next_deadline = min(w.job[1] for w in busy)
-            ready = mp_wait([w.conn for w in busy], timeout=max(0.0, next_deadline - now))
+            ready = _wait_readable(busy, next_deadline - time.monotonic())
             for w in busy:
                 jid = w.job[0]
-                if w.conn in ready:
+                if w in ready:
                     try:
-                        got_id, payload = w.conn.recv()
-                    except (EOFError, OSError):
+                        got_id, payload = w.recv()
+                    except (EOFError, ValueError, OSError):
                         results[jid] = Grade(False, "error", None, "none", None, None, False, 0.0, "worker died")
                         w.job = None
                         self._replace(w)
                         continue
                     w.job = None
                     if "__error__" in payload:
-                        results[got_id] = Grade(
-                            False, "error", None, "none", None, None, False, 0.0, payload["__error__"]
-                        )
+                        err = payload["__error__"]
+                        results[got_id] = Grade(False, "error", None, "none", None, None, False, 0.0, err)
                     else:
                         results[got_id] = Grade(**payload)
                 elif time.monotonic() >= w.job[1]:
@@ -523,3 +537,7 @@ def grader_info(timeout: float, workers: int) -> dict:
         "workers": workers,
         "timeout_policy": "worker killed and replaced; answer counted wrong with status=timeout",
     }
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
+    _stdio_worker()

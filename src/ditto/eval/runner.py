@@ -68,6 +68,7 @@ class EvalConfig:
     arith_steps: str = "1"
     arith_count: int = 200
     arith_ops: str = "+-*"
+    arith_seed: int = 0  # which problems (independent of the sampling seed, so runs can be paired)
     batch_problems: int = 16
     grader_timeout: float = grading.DEFAULT_TIMEOUT_S
     grader_workers: int = 2
@@ -99,7 +100,7 @@ class EvalConfig:
             digits=self.arith_digits,
             steps=self.arith_steps,
             count=self.arith_count,
-            seed=self.seed,
+            seed=self.arith_seed,
             ops=self.arith_ops,
         )
 

@@ -149,23 +149,27 @@ def calibration_path(model_path: str | Path) -> Path:
     )
 
 
-def save_calibration(path: str | Path, stats: dict[str, torch.Tensor]) -> Path:
+def save_calibration(path: str | Path, stats: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> Path:
+    """Write the stats (floats as float64) with `meta` (str -> str, e.g. the weights' digest) and the version."""
     from safetensors.torch import save_file
 
     path = Path(path)
     tensors = {k: (v if not v.is_floating_point() else v.double()).contiguous() for k, v in stats.items()}
-    save_file(tensors, str(path), {"version": CALIBRATION_VERSION})
+    save_file(tensors, str(path), {**(meta or {}), "version": CALIBRATION_VERSION})
     return path
 
 
-def load_calibration(path: str | Path) -> dict[str, torch.Tensor]:
+def load_calibration(path: str | Path, with_metadata: bool = False):
+    """The stats of a calibration file; with_metadata=True returns (stats, metadata dict)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        version = (f.metadata() or {}).get("version")
+        meta = dict(f.metadata() or {})
+        version = meta.get("version")
         if version != CALIBRATION_VERSION:
             raise ValueError(f"{path}: calibration version {version!r}, expected {CALIBRATION_VERSION!r}; recalibrate")
-        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        stats = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    return (stats, meta) if with_metadata else stats
 
 
 def calibration_digest(path: str | Path) -> str:

@@ -32,15 +32,17 @@ input is checked below 2^30, so the add cannot wrap.
 Setup derives integers from the float weights and the stored stats with correctly rounded IEEE
 operations only (mul, div, sqrt, round, frexp), so every machine derives the same integers.
 
-The attention context must offer `int_attention_groups(layer, k8, ka16, ksa, v8)`: store the new
-keys/values, then list (token_index, (k8, ka16, ksa, v8) of the visible cache, key_pos, q_pos)
-per group of queries. `DenseIntContext` (contiguous, for tests and scoring) and
+The attention context must offer `int_attention_batches(layer, k8, ka16, ksa, v8)`: store the new
+keys/values, then list batches (q_idx (B, n) token indices, (k8, ka16, ksa, v8) of the keys, each
+(B, L, Hkv, .), key_pos (B, L), q_pos (B, n)); keys with key_pos > q_pos (or outside the sliding
+window) are masked to exact zeros, so a batch may be padded. `DenseIntContext` (contiguous, for tests and scoring) and
 `IntegerPagedAttention` (the engine's block tables) implement it.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import nn
@@ -58,17 +60,32 @@ def frac_for(amax: float, top: int, hi: int = 40) -> int:
     return hi if amax <= 0 else max(-8, min(hi, top - math.frexp(amax)[1]))
 
 
-def quant_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8: (w8 (N, K), s_w (N,) float64) with w ~= w8 * s_w."""
-    w = w.detach().double()
-    s = w.abs().amax(1) / 127
+def quant_weight(w: torch.Tensor, col_scale=None, row_scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (w8 (N, K), s_w (N,) float64) with w' ~= w8 * s_w.
+
+    w' = w * col_scale[None, :] / row_scale[:, None] in float32 (elementwise IEEE ops, correctly
+    rounded: every machine derives the same integers); s_w = max|w'_n| / 127 rounded to float32.
+    """
+    w = w.detach().float()
+    if col_scale is not None:
+        w = w * col_scale.float()[None, :]
+    if row_scale is not None:
+        w = w / row_scale.float()[:, None]
+    lo, hi = torch.aminmax(w, dim=1)
+    s = torch.maximum(-lo, hi) / 127
     s = torch.where(s > 0, s, torch.ones_like(s))
-    return torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8), s
+    w8 = torch.round(w / s[:, None]).to(torch.int8)  # |w / s| <= 127 (+ one rounding): in range
+    return w8, s.double()
+
+
+def _col_absmax(w: torch.Tensor) -> torch.Tensor:
+    lo, hi = torch.aminmax(w.detach().float(), dim=0)
+    return torch.maximum(-lo, hi).double()
 
 
 def smooth_factors(act_max: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
     """SmoothQuant with alpha = 0.5: s_c = sqrt(max|x_c| / max|W[:, c]|) (sqrt is correctly rounded)."""
-    w_max = torch.stack([w.detach().double().abs().amax(0) for w in weights]).amax(0)
+    w_max = torch.stack([_col_absmax(w) for w in weights]).amax(0)
     a = act_max.double()
     s = torch.sqrt(a / w_max)
     ok = (a > 0) & (w_max > 0) & torch.isfinite(s)
@@ -76,10 +93,7 @@ def smooth_factors(act_max: torch.Tensor, weights: list[torch.Tensor]) -> torch.
 
 
 def _dyadic_vec(scales: torch.Tensor, mbits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    pairs = [iops.dyadic(float(s), mbits) for s in scales.reshape(-1).tolist()]
-    m = torch.tensor([p[0] for p in pairs], dtype=torch.int64).reshape(scales.shape)
-    e = torch.tensor([p[1] for p in pairs], dtype=torch.int64).reshape(scales.shape)
-    return m, e
+    return iops.dyadic_tensor(scales, mbits)
 
 
 def _check_limit(x: torch.Tensor, what: str) -> None:
@@ -123,18 +137,28 @@ class IntRMSNorm(nn.Module):
 
 
 class IntLinear(nn.Module):
-    """W8A8 with per-token dynamic activation scales: Q.in_frac -> out units s_out (per channel)."""
+    """W8A8 with per-token dynamic activation scales: Q.in_frac -> out units s_out (per channel).
+
+    Epilogue: out = (acc * a16 * m_n + 2^(sh-1)) >> sh with sh = shift - sa (one shift per token row,
+    shared by all channels; m_n = round(scale_n * 2^shift) < 2^18, so channels 2^k below the largest
+    scale keep 18 - k bits). Everything stays below 2^62: |acc| <= K * 127^2, a16 <= 2^15 + 1.
+    """
+
+    MBITS = 18
 
     def __init__(self, weight, bias, in_frac: int, s_out, col_scale=None, row_scale=None, limit: int = LIMIT):
         super().__init__()
-        w = weight.detach().double()
-        if col_scale is not None:
-            w = w * col_scale[None, :]
-        if row_scale is not None:
-            w = w / row_scale[:, None]
-        self.w8, s_w = quant_weight(w)
-        s_out = torch.as_tensor(s_out, dtype=torch.float64).expand(w.shape[0])
-        self.m, self.e = _dyadic_vec(2.0**-in_frac * s_w / (127 * s_out), 18)
+        self.w8, s_w = quant_weight(weight, col_scale, row_scale)
+        n, k = self.w8.shape
+        s_out = torch.as_tensor(s_out, dtype=torch.float64).expand(n)
+        scale = 2.0**-in_frac * s_w / (127 * s_out)
+        shift = self.MBITS - math.frexp(float(scale.max()))[1]
+        self.shift = min(62, shift)
+        if self.shift < 17:
+            raise ValueError(f"integer linear: output scale too coarse (shift {self.shift} < 17); recalibrate")
+        self.m = torch.round(scale * 2.0**self.shift).long()  # power-of-two multiply + round: exact
+        if k * 127**2 * ((1 << 15) + 1) * int(self.m.max()) >= 1 << 62:
+            raise ValueError(f"integer linear: K={k} too large for the int64 epilogue")
         b = None
         if bias is not None:
             b = bias.detach().double() / (row_scale if row_scale is not None else 1.0)
@@ -142,14 +166,38 @@ class IntLinear(nn.Module):
         self.bias = b
         self.limit = limit
 
+    def epilogue(self, acc: torch.Tensor, a16: torch.Tensor, sa: torch.Tensor) -> torch.Tensor:
+        """int32 acc (T, N) of one token block -> int64 outputs in s_out units, clamped to the limit."""
+        y = acc.long().mul_(a16).mul_(self.m)
+        sh = self.shift - sa  # (T, 1), in [0, 62]
+        y.add_((torch.ones_like(sh) << sh) >> 1).bitwise_right_shift_(sh)
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.clamp_(-self.limit + 1, self.limit - 1)
+
     def forward_int(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         q, a16, sa = iops.quantize_rows(x.reshape(-1, shape[-1]))
-        y = iops.linear_int(q, a16, sa, self.w8, self.m, self.e, self.bias)
-        return y.clamp(-self.limit + 1, self.limit - 1).reshape(*shape[:-1], -1)
+        y = self.epilogue(iops.int8_matmul(q, self.w8), a16, sa)
+        return y.reshape(*shape[:-1], -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_int(x).to(torch.int32)
+
+
+class FusedIntLinear(nn.Module):
+    """Several IntLinear sharing one input: one quantize_rows and one int8 GEMM, per-part epilogues."""
+
+    def __init__(self, parts: list[IntLinear]):
+        super().__init__()
+        self.parts = parts
+        self.w8 = torch.cat([p.w8 for p in parts])
+        self.sizes = [p.w8.shape[0] for p in parts]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        q, a16, sa = iops.quantize_rows(x.reshape(-1, x.shape[-1]))
+        acc = iops.int8_matmul(q, self.w8)
+        return [p.epilogue(a, a16, sa) for p, a in zip(self.parts, acc.split(self.sizes, dim=1))]
 
 
 class IntLMHead(IntLinear):
@@ -174,14 +222,20 @@ class IntMLP(nn.Module):
         self.up_proj = IntLinear(mlp.up_proj.weight, None, in_frac, 2.0**-self.fu, smooth_in, row_scale=s_h)
         self.down_proj = IntLinear(mlp.down_proj.weight, None, self.fh, 2.0**-resid_frac, col_scale=s_h)
         self.act = iops.silu_int if activation == "silu" else iops.gelu_tanh_int
+        self.gate_up = FusedIntLinear([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.act(self.gate_proj.forward_int(x), self.fg)  # Q.fg
-        prod = g * self.up_proj.forward_int(x)  # Q.(fg + fu), |.| < 2^62
+        gate, up = self.gate_up(x)
+        g = self.act(gate, self.fg)  # Q.fg
+        prod = g.mul_(up)  # Q.(fg + fu), |.| < 2^62
         shift = self.fg + self.fu - self.fh
         h = iops.rshift_round(prod, shift) if shift >= 0 else prod << -shift
-        h = h.clamp(-LIMIT + 1, LIMIT - 1)
-        return self.down_proj(h)
+        return self.down_proj(h.clamp_(-LIMIT + 1, LIMIT - 1))
+
+
+def _group_heads(z: torch.Tensor, b: int, n: int, kv: int, g: int) -> torch.Tensor:
+    """(b*n, H, c) -> (b, Hkv, n*G, c): the query rows of one kv group together (row = token * G + j)."""
+    return z.view(b, n, kv, g, z.shape[-1]).permute(0, 2, 1, 3, 4).reshape(b, kv, n * g, z.shape[-1])
 
 
 class IntAttention(nn.Module):
@@ -209,30 +263,38 @@ class IntAttention(nn.Module):
         s_v_heads = self.s_v.view(self.kv, 1, self.d).expand(self.kv, self.h // self.kv, self.d)
         self.o_m, self.o_e = _dyadic_vec(s_v_heads.reshape(self.h, self.d) * 2.0 ** (self.fo - PROB_BITS), 24)
         self.o_proj = IntLinear(attn.o_proj.weight, None, self.fo, 2.0**-resid_frac)
+        self.qkv = FusedIntLinear([self.q_proj, self.k_proj, self.v_proj])
 
     def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if int(positions.max()) >= self.cos.shape[0]:
+        if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
             raise ValueError(f"position {int(positions.max())} beyond the calibrated RoPE table ({self.cos.shape[0]})")
         return iops.rope_int(x, positions, self.cos, self.sin, 14)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
-        t = x.shape[0]
-        q = self.q_proj.forward_int(x).view(t, self.h, self.d)  # (T, H, D)
-        k = self.k_proj.forward_int(x).view(t, self.kv, self.d)  # (T, Hkv, D)
-        v8 = self.v_proj.forward_int(x).view(t, self.kv, self.d).to(torch.int8)  # (T, Hkv, D)
+        t, h, kv, d = x.shape[0], self.h, self.kv, self.d
+        g = h // kv
+        q, k, v = self.qkv(x)
+        q, k, v8 = q.view(t, h, d), k.view(t, kv, d), v.view(t, kv, d).to(torch.int8)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q8, qa16, qsa = iops.quantize_rows(self._rope(q, positions))  # (T, H, D), (T, H, 1) x2
         k8, ka16, ksa = iops.quantize_rows(self._rope(k, positions))
-        o = torch.empty(t, self.h, self.d, dtype=torch.int64)
-        for idx, (kc, kac, ksc, vc), key_pos, q_pos in ctx.int_attention_groups(self.layer, k8, ka16, ksa, v8):
-            mask = key_pos[None, :] <= q_pos[:, None]  # (n, L)
+        o = torch.empty(t, h, d, dtype=torch.int64)
+        for q_idx, (kc, kac, ksc, vc), key_pos, q_pos in ctx.int_attention_batches(self.layer, k8, ka16, ksa, v8):
+            b, n = q_idx.shape  # b sequences (or rows) with n queries each; keys (b, L, Hkv, .)
+            mask = key_pos[:, None, :] <= q_pos[:, :, None]  # (b, n, L)
             if self.window is not None:
-                mask &= key_pos[None, :] > q_pos[:, None] - self.window
-            qg = (q8[idx], qa16[idx], qsa[idx])
-            o[idx] = iops.attention_int(qg, (kc, kac, ksc), vc, mask, self.score_m, self.score_e, SCORE_FRAC, PROB_BITS)
-        o = iops.requantise(o, self.o_m, self.o_e).clamp(-LIMIT + 1, LIMIT - 1)  # Q.fo
-        return self.o_proj(o.reshape(t, self.h * self.d))  # (T, H*D) -> (T, hidden)
+                mask &= key_pos[:, None, :] > q_pos[:, :, None] - self.window
+            mask = mask[:, None, :, None, :].expand(b, 1, n, g, mask.shape[-1]).reshape(b, 1, n * g, -1)
+
+            idx = q_idx.reshape(-1)
+            qg = tuple(_group_heads(z[idx], b, n, kv, g) for z in (q8, qa16, qsa))
+            kg = tuple(z.permute(0, 2, 1, 3) for z in (kc, kac, ksc))
+            vg = vc.permute(0, 2, 1, 3)
+            out = iops.attend_int(qg, kg, vg, mask, self.score_m, self.score_e, SCORE_FRAC, PROB_BITS)
+            o[idx] = out.view(b, kv, n, g, d).permute(0, 2, 1, 3, 4).reshape(b * n, h, d)
+        o = iops.requantise(o, self.o_m, self.o_e).clamp_(-LIMIT + 1, LIMIT - 1)  # Q.fo
+        return self.o_proj(o.reshape(t, h * d))  # (T, H*D) -> (T, hidden)
 
 
 class IntegerMode:
@@ -241,10 +303,15 @@ class IntegerMode:
     name = "integer"
     determinism = "exact"
 
-    def __init__(self, stats: dict[str, torch.Tensor], smooth: bool = True):
+    def __init__(self, stats: dict[str, torch.Tensor], smooth: bool = True, kernel_checks: bool | None = None):
+        """kernel_checks: run integer_ops' per-op overflow assertions inside the forward (slow; for tests).
+        None reads DITTO_INT_CHECKS=1 from the environment. The residual-stream bound (< 2^30) is always checked."""
         self.stats = stats
         self.smooth = smooth
         self.logit_frac: int | None = None
+        if kernel_checks is None:
+            kernel_checks = os.environ.get("DITTO_INT_CHECKS", "0") == "1"
+        self.kernel_checks = kernel_checks
 
     def apply(self, model):
         cfg, st = model.cfg, self.stats
@@ -273,6 +340,17 @@ class IntegerMode:
         model.lm_head = IntLMHead(model.lm_head.weight, model.norm.out_frac, self.logit_frac)
         model.embed = new_embed
         model.integer_mode = self
+        forward, checks = model.forward, self.kernel_checks
+
+        def checked_forward(*args, **kwargs):  # the kernels' checks as chosen for this model, restored after
+            old = iops._CHECKS
+            iops._CHECKS = checks
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                iops._CHECKS = old
+
+        model.forward = checked_forward
         return model
 
     def logits_int(self, logits: torch.Tensor) -> torch.Tensor:
@@ -298,17 +376,18 @@ class DenseIntContext:
         self.items = list(items)
         return self
 
-    def int_attention_groups(self, layer, k8, ka16, ksa, v8):
-        groups, off = [], 0
+    def int_attention_batches(self, layer, k8, ka16, ksa, v8):
+        batches, off = [], 0
         for seq, n in self.items:
             new = (k8[off : off + n], ka16[off : off + n], ksa[off : off + n], v8[off : off + n])
             old = self.kv.get((seq, layer))
             cur = new if old is None else tuple(torch.cat([a, b]) for a, b in zip(old, new))
             self.kv[(seq, layer)] = cur
             length = cur[0].shape[0]
-            groups.append((torch.arange(off, off + n), cur, torch.arange(length), torch.arange(length - n, length)))
+            q_idx = torch.arange(off, off + n)[None]
+            batches.append((q_idx, tuple(c[None] for c in cur), torch.arange(length)[None], q_idx - off + length - n))
             off += n
-        return groups
+        return batches
 
 
 class IntKVCache:
@@ -334,32 +413,42 @@ class IntKVCache:
 
 
 class IntegerPagedAttention:
-    """Integer twin of ditto.engine.attention.PagedAttention (same slots / DecodeRows / PrefillChunk)."""
+    """Integer twin of ditto.engine.attention.PagedAttention (same slots / DecodeRows / PrefillChunk).
+
+    Decode rows of all sequences run as one batch: each row's blocks are gathered into a padded
+    (R, max blocks) table; keys past a row's position are masked to exact zeros, so padding, batch
+    composition and order cannot change a row (integer arithmetic is exact in any order anyway).
+    A prefill chunk runs as a batch of one sequence.
+    """
 
     def __init__(self, cache: IntKVCache, slots, decode, prefills):
         self.cache, self.slots, self.decode, self.prefills = cache, slots, decode, prefills
+        self._table = None
+        if decode is not None:
+            rows = decode.block_row
+            counts = torch.bincount(rows, minlength=len(decode.tok_index))
+            starts = torch.cumsum(counts, 0) - counts
+            table = torch.zeros(len(counts), int(counts.max()), dtype=torch.long)
+            table[rows, torch.arange(len(rows)) - starts[rows]] = decode.blocks
+            self._table = table  # (R, nbmax); padding -> block 0, masked (positions beyond the row)
 
-    def int_attention_groups(self, layer, k8, ka16, ksa, v8):
+    def int_attention_batches(self, layer, k8, ka16, ksa, v8):
         c = self.cache
         store = (c.k[layer], c.ka16[layer], c.ksa[layer], c.v[layer])
         for dst, src in zip(store, (k8, ka16, ksa, v8)):
             dst.view(-1, *dst.shape[2:])[self.slots] = src.to(dst.dtype)  # write before reading
-
-        def gather(blocks, length):
-            return tuple(
-                t[blocks].reshape(-1, *t.shape[2:])[:length].to(s.dtype) for t, s in zip(store, (k8, ka16, ksa, v8))
-            )
-
-        groups = []
+        bs = c.block_size
+        batches = []
         if self.decode is not None:
-            for r, (tok, pos) in enumerate(zip(self.decode.tok_index.tolist(), self.decode.positions.tolist())):
-                blocks = self.decode.blocks[self.decode.block_row == r]
-                groups.append(
-                    (torch.tensor([tok]), gather(blocks, pos + 1), torch.arange(pos + 1), torch.tensor([pos]))
-                )
+            r, nb = self._table.shape
+            kv = tuple(t[self._table].reshape(r, nb * bs, *t.shape[2:]) for t in store)
+            kv = (kv[0], kv[1].long(), kv[2].long(), kv[3])
+            key_pos = torch.arange(nb * bs)[None].expand(r, -1)
+            batches.append((self.decode.tok_index[:, None], kv, key_pos, self.decode.positions[:, None]))
         for ch in self.prefills:
             length = ch.start_pos + ch.num_tokens
-            idx = torch.arange(ch.tok_start, ch.tok_start + ch.num_tokens)
-            q_pos = torch.arange(ch.start_pos, length)
-            groups.append((idx, gather(ch.blocks, length), torch.arange(length), q_pos))
-        return groups
+            kv = tuple(t[ch.blocks].reshape(-1, *t.shape[2:])[:length][None] for t in store)
+            kv = (kv[0], kv[1].long(), kv[2].long(), kv[3])
+            q_idx = torch.arange(ch.tok_start, ch.tok_start + ch.num_tokens)[None]
+            batches.append((q_idx, kv, torch.arange(length)[None], torch.arange(ch.start_pos, length)[None]))
+        return batches

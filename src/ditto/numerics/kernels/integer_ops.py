@@ -81,6 +81,24 @@ def dyadic(scale: float, mbits: int = 31) -> tuple[int, int]:
     return m, e
 
 
+def dyadic_tensor(scales: torch.Tensor, mbits: int = 31) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vectorised `dyadic`: int64 tensors (m, e) equal, element for element, to dyadic(float(s), mbits)."""
+    s = torch.as_tensor(scales, dtype=torch.float64)
+    if not bool(((s > 0) & torch.isfinite(s)).all()):
+        raise ValueError("dyadic_tensor() needs positive finite scales")
+    frac, exp = torch.frexp(s)
+    m = torch.round(frac * float(1 << mbits)).long()  # frac in [0.5, 1): exact product, round half-even like round()
+    e = mbits - exp.long()
+    top = m == (1 << mbits)
+    m, e = torch.where(top, m >> 1, m), torch.where(top, e - 1, e)
+    neg = e < 0
+    m, e = torch.where(neg, m << (-e).clamp(min=0), m), e.clamp(min=0)
+    big = e > 62
+    k = (e - 62).clamp(0, 62)
+    rounded = torch.where(e - 62 > 62, 0, (m + ((torch.ones_like(m) << k) >> 1)) >> k)  # m < 2^31: 0 beyond
+    return torch.where(big, rounded, m), torch.where(big, torch.full_like(e, 62), e)
+
+
 def _round_term(e):
     if isinstance(e, int):
         return (1 << e) >> 1
@@ -112,15 +130,15 @@ def clamp_int8(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-127, 127).to(torch.int8)
 
 
+@cache
+def _pow2(device: str) -> torch.Tensor:
+    return torch.tensor([1 << i for i in range(63)], dtype=torch.int64, device=device)
+
+
 def bit_length(x: torch.Tensor) -> torch.Tensor:
-    """Elementwise bit length of nonnegative int64 (0 -> 0, 1 -> 1, 2^k -> k+1), by binary search."""
-    x = x.long().clone()
-    n = torch.zeros_like(x)
-    for s in (32, 16, 8, 4, 2, 1):
-        big = (x >> s) > 0
-        x = torch.where(big, x >> s, x)
-        n += big.long() * s
-    return n + (x > 0).long()
+    """Elementwise bit length of nonnegative int64 (0 -> 0, 1 -> 1, 2^k -> k+1): count of powers of two <= x."""
+    x = x.long()
+    return torch.searchsorted(_pow2(str(x.device)), x.contiguous(), right=True)
 
 
 def isqrt(n: torch.Tensor) -> torch.Tensor:
@@ -408,6 +426,46 @@ def attention_int(
         p = softmax_int(x.clamp(-(1 << 31) + 1, (1 << 31) - 1), score_frac, prob_bits, mask)
         outs.append(int_matmul_limbs(p, v[:, g].T.contiguous(), prob_bits + 1, signed=False))  # (n, d)
     return torch.stack(outs, dim=1)  # (n, H, d)
+
+
+def _bmm_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact int32 batched a @ b for small integer operands whose sums fit int32 (int32 CPU GEMM)."""
+    return torch.matmul(a.to(torch.int32), b.to(torch.int32))
+
+
+def attend_int(
+    q: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    k: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    score_m: int,
+    score_e: int,
+    score_frac: int = 16,
+    prob_bits: int = 20,
+) -> torch.Tensor:
+    """Batched integer attention, exact; the formats of `attention_int`, with kv heads as a batch dim.
+
+    q = (q8 (B, Hkv, M, d) int8, qa16, qsa (B, Hkv, M, 1)) — M = queries x heads of one kv group;
+    k = (k8 (B, Hkv, L, d) int8, ka16, ksa (B, Hkv, L, 1)); v int8 (B, Hkv, L, d); mask (B, 1, M, L)
+    True = visible. Returns (B, Hkv, M, d) int64 = sum_j p_j v_j with p in Q.prob_bits. Scores:
+    |q.k| <= d * 127^2 (int32); P.V: sum_j p_j |v_j| <= (2^B + L) * 127 < 2^31 (int32 GEMM, exact).
+    With B == 1 (a prefill chunk) the GEMMs run per kv head through torch._int_mm (P.V by 7-bit limbs).
+    """
+    q8, qa16, qsa = q
+    k8, ka16, ksa = k
+    B, H = q8.shape[:2]
+    if B == 1:
+        acc = torch.stack([int8_matmul(q8[0, h], k8[0, h]) for h in range(H)])[None].long()
+    else:
+        acc = _bmm_exact(q8, k8.transpose(-1, -2)).long()  # (B, Hkv, M, L)
+    t = rshift_round(acc * qa16, 8) * ka16.transpose(-1, -2)  # < 2^(21 + 15 - 8 + 15) = 2^43
+    sh = (score_e - 8) - qsa - ksa.transpose(-1, -2)
+    x = requantise(t, score_m, sh).clamp_(-(1 << 31) + 1, (1 << 31) - 1)  # Q.score_frac
+    p = softmax_int(x, score_frac, prob_bits, mask)
+    if B == 1:
+        outs = [int_matmul_limbs(p[0, h], v[0, h].T.contiguous(), prob_bits + 1, signed=False) for h in range(H)]
+        return torch.stack(outs)[None]
+    return _bmm_exact(p, v).long()
 
 
 # ----------------------------------------------------------------------------- activations

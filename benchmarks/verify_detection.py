@@ -1,0 +1,299 @@
+"""How well do Token-DiFR and Activation-DiFR tell honest generations from dishonest ones?
+
+Usage: .venv/bin/python benchmarks/verify_detection.py [--prompts 200] [--tokens 300] [--temperature 0.7]
+           [--model smollm2-135m-instruct] [--other-model gemma3-270m] [--determinism fast] [--out FILE.json]
+
+Advertised configuration (what every receipt claims): --model at fp32 numerics, --determinism, temperature
+T, top_p 1.0, seed = 1000 + prompt index, fingerprint_k 8. Every run is verified against one fp32 reference
+(ditto.verify.replay.verify_receipts: one teacher-forced pass per run).
+
+Honest runs (negatives): fp32 generated in one big batch; in batches of 8; with 1 thread; bf16 weights and
+activations (the "bf16 vs fp32 reference" case: an honest provider on other hardware/precision).
+Dishonest runs (positives), each claimed as the advertised configuration:
+  w4          4-bit weights (numerics="w4") served as fp32
+  kv_int8     int8 KV cache (kv_dtype="int8")
+  wrong_temp  sampled at T = 1.0 (or T + 0.3)
+  wrong_top_p sampled with top_p = 0.9
+  wrong_seed  sampled with seed + 1
+  bug_1pct    an honest run with 1% of its tokens replaced by random ids (a buggy sampler)
+  other_model the other bundled model's text, re-tokenized with the claimed model's tokenizer (tokenizers
+              differ); Token-DiFR only (no fingerprints of the claimed model exist)
+For each number of tokens n in (1, 3, 10, 30, 100, 300) up to --tokens: Token-DiFR score = mean of the
+first n margins clipped at 0.5; Activation-DiFR score = mean of the first n fingerprint distances; AUC and
+TPR at 1% FPR (threshold calibrated on all honest runs) per dishonest condition. Also the cost: seconds per
+token to generate (big batch) vs to verify (teacher-forced scoring + margins), and their ratio.
+Prints markdown tables; writes everything (including per-run scores) as JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ditto import LLM, SamplingParams
+from ditto.verify.build import receipt_for
+from ditto.verify.claims import parse_claim
+from ditto.verify.replay import verify_claims, verify_receipts
+from ditto.verify.stats import auc, tpr_at_fpr
+from ditto.verify.token_difr import clipped_mean
+
+NS = (1, 3, 10, 30, 100, 300)
+TOPICS = [
+    "the ocean", "volcanoes", "a lighthouse keeper", "prime numbers", "photosynthesis", "the Roman empire",
+    "black holes", "a lost cat", "coffee", "the moon landing", "bees", "chess", "a rainy day in Paris",
+    "machine learning", "the water cycle", "dinosaurs", "a robot learning to paint", "gravity", "the desert",
+    "friendship", "electricity", "a dragon", "the human heart", "autumn leaves", "trains", "the internet",
+    "a haunted house", "penguins", "climate change", "music", "a time traveller", "bread baking", "mountains",
+    "the printing press", "honey", "a detective", "rainbows", "the stock market", "a small village",
+    "octopuses", "glaciers", "the violin", "a space station", "vaccines", "origami", "the Sahara", "lightning",
+    "a pirate ship", "bicycles", "the alphabet",
+]  # fmt: skip
+TEMPLATES = [
+    "Write a short story about {}.",
+    "Explain {} to a ten-year-old.",
+    "List five interesting facts about {}.",
+    "Write a poem about {}.",
+]
+
+
+def make_prompts(n: int) -> list[str]:
+    out = []
+    for i in range(n):
+        out.append(TEMPLATES[(i // len(TOPICS)) % len(TEMPLATES)].format(TOPICS[i % len(TOPICS)]))
+    return out
+
+
+def chat_ids(llm, prompts: list[str]) -> list[list[int]]:
+    if llm.tokenizer.chat_template is None:
+        return [llm.encode(p) for p in prompts]
+    return [llm.encode(llm.chat_prompt([{"role": "user", "content": p}]), add_special_tokens=False) for p in prompts]
+
+
+def generate(llm, prompt_ids, params, batch: int, threads: int | None = None):
+    saved = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        t0 = time.perf_counter()
+        outs = []
+        for lo in range(0, len(prompt_ids), batch):
+            outs += llm.generate(prompt_ids[lo : lo + batch], params[lo : lo + batch])
+        return outs, time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(saved)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--other-model", default="gemma3-270m", help="'' to skip the other-model condition")
+    ap.add_argument("--prompts", type=int, default=200)
+    ap.add_argument("--tokens", type=int, default=300)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--determinism", default="fast", choices=["fast", "batch_invariant"])
+    ap.add_argument("--fingerprint-k", type=int, default=8, choices=[8, 16, 32])
+    ap.add_argument("--batch", type=int, default=0, help="big-batch size (0: all prompts at once)")
+    ap.add_argument("--skip", default="", help="comma-separated conditions to skip")
+    ap.add_argument("--out", default="benchmarks/results/verify_detection.json")
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    n, L, T = args.prompts, args.tokens, args.temperature
+    big = args.batch or n
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
+
+    def llm_for(**kw):
+        kw.setdefault("numerics", "fp32")
+        return LLM(args.model, determinism=args.determinism, progress=False, **kw)
+
+    ref = llm_for()
+    texts = make_prompts(n)
+    prompt_ids = chat_ids(ref, texts)
+    claimed = [
+        SamplingParams(temperature=T, seed=1000 + i, max_tokens=L, ignore_eos=True, fingerprint_k=args.fingerprint_k)
+        for i in range(n)
+    ]
+    log(f"model {args.model}: {n} prompts x {L} tokens, T={T}, determinism={args.determinism}")
+    results: dict[str, dict] = {}
+    cost: dict = {}
+
+    def verify(name: str, llm, outs, used_params, honest: bool, edit=None) -> None:
+        receipts = []
+        for o, used, adv in zip(outs, used_params, claimed):
+            r = receipt_for(llm, o, o.outputs[0], used)
+            r = dataclasses.replace(r, sampling=adv.record(), numerics="fp32", model_digest=ref.model_digest)
+            if edit is not None:
+                r = edit(r)
+            receipts.append(r.seal())
+        t0 = time.perf_counter()
+        vs = verify_receipts(ref, receipts, threshold=math.inf)
+        dt = time.perf_counter() - t0
+        ntok = sum(v.n_tokens for v in vs)
+        results[name] = {
+            "honest": honest,
+            "runs": [{"margins": list(v.margins), "distances": list(v.distances)} for v in vs],
+            "exact_runs": sum(v.status == "exact" for v in vs),
+            "verify_s": dt,
+            "tokens": ntok,
+        }
+        log(f"{name}: verified {len(vs)} runs ({ntok} tokens) in {dt:.1f}s; exact runs {results[name]['exact_runs']}")
+
+    # -- honest ------------------------------------------------------------------------------
+    outs, gen_s = generate(ref, prompt_ids, claimed, big)
+    gen_tok = sum(len(o.outputs[0].token_ids) for o in outs)
+    log(f"honest_fp32_b{big}: generated {gen_tok} tokens in {gen_s:.1f}s")
+    verify(f"honest_fp32_b{big}", ref, outs, claimed, True)
+    cost = {
+        "generate_s_per_token": gen_s / gen_tok,
+        "verify_s_per_token": results[f"honest_fp32_b{big}"]["verify_s"] / gen_tok,
+        "generate_batch": big,
+    }
+    cost["verify_over_generate"] = cost["verify_s_per_token"] / cost["generate_s_per_token"]
+    honest_outs = outs
+    if "honest_b8" not in skip and big != 8:
+        o8, _ = generate(ref, prompt_ids, claimed, 8)
+        verify("honest_fp32_b8", ref, o8, claimed, True)
+    if "honest_t1" not in skip:
+        o1, _ = generate(ref, prompt_ids, claimed, big, threads=1)
+        verify(f"honest_fp32_b{big}_t1", ref, o1, claimed, True)
+    if "honest_bf16" not in skip:
+        bf = llm_for(numerics="bf16")
+        ob, _ = generate(bf, prompt_ids, claimed, big)
+        verify("honest_bf16", bf, ob, claimed, True)
+        del bf
+
+    # -- dishonest -----------------------------------------------------------------------------
+    if "w4" not in skip:
+        w4 = llm_for(numerics="w4")
+        ow, _ = generate(w4, prompt_ids, claimed, big)
+        verify("w4_as_fp32", w4, ow, claimed, False)
+        del w4
+    if "kv_int8" not in skip:
+        kv = llm_for(kv_dtype="int8")
+        ok, _ = generate(kv, prompt_ids, claimed, big)
+        verify("kv_int8", kv, ok, claimed, False)
+        del kv
+    variants = {
+        "wrong_temp": [p.replace(temperature=1.0 if T != 1.0 else T + 0.3) for p in claimed],
+        "wrong_top_p": [p.replace(top_p=0.9) for p in claimed],
+        "wrong_seed": [p.replace(seed=p.seed + 1) for p in claimed],
+    }
+    for name, used in variants.items():
+        if name in skip:
+            continue
+        ov, _ = generate(ref, prompt_ids, used, big)
+        verify(name, ref, ov, used, False)
+    if "bug_1pct" not in skip:
+        rng = random.Random(0)
+        vocab = ref.loaded.config.vocab_size
+
+        def corrupt(r):
+            ids = list(r.output_token_ids)
+            for t in range(len(ids)):
+                if rng.random() < 0.01:
+                    ids[t] = rng.randrange(vocab)
+            return dataclasses.replace(r, output_token_ids=tuple(ids))
+
+        verify("bug_1pct", ref, honest_outs, claimed, False, edit=corrupt)
+    if args.other_model and "other_model" not in skip:
+        other = LLM(args.other_model, numerics="fp32", determinism=args.determinism, progress=False)
+        oo, _ = generate(other, chat_ids(other, texts), claimed, big)
+        claims = []
+        for i, o in enumerate(oo):
+            rec = {"id": f"p{i}", "prompt_token_ids": prompt_ids[i], "output_text": o.outputs[0].text}
+            rec.update(temperature=T, seed=claimed[i].seed, max_tokens=L)
+            claims += parse_claim(rec, i + 1)
+        del other
+        t0 = time.perf_counter()
+        vs = verify_claims(ref, claims, threshold=math.inf)
+        results["other_model"] = {
+            "honest": False,
+            "runs": [{"margins": list(v.margins)[:L], "distances": []} for v in vs],
+            "exact_runs": sum(v.status == "exact" for v in vs),
+            "verify_s": time.perf_counter() - t0,
+            "tokens": sum(v.n_tokens for v in vs),
+        }
+        log(f"other_model: verified {len(vs)} re-tokenized claims")
+
+    # -- statistics ------------------------------------------------------------------------------
+    ns = [x for x in NS if x <= L]
+    clip = 0.5
+
+    def tok_scores(runs, k):
+        return [clipped_mean(r["margins"], clip, k) for r in runs if len(r["margins"]) >= k]
+
+    def act_scores(runs, k):
+        return [float(np.mean(r["distances"][:k])) for r in runs if len(r["distances"]) >= k]
+
+    honest_runs = [r for res in results.values() if res["honest"] for r in res["runs"]]
+    table: dict[str, dict] = {}
+    for name, res in results.items():
+        if res["honest"]:
+            continue
+        row = {}
+        for method, fn in (("token", tok_scores), ("activation", act_scores)):
+            for k in ns:
+                neg, pos = fn(honest_runs, k), fn(res["runs"], k)
+                if neg and pos:
+                    row[f"{method}@{k}"] = {"auc": auc(neg, pos), "tpr1": tpr_at_fpr(neg, pos, 0.01)}
+        table[name] = row
+    honest_summary = {
+        name: {
+            "exact_runs": res["exact_runs"],
+            "runs": len(res["runs"]),
+            "token_exact_frac": float(np.mean([m == 0 for r in res["runs"] for m in r["margins"]])),
+            "max_token_score": max(tok_scores(res["runs"], L) or [0.0]),
+            "max_activation_score": max(act_scores(res["runs"], L) or [0.0]),
+        }
+        for name, res in results.items()
+        if res["honest"]
+    }
+
+    def fmt(cell):
+        return "—" if cell is None else f"{cell['auc']:.3f} / {cell['tpr1']:.2f}"
+
+    print(f"\n### Detection ({args.model}, {n} prompts x {L} tokens, T={T}, {args.determinism}): AUC / TPR@1%FPR\n")
+    for method in ("token", "activation"):
+        print(f"**{'Token-DiFR' if method == 'token' else 'Activation-DiFR'}**\n")
+        print("| condition | " + " | ".join(f"n={k}" for k in ns) + " |")
+        print("|---|" + "---|" * len(ns))
+        for name, row in table.items():
+            print(f"| {name} | " + " | ".join(fmt(row.get(f"{method}@{k}")) for k in ns) + " |")
+        print()
+    print("**Honest runs vs the fp32 reference**\n")
+    print("| honest condition | exact runs | exact tokens | max token score | max activation score |")
+    print("|---|---|---|---|---|")
+    for name, s in honest_summary.items():
+        print(
+            f"| {name} | {s['exact_runs']}/{s['runs']} | {s['token_exact_frac']:.4f} | "
+            f"{s['max_token_score']:.4g} | {s['max_activation_score']:.4g} |"
+        )
+    print(
+        f"\n**Cost**: generate {cost['generate_s_per_token'] * 1e3:.2f} ms/token (batch {big}), verify "
+        f"{cost['verify_s_per_token'] * 1e3:.2f} ms/token -> verify/generate = {cost['verify_over_generate']:.2f}"
+    )
+    doc = {
+        "args": vars(args),
+        "table": table,
+        "honest": honest_summary,
+        "cost": cost,
+        "wall_s": time.perf_counter() - t_start,
+        "results": results,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(doc, default=str, allow_nan=True) + "\n")
+    log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
