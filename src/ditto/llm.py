@@ -47,6 +47,7 @@ class LLM:
             torch.set_num_threads(self.config.threads)
         from ditto.numerics import prepare
 
+        self.progress = progress
         self.loaded: LoadedModel = load(model, progress=progress)
         self.tokenizer = self.loaded.tokenizer
         prepared = prepare(self.loaded, self.config)
@@ -109,10 +110,14 @@ class LLM:
         prompts: Prompt | list[Prompt],
         params: SamplingParams | list[SamplingParams] | None = None,
         *,
-        progress: bool = False,
+        progress: bool | None = None,
         chat: bool = False,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (text or token ids); outputs come back in prompt order."""
+        """Generate for every prompt (text or token ids); outputs come back in prompt order.
+
+        A progress bar (requests done, decode tok/s) shows for 8+ prompts when the LLM was built with
+        progress=True, unless `progress` says otherwise.
+        """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = params or SamplingParams()
@@ -122,6 +127,8 @@ class LLM:
         if chat:
             prompts = [self.chat_prompt([{"role": "user", "content": p}]) for p in prompts]
         reqs = [self._submit(p, sp) for p, sp in zip(prompts, plist)]
+        if progress is None:
+            progress = self.progress and len(reqs) >= 8
         self._run_until_done(reqs, progress, "generating")
         return [self._output(r) for r in reqs]
 
