@@ -277,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "eval":
-            return args.func(args, make_backend)
+            from ditto.eval.cli import run as run_eval
+
+            return run_eval(args, make_backend)
         return args.func(args)
     except KeyboardInterrupt:
         return 130
