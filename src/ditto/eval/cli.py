@@ -38,6 +38,14 @@ examples:
   # re-render report.md / report.html of a finished run
   ditto eval report runs/gsm8k-t07
 
+  # a reasoning strategy instead of plain sampling, at 1024 generated tokens per problem
+  ditto eval --task arith-easy --strategy self_consistency --budget 1024 --max-tokens 128 \\
+      --strategy-arg n=auto --strategy-arg temperature=0.7 --out runs/sc-1024
+  ditto eval --task arith-easy --strategy chunk_guided --budget 1024 --second-model gemma3-270m --out runs/cgs
+
+  # accuracy [CI] vs cost of several strategy runs, each paired against self-consistency (compare.md/.png)
+  ditto eval compare runs/greedy runs/sc-1024 runs/cgs --out runs/cmp
+
 data: gsm8k/math500 JSONL files are looked up in --data (a file or a folder), then $DITTO_DATA,
 then <repo>/../shared/data.
 """
@@ -48,9 +56,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "action",
         nargs="*",
-        metavar="compare A B | report DIR",
-        help="omit to run an evaluation; 'compare A B' compares two run folders; "
-        "'report DIR' re-renders a run's report",
+        metavar="compare A B [C ...] | report DIR",
+        help="omit to run an evaluation; 'compare A B' compares two run folders (more folders, or strategy "
+        "runs: a cost/accuracy table and plot); 'report DIR' re-renders a run's report",
     )
     g = p.add_argument_group("task")
     g.add_argument("--task", default="gsm8k", choices=list(TASKS), help="which problems (default gsm8k)")
@@ -93,6 +101,19 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grader-workers", type=int, default=2, help="grading worker processes")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g.add_argument("--json", action="store_true", help="print the summary (or comparison) as JSON")
+    g = p.add_argument_group("strategy (ditto.strategies; replaces plain sampling)")
+    g.add_argument("--strategy", default=None, help="greedy, self_consistency, best_of_n, chunk_guided, ...")
+    g.add_argument("--budget", type=int, default=None, help="max generated tokens per problem (all calls, all models)")
+    g.add_argument(
+        "--strategy-arg",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="strategy knob (repeatable; JSON values): n=8, n=auto (budget // max-tokens), temperature=0.7, "
+        "scorer=self|second, mode=cgs, threshold=1.0 ...",
+    )
+    g.add_argument("--second-model", default=None, help="second model (same numerics) for two-model strategies")
+    g.add_argument("--baseline", default=None, help="compare: baseline run folder (default: self_consistency run)")
 
 
 def add_parser(subparsers, parents: list[argparse.ArgumentParser] | None = None) -> argparse.ArgumentParser:
@@ -111,6 +132,8 @@ def add_parser(subparsers, parents: list[argparse.ArgumentParser] | None = None)
 
 
 def _default_out(args) -> str:
+    if getattr(args, "strategy", None):
+        return f"runs/{args.task}-{args.strategy}-b{args.budget}-s{args.seed}"
     return f"runs/{args.task}-n{args.n}-t{args.temperature:g}-s{args.seed}"
 
 
@@ -118,13 +141,18 @@ def run(args, make_backend) -> int:
     """Carry out `ditto eval` for parsed `args`; `make_backend(args)` is called only when generating."""
     action = list(getattr(args, "action", []) or [])
     if action and action[0] == "compare":
-        if len(action) != 3:
-            print("usage: ditto eval compare RUN_A RUN_B", file=sys.stderr)
+        if len(action) < 3:
+            print("usage: ditto eval compare RUN_A RUN_B [RUN_C ...]", file=sys.stderr)
             return 2
-        from ditto.eval.report import compare
+        from ditto.eval.report import compare, compare_strategies, is_strategy_run
 
         try:
-            text, numbers = compare(action[1], action[2], seed=args.seed)
+            if len(action) == 3 and not any(is_strategy_run(a) for a in action[1:]):
+                text, numbers = compare(action[1], action[2], seed=args.seed)
+            else:
+                text, numbers = compare_strategies(
+                    action[1:], baseline=getattr(args, "baseline", None), out=args.out, seed=args.seed
+                )
         except (ValueError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -145,9 +173,13 @@ def run(args, make_backend) -> int:
 
     config = EvalConfig.from_args(args)
     out = args.out or _default_out(args)
-    backend = make_backend(args)
     try:
-        summary = run_eval(backend, config, out, progress=args.progress)
+        if getattr(args, "strategy", None):
+            from ditto.eval.strategy_runner import run_from_args
+
+            summary = run_from_args(args, make_backend, config, out)
+        else:
+            summary = run_eval(make_backend(args), config, out, progress=args.progress)
     except ResumeMismatch as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -159,6 +191,11 @@ def run(args, make_backend) -> int:
             f"{summary['problems']} problems x {summary['samples_per_problem']} samples: accuracy "
             f"{100 * summary['accuracy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]; "
             + ", ".join(f"pass@{k} {100 * v:.1f}%" for k, v in summary["pass_at_k"].items())
+            + (
+                f"; mean generated tokens {summary['cost']['mean']['generated_tokens']:.1f}"
+                if "cost" in summary
+                else ""
+            )
             + f"\nreport: {Path(out) / 'report.md'}"
         )
     return 0

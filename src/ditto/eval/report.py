@@ -92,6 +92,9 @@ def _plots(records: list[dict], summary: dict, out: Path) -> list[tuple[str, Pat
     return made
 
 
+_COST_KEYS = ("generated_tokens", "scored_tokens", "model_calls", "scorer_calls", "sandbox_runs", "wall_time_s")
+
+
 def _fmt(x: float) -> str:
     return f"{100 * x:.1f}%"
 
@@ -136,6 +139,25 @@ def render_markdown(
         f"| grading status | {summary['grading_status']} |",
         f"| grader disagreements (math-verify vs fallback) | {summary['grader_disagreements']} |",
         f"| finish reasons | {summary['finish_reasons']} |",
+        "",
+    ]
+    strat = manifest.get("strategy")
+    if strat:
+        mc = {k: sum(r.get("cost", {}).get(k, 0) for r in records) / max(1, len(records)) for k in _COST_KEYS}
+        lines += [
+            "",
+            f"## Strategy: {strat.get('name')}",
+            "",
+            f"- budget: {strat.get('budget', {}).get('max_generated_tokens')} generated tokens per problem; "
+            f"max {strat.get('budget', {}).get('max_tokens')} tokens per completion",
+            f"- config: `{json.dumps(strat.get('config'), default=str)}`",
+            f"- second model: {strat.get('second_model')}",
+            "",
+            "| mean cost per problem | value |",
+            "|---|---|",
+            *(f"| {k.replace('_', ' ')} | {v:.2f} |" for k, v in mc.items()),
+        ]
+    lines += [
         "",
         "## By difficulty",
         "",
@@ -284,3 +306,181 @@ def compare(run_a: str | Path, run_b: str | Path, *, seed: int = 0) -> tuple[str
         "verdict": cmp.verdict(),
     }
     return "\n".join(lines), numbers
+
+
+# ----------------------------------------------------------------------------------------------
+# strategy runs: accuracy vs cost over several folders
+# ----------------------------------------------------------------------------------------------
+
+BASELINE_STRATEGIES = ("self_consistency", "majority")
+
+
+def is_strategy_run(run: str | Path) -> bool:
+    m = Path(run) / "manifest.json"
+    return m.exists() and bool(json.loads(m.read_text()).get("strategy"))
+
+
+def _run_label(manifest: dict, run: Path) -> tuple[str, str, int | None]:
+    st = manifest.get("strategy") or {}
+    if not st:
+        cfg = manifest.get("config", {})
+        name = f"sample(n={cfg.get('n')}, T={cfg.get('temperature')})"
+        return name, name, None
+    budget = (st.get("budget") or {}).get("max_generated_tokens")
+    return st.get("name"), f"{st.get('name')}@{budget}", budget
+
+
+def compare_strategies(
+    runs: list[str | Path], *, baseline: str | Path | None = None, out: str | Path | None = None, seed: int = 0
+) -> tuple[str, dict]:
+    """Accuracy [95% Wilson] vs mean cost of several runs on their shared problems, each paired against a baseline.
+
+    The baseline of a run is `baseline` when given, else the self-consistency run whose budget is closest to
+    the run's own (equal tokens), else the first folder. Writes compare.md, compare.json and compare.png into
+    `out` (default: the first folder). Returns (markdown, numbers).
+    """
+    paths = [Path(r) for r in runs]
+    loaded = []
+    for p in paths:
+        manifest, records = _load(p)
+        if not records:
+            raise ValueError(f"{p} has no results")
+        strategy, label, budget = _run_label(manifest, p)
+        loaded.append({"path": p, "manifest": manifest, "records": records, "strategy": strategy, "budget": budget})
+        loaded[-1]["label"] = label
+    labels = [x["label"] for x in loaded]
+    for x in loaded:
+        if labels.count(x["label"]) > 1:
+            x["label"] = f"{x['label']} ({x['path'].name})"
+    shared = set.intersection(*({r["id"] for r in x["records"]} for x in loaded))
+    if not shared:
+        raise ValueError("the runs share no problems")
+    ids = sorted(shared)
+    for x in loaded:
+        by_id = {r["id"]: r for r in x["records"]}
+        recs = [by_id[i] for i in ids]
+        x["correct"] = {r["id"]: [bool(s["correct"]) for s in r["samples"]] for r in recs}
+        n_ok = sum(v[0] for v in x["correct"].values())
+        x["accuracy"] = n_ok / len(ids)
+        x["ci95"] = wilson_interval(n_ok, len(ids))
+        if any("cost" in r for r in recs):
+            cost = {k: sum(r.get("cost", {}).get(k, 0) for r in recs) for k in _COST_KEYS}
+        else:  # a plain sampling run: tokens of all its samples, one call per problem
+            cost = dict.fromkeys(_COST_KEYS, 0)
+            cost["generated_tokens"] = sum(s["n_tokens"] for r in recs for s in r["samples"])
+            cost["model_calls"] = len(recs)
+            cost["wall_time_s"] = sum(r.get("seconds", 0.0) for r in recs)
+        x["total_cost"] = cost
+        x["mean_cost"] = {k: v / len(ids) for k, v in cost.items()}
+
+    def pick_baseline(x):
+        if baseline is not None:
+            for y in loaded:
+                if str(y["path"]) == str(baseline) or y["path"].resolve() == Path(baseline).resolve():
+                    return y
+                if y["label"] == str(baseline):
+                    return y
+            raise ValueError(f"baseline {baseline} is not one of the compared runs")
+        cands = [y for y in loaded if y["strategy"] in BASELINE_STRATEGIES]
+        if not cands:
+            return loaded[0]
+        if x["budget"] is None:
+            return cands[0]
+        return min(cands, key=lambda y: abs((y["budget"] or 0) - x["budget"]))
+
+    lines = [
+        "# compare: accuracy vs cost",
+        "",
+        f"{len(ids)} shared problems; accuracy with 95% Wilson interval; costs are means per problem "
+        "(tokens generated / scored by every model, backend calls, wall seconds). Each run is paired with its "
+        "baseline (the self-consistency run at the closest budget unless --baseline): McNemar exact p and the "
+        "paired-bootstrap difference (run - baseline) with its 95% CI.",
+        "",
+        "| run | budget | accuracy [95% CI] | gen tokens | scored tokens | calls | seconds | total gen tokens "
+        "| baseline | diff [95% CI] | McNemar p | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = []
+    for x in loaded:
+        base = pick_baseline(x)
+        row = {
+            "run": str(x["path"]),
+            "label": x["label"],
+            "strategy": x["strategy"],
+            "budget": x["budget"],
+            "problems": len(ids),
+            "accuracy": x["accuracy"],
+            "ci95": list(x["ci95"]),
+            "mean_cost": x["mean_cost"],
+            "total_cost": x["total_cost"],
+            "baseline": base["label"],
+        }
+        mc = x["mean_cost"]
+        cells = [
+            x["label"],
+            str(x["budget"] if x["budget"] is not None else "-"),
+            f"{_fmt(x['accuracy'])} [{_fmt(x['ci95'][0])}, {_fmt(x['ci95'][1])}]",
+            f"{mc['generated_tokens']:.1f}",
+            f"{mc['scored_tokens']:.1f}",
+            f"{mc['model_calls']:.1f}",
+            f"{mc['wall_time_s']:.2f}",
+            f"{x['total_cost']['generated_tokens']}",
+        ]
+        if base is x:
+            cells += ["(baseline)", "-", "-", "-"]
+        else:
+            cmp = compare_runs(base["correct"], x["correct"], seed=seed)
+            lo, hi = cmp.bootstrap["ci95"]
+            diff = cmp.acc_b - cmp.acc_a
+            row |= {"diff": diff, "diff_ci95": [lo, hi], "mcnemar_p": cmp.mcnemar_p, "significant": cmp.significant}
+            verdict = ("better" if diff > 0 else "worse") if cmp.significant else "n.s."
+            cells += [
+                base["label"],
+                f"{100 * diff:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]",
+                f"{cmp.mcnemar_p:.3g}",
+                verdict,
+            ]
+        rows.append(row)
+        lines.append("| " + " | ".join(cells) + " |")
+    out_dir = Path(out) if out else paths[0]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = _cost_plot(loaded, out_dir / "compare.png")
+    lines += ["", f"![accuracy vs cost]({png.name})", ""]
+    text = "\n".join(lines)
+    (out_dir / "compare.md").write_text(text, encoding="utf-8")
+    numbers = {"problems": len(ids), "runs": rows, "markdown": str(out_dir / "compare.md"), "plot": str(png)}
+    (out_dir / "compare.json").write_text(json.dumps(numbers, indent=2, default=str), encoding="utf-8")
+    return text, numbers
+
+
+def _cost_plot(loaded: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups: dict[str, list[dict]] = {}
+    for x in loaded:
+        groups.setdefault(x["strategy"], []).append(x)
+    for name, xs in groups.items():
+        xs = sorted(xs, key=lambda x: x["mean_cost"]["generated_tokens"])
+        tok = [max(1e-9, x["mean_cost"]["generated_tokens"]) for x in xs]
+        acc = [x["accuracy"] for x in xs]
+        err = [[a - x["ci95"][0] for a, x in zip(acc, xs)], [x["ci95"][1] - a for a, x in zip(acc, xs)]]
+        ax.errorbar(tok, acc, yerr=err, fmt="o-", capsize=3, label=name, alpha=0.85)
+        for t, a, x in zip(tok, acc, xs):
+            if x["budget"] is not None:
+                ax.annotate(str(x["budget"]), (t, a), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if all(x["mean_cost"]["generated_tokens"] > 0 for x in loaded):
+        ax.set_xscale("log")
+    ax.set_xlabel("mean generated tokens per problem (all models)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title("Accuracy vs cost (labels: token budget)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

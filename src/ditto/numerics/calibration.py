@@ -142,11 +142,12 @@ def rope_stats(model, positions: int) -> dict[str, torch.Tensor]:
 
 
 def calibration_path(model_path: str | Path) -> Path:
-    """Where the calibration of a model file (or directory) lives: next to it."""
+    """Where the calibration of a model file (or directory) lives: next to it.
+
+    Safetensors format, but not named *.safetensors: an HF directory's weights are its *.safetensors files.
+    """
     p = Path(model_path)
-    return (
-        (p / "ditto-integer-calibration.safetensors") if p.is_dir() else p.with_name(p.name + ".int-calib.safetensors")
-    )
+    return (p / "ditto-integer-calibration.int-calib") if p.is_dir() else p.with_name(p.name + ".int-calib")
 
 
 def save_calibration(path: str | Path, stats: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> Path:

@@ -104,7 +104,7 @@ def load_or_calibrate(loaded, rope_positions: int | None = None) -> tuple[dict[s
     """(stats, path of the calibration file): next to the model, else the user cache, else computed and saved."""
     weights = loaded.digest
     primary = cal.calibration_path(loaded.path)
-    fallback = _cache_dir() / f"{weights[:32]}.int-calib.safetensors"
+    fallback = _cache_dir() / f"{weights[:32]}.int-calib"
     for path in (primary, fallback):
         if path.is_file():
             try:

@@ -309,6 +309,8 @@ def extract_answer(text: str) -> str | None:
         fn = getattr(grading, "extract_answer", None)
         if fn is not None:
             out = fn(text)
+            if isinstance(out, tuple):  # grading.extract_answer returns (answer, method)
+                out = out[0]
             return None if out is None else str(out)
     except ImportError:
         pass

@@ -1,0 +1,347 @@
+"""`ditto eval --strategy NAME --budget TOKENS`: solve each problem with a reasoning strategy.
+
+Instead of plain sampling, every problem goes through
+``get_strategy(NAME, **args).run(problem.question, backend, Budget(max_generated_tokens=TOKENS, ...))``.
+The run folder has the same shape as a plain run (manifest.json, resumable results.jsonl, summary.json,
+report.*), so resumption, reports and `ditto eval compare` work unchanged. Each record holds one
+"sample" (the strategy's answer, graded by the same GraderPool as plain runs; ``n_tokens`` is the
+generated-token cost of the whole strategy) plus:
+
+  cost    the strategy's Cost (generated/scored tokens, model calls, scorer calls, sandbox runs, wall s)
+  calls   every backend call as the backend saw it: model (policy/second), op (generate/score) and the
+          token count of each completion / scored continuation (an independent check of `cost`)
+  trace   the strategy's trace, compacted (long strings cut, long lists truncated)
+
+Strategy arguments come from ``--strategy-arg k=v`` (values parsed as JSON, else kept as strings):
+``n=auto`` means ``budget // max_tokens`` samples; ``scorer=second`` scores with the second model
+(``--second-model``), ``scorer=self`` with the policy. chunk_guided and glimp_router get the second
+model as their large model. Strategies that take a ``seed`` get the per-problem seed of the plain
+runner unless ``seed`` is given.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ditto.eval import grading
+from ditto.eval.manifest import build_manifest, resume_key, write_json_atomic
+from ditto.eval.metrics import summarize
+from ditto.eval.runner import (
+    EvalConfig,
+    ResumeMismatch,
+    _progress,
+    _ResultsWriter,
+    load_results,
+    problem_seed,
+)
+
+log = logging.getLogger("ditto.eval")
+
+TWO_MODEL = ("chunk_guided", "glimp_router")  # take the second model as `large`
+SCORED = ("best_of_n", "weighted_majority", "beam_search", "astar", "early_rejection")  # take `scorer`
+SEED_RULE = "strategy seed = per-problem seed (sha256(f'{seed}:{problem_id}')[:8] mod 2**31) unless --strategy-arg seed"
+MAX_STR = 300
+MAX_LIST = 64
+
+
+@dataclass
+class StrategySpec:
+    name: str
+    budget: int | None = None  # max generated tokens per problem (all models, all calls)
+    args: dict = field(default_factory=dict)
+    second_model: str | None = None
+    max_samples: int | None = None
+    max_model_calls: int | None = None
+
+    def record(self) -> dict:
+        return asdict(self)
+
+
+def _value(s: str):
+    try:
+        return json.loads(s)
+    except json.JSONDecodeError:
+        return s
+
+
+def parse_strategy_args(items: list[str] | None) -> dict:
+    """['n=8', 'temperature=0.7', 'mode=cgs'] -> {'n': 8, 'temperature': 0.7, 'mode': 'cgs'}."""
+    out = {}
+    for item in items or []:
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--strategy-arg expects key=value, got {item!r}")
+        out[key.strip().replace("-", "_")] = _value(val.strip())
+    return out
+
+
+class RecordingBackend:
+    """Forwards everything to `backend`; logs the token counts of every generate/score call."""
+
+    def __init__(self, backend, label: str, calls: list):
+        self._backend = backend
+        self.label = label
+        self.calls = calls
+
+    def generate(self, prompts, params=None, **kw):
+        outs = self._backend.generate(prompts, params, **kw)
+        toks = [len(c.token_ids) for ro in outs for c in ro.outputs]
+        self.calls.append({"model": self.label, "op": "generate", "prompts": len(outs), "tokens": toks})
+        return outs
+
+    def score(self, prompt, continuation, **kw):
+        out = self._backend.score(prompt, continuation, **kw)
+        self.calls.append({"model": self.label, "op": "score", "tokens": [len(out.token_ids)]})
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+
+def build_strategy(spec: StrategySpec, max_tokens: int, seed: int | None = None, second=None):
+    """The Strategy for one problem: `spec.args` resolved (n=auto, scorer=..., large model, seed)."""
+    from ditto.strategies import LikelihoodScorer, get_strategy
+    from ditto.strategies.base import _REGISTRY
+
+    if spec.name not in _REGISTRY:
+        get_strategy(spec.name)  # raises KeyError listing the known names
+    kw = dict(spec.args)
+    if kw.get("n") == "auto":
+        if spec.budget is None:
+            raise ValueError("n=auto needs --budget")
+        kw["n"] = max(1, spec.budget // max(1, max_tokens))
+    if "scorer" in kw:
+        if kw["scorer"] == "second":
+            if second is None:
+                raise ValueError("scorer=second needs --second-model")
+            kw["scorer"] = LikelihoodScorer(second)
+        elif kw["scorer"] == "self":
+            kw["scorer"] = LikelihoodScorer()
+        else:
+            raise ValueError(f"unknown scorer {kw['scorer']!r} (expected 'self' or 'second')")
+    if spec.name in TWO_MODEL:
+        if second is None:
+            raise ValueError(f"strategy {spec.name} needs --second-model (its larger model)")
+        kw.setdefault("large", second)
+    params = inspect.signature(_REGISTRY[spec.name].__init__).parameters
+    if "seed" in params and "seed" not in kw and seed is not None:
+        kw["seed"] = seed
+    return get_strategy(spec.name, **kw)
+
+
+def compact(obj, depth: int = 0):
+    """A JSON-safe, bounded copy of a trace."""
+    if depth > 6:
+        return "..."
+    if isinstance(obj, float):
+        return round(obj, 6) if obj == obj and abs(obj) != float("inf") else str(obj)
+    if isinstance(obj, str):
+        return obj if len(obj) <= MAX_STR else obj[:MAX_STR] + f"...[{len(obj) - MAX_STR} more chars]"
+    if isinstance(obj, bool | int) or obj is None:
+        return obj
+    if isinstance(obj, dict):
+        return {str(k): compact(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        items = [compact(v, depth + 1) for v in list(obj)[:MAX_LIST]]
+        if len(obj) > MAX_LIST:
+            items.append(f"...[{len(obj) - MAX_LIST} more]")
+        return items
+    return getattr(obj, "name", type(obj).__name__)
+
+
+def mean_cost(records: list[dict]) -> dict:
+    keys = ("generated_tokens", "scored_tokens", "model_calls", "scorer_calls", "sandbox_runs", "wall_time_s")
+    n = max(1, len(records))
+    total = {k: sum(r.get("cost", {}).get(k, 0) for r in records) for k in keys}
+    return {"mean": {k: v / n for k, v in total.items()}, "total": total}
+
+
+def run_strategy_eval(
+    backend,
+    config: EvalConfig,
+    spec: StrategySpec,
+    out_dir: str | os.PathLike,
+    *,
+    second=None,
+    progress: bool = True,
+    report: bool = True,
+) -> dict:
+    """Evaluate strategy `spec` on `config`'s problems with `backend` (and `second`), into `out_dir`."""
+    from ditto.strategies import Budget
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    task = config.make_task()
+    problems = task.load(limit=config.limit, offset=config.offset)
+    budget = Budget(
+        max_generated_tokens=spec.budget,
+        max_samples=spec.max_samples,
+        max_tokens=config.max_tokens,
+        max_model_calls=spec.max_model_calls,
+    )
+    example = build_strategy(spec, config.max_tokens, seed=config.seed, second=second)
+    instruction = example.instruction
+    prompt_rec = {
+        "format": "strategy",
+        "instruction": instruction,
+        "sha256": hashlib.sha256(instruction.encode()).hexdigest(),
+        "note": "strategies format their own prompts (chat template + instruction); --prompt is unused",
+    }
+    binfo = backend.info()
+    cfg = asdict(config) | {"strategy": spec.record()}
+    strat_rec = {
+        "name": spec.name,
+        "args": spec.args,
+        "config": compact(example.config()),
+        "budget": asdict(budget),
+        "second_model": spec.second_model,
+        "second_backend": second.info() if second is not None else None,
+        "seed_rule": SEED_RULE,
+    }
+    manifest_path = out / "manifest.json"
+    results_path = out / "results.jsonl"
+    second_digest = (strat_rec["second_backend"] or {}).get("model_digest")
+    key_info = binfo | {"model_digest": f"{binfo.get('model_digest')}+{second_digest}"}
+    key = resume_key(cfg, key_info, prompt_rec)
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("resume_key") != key:
+            old = manifest.get("config", {})
+            diffs = [k for k in cfg if old.get(k) != cfg[k]]
+            raise ResumeMismatch(
+                f"{out} holds a different run (differs in: {', '.join(diffs) or 'backend'}); "
+                "use another --out or delete the folder"
+            )
+    else:
+        if results_path.exists() and results_path.stat().st_size:
+            raise ResumeMismatch(f"{results_path} exists without a manifest.json; refusing to mix runs")
+        manifest = build_manifest(
+            config=cfg,
+            backend_info=binfo,
+            task_info=task.info(),
+            prompt_record=prompt_rec,
+            sampling={"controlled_by": "strategy", "max_tokens_per_completion": config.max_tokens},
+            seed_rule=SEED_RULE,
+            grader=grading.grader_info(config.grader_timeout, config.grader_workers),
+            problems=[p.id for p in problems],
+            batch={"problems_per_strategy_run": 1},
+        )
+        manifest["resume_key"] = key
+        manifest["strategy"] = strat_rec
+    session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "limit": config.limit}
+    manifest.setdefault("sessions", []).append(session)
+    write_json_atomic(manifest_path, manifest)
+
+    calls: list[dict] = []
+    policy = RecordingBackend(backend, "policy", calls)
+    second_rec = RecordingBackend(second, "second", calls) if second is not None else None
+    writer = _ResultsWriter(results_path)
+    done = {r["id"]: r for r in load_results(results_path)}
+    todo = [p for p in problems if p.id not in done]
+    session["resumed_with"] = len(problems) - len(todo)
+    n_correct = sum(r["n_correct"] for r in done.values())
+    prog = _progress(progress, len(problems), len(problems) - len(todo))
+    try:
+        with grading.GraderPool(config.grader_workers, config.grader_timeout) as pool:
+            for p in todo:
+                seed = problem_seed(config.seed, p.id)
+                strategy = build_strategy(spec, config.max_tokens, seed=seed, second=second_rec)
+                calls.clear()
+                res = strategy.run(p.question, policy, budget)
+                response = f"\\boxed{{{res.answer}}}" if res.answer is not None else ""
+                (g,) = pool.grade([(p.answer, response)])
+                if g.disagreement:
+                    log.warning("grader disagreement on %s: gold=%r answer=%r", p.id, p.answer, g.extracted)
+                cost = asdict(res.cost)
+                sample = {
+                    "index": 0,
+                    "text": res.text,
+                    "answer": g.extracted,
+                    "key": grading.answer_key(g.extracted),
+                    "correct": g.correct,
+                    "status": g.status,
+                    "method": "strategy",
+                    "math_verify": g.math_verify,
+                    "fallback": g.fallback,
+                    "disagreement": g.disagreement,
+                    "grade_error": g.error,
+                    "n_tokens": res.cost.generated_tokens,
+                    "finish_reason": "budget" if "budget_exhausted" in res.trace else "done",
+                }
+                rec = {
+                    "id": p.id,
+                    "difficulty": p.difficulty,
+                    "gold": p.answer,
+                    "question": p.question,
+                    "strategy": spec.name,
+                    "seed": seed,
+                    "seconds": res.cost.wall_time_s,
+                    "n": 1,
+                    "n_correct": int(g.correct),
+                    "samples": [sample],
+                    "cost": cost,
+                    "calls": list(calls),
+                    "trace": compact(res.trace),
+                }
+                writer.write(rec)
+                done[p.id] = rec
+                n_correct += rec["n_correct"]
+                if prog:
+                    n_done = len(done)
+                    prog.update(
+                        prog.task_ids[0], advance=1, description=f"acc {n_correct / n_done:.3f} ({n_correct}/{n_done})"
+                    )
+            session["grader_timeouts"] = pool.timeouts
+    finally:
+        writer.close()
+        if prog:
+            prog.stop()
+    records = [done[p.id] for p in problems if p.id in done]
+    summary = summarize(records, seed=config.seed)
+    summary["task"] = task.name
+    summary["run"] = str(out)
+    summary["strategy"] = {"name": spec.name, "budget": spec.budget, "args": spec.args}
+    summary["cost"] = mean_cost(records)
+    write_json_atomic(out / "summary.json", summary)
+    session["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    session["problems_done"] = len(records)
+    write_json_atomic(manifest_path, manifest)
+    if report:
+        from ditto.eval.report import write_report
+
+        write_report(out)
+    return summary
+
+
+def second_backend(args, make_backend):
+    """The second model, built by `make_backend` from a copy of `args` with --model swapped (same numerics)."""
+    if not getattr(args, "second_model", None):
+        return None
+    args2 = copy.copy(args)
+    args2.model = args.second_model
+    return make_backend(args2)
+
+
+def run_from_args(args, make_backend, config: EvalConfig, out: str) -> dict:
+    """`ditto eval --strategy ...`: build the spec and backends from parsed CLI args and run."""
+    spec = StrategySpec(
+        name=args.strategy,
+        budget=args.budget,
+        args=parse_strategy_args(args.strategy_arg),
+        second_model=args.second_model,
+    )
+    from ditto.strategies import available_strategies
+
+    if spec.name not in available_strategies():
+        raise ValueError(f"unknown strategy {spec.name!r}; known: {', '.join(available_strategies())}")
+    backend = make_backend(args)
+    second = second_backend(args, make_backend)
+    return run_strategy_eval(backend, config, spec, out, second=second, progress=args.progress)
