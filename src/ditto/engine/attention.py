@@ -182,16 +182,21 @@ class PagedAttention:
             blocks = blocks[first:]
         else:
             block_index = torch.arange(len(blocks))
+        nb = len(blocks)
         kb, vb = self.cache.read(layer, blocks)  # (nb, Hkv, D, bs), (nb, Hkv, bs, D)
-        s = torch.matmul(qg.unsqueeze(0), kb)  # (nb, Hkv, M, bs)
-        key_pos = block_index[:, None] * bs + torch.arange(bs)  # (nb, bs)
-        visible = key_pos[:, None, :] <= qpos[None, :, None]  # (nb, M, bs)
+        k_all = kb.permute(1, 2, 0, 3).reshape(hkv, d, nb * bs)  # (Hkv, D, L): same scores as per block
+        s = torch.matmul(qg, k_all)  # (Hkv, M, L)
+        key_pos = (block_index[:, None] * bs + torch.arange(bs)).reshape(-1)  # (L,)
+        visible = key_pos[None, :] <= qpos[:, None]  # (M, L)
         if window is not None:
-            visible &= key_pos[:, None, :] > qpos[None, :, None] - window
-        s = s.masked_fill(~visible[:, None], float("-inf"))
-        row_max = s.amax(dim=(0, 3))  # (Hkv, M)
-        o_part, l_part = _row_partials(s - row_max[None, :, :, None], vb)  # (nb, Hkv, M, D), (nb, Hkv, M, 1)
-        zeros = torch.zeros(len(blocks), dtype=torch.long)
-        o = torch.zeros(1, hkv, m, d).index_add_(0, zeros, o_part)[0]  # blocks added in order
-        o = (o / torch.zeros(1, hkv, m, 1).index_add_(0, zeros, l_part)[0])[:, :rows]  # (Hkv, n*G, D)
+            visible &= key_pos[None, :] > qpos[:, None] - window
+        s = s.masked_fill(~visible, float("-inf"))
+        p = torch.exp(s - s.amax(-1, keepdim=True))  # (Hkv, M, L)
+        p_blocks = p.view(hkv, m, nb, bs)
+        # normaliser: per-block sums over bs, then added block after block (cumsum is sequential)
+        denom = torch.cumsum(p_blocks.sum(-1), dim=-1)[..., -1:]  # (Hkv, M, 1)
+        o = torch.zeros(hkv, m, d)
+        for b in range(nb):  # partial outputs added in block order, exactly as the decode path does
+            o = o + torch.matmul(p_blocks[:, :, b], vb[b])  # (Hkv, M, bs) @ (Hkv, bs, D)
+        o = (o / denom)[:, :rows]  # (Hkv, n*G, D)
         return o.reshape(hkv, n, g, d).permute(1, 0, 2, 3).reshape(n, h, d)  # -> (n, H, D)
