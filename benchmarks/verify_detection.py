@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from ditto import LLM, SamplingParams
-from ditto.verify.build import receipt_for
+from ditto.verify.build import model_digest, receipt_for
 from ditto.verify.claims import parse_claim
 from ditto.verify.replay import verify_claims, verify_receipts
 from ditto.verify.stats import auc, tpr_at_fpr
@@ -117,6 +117,7 @@ def main() -> None:
         return LLM(args.model, determinism=args.determinism, progress=False, **kw)
 
     ref = llm_for()
+    ref_digest = model_digest(ref)
     texts = make_prompts(n)
     prompt_ids = chat_ids(ref, texts)
     claimed = [
@@ -131,7 +132,7 @@ def main() -> None:
         receipts = []
         for o, used, adv in zip(outs, used_params, claimed):
             r = receipt_for(llm, o, o.outputs[0], used)
-            r = dataclasses.replace(r, sampling=adv.record(), numerics="fp32", model_digest=ref.model_digest)
+            r = dataclasses.replace(r, sampling=adv.record(), numerics="fp32", model_digest=ref_digest)
             if edit is not None:
                 r = edit(r)
             receipts.append(r.seal())

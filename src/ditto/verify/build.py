@@ -10,13 +10,15 @@ reproduce (KV-cache dtype, bundled model name, family).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ditto.sampling import SamplingParams
 from ditto.verify.activation_difr import DEFAULT_FINGERPRINT_SEED
 from ditto.verify.receipt import Receipt, hardware_info
 
-__all__ = ["receipt_for", "params_from_record"]
+__all__ = ["model_digest", "params_from_record", "receipt_for"]
 
 
 def _resolved_params(request_output, params: SamplingParams | None) -> SamplingParams:
@@ -47,6 +49,16 @@ def params_from_record(record: dict) -> SamplingParams:
         if key in kw and kw[key] is not None:
             kw[key] = tuple(kw[key])
     return SamplingParams(**kw)
+
+
+def model_digest(llm) -> str:
+    """`llm.model_digest`, computed once per LLM (it hashes the weight files)."""
+    cached = getattr(llm, "_ditto_verify_digest", None)
+    if cached is None:
+        cached = llm.model_digest
+        with contextlib.suppress(AttributeError):  # a slotted backend: recompute every time
+            llm._ditto_verify_digest = cached
+    return cached
 
 
 def receipt_for(llm, request_output, completion, params: SamplingParams | None = None, sign_key=None) -> Receipt:
@@ -82,7 +94,7 @@ def receipt_for(llm, request_output, completion, params: SamplingParams | None =
         completion,
         used,
         model=str(getattr(getattr(llm, "loaded", None), "path", "") or info.get("model", "")),
-        model_digest=llm.model_digest,
+        model_digest=model_digest(llm),
         tokenizer_digest=str(getattr(llm.tokenizer, "digest", None) or info.get("tokenizer_digest") or ""),
         numerics=cfg.numerics,
         determinism=cfg.determinism,

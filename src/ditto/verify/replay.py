@@ -47,7 +47,7 @@ import torch
 
 from ditto.sampling import SamplingParams
 from ditto.verify.activation_difr import activation_difr, fingerprints
-from ditto.verify.build import params_from_record, receipt_for
+from ditto.verify.build import model_digest, params_from_record, receipt_for
 from ditto.verify.receipt import Receipt
 from ditto.verify.stats import calibrate_threshold
 from ditto.verify.token_difr import DEFAULT_CLIP, TokenDifrResult, clipped_mean, token_difr
@@ -268,7 +268,7 @@ def _precheck(llm, receipt: Receipt, public_key, check_model: bool) -> Verdict |
             signed=receipt.signed,
         )
     if check_model:
-        mine = llm.model_digest
+        mine = model_digest(llm)
         if receipt.model_digest.removeprefix("sha256:") != str(mine).removeprefix("sha256:"):
             raise ModelMismatchError(
                 f"the verifier runs a different model than the receipt's: receipt model_digest "
@@ -536,7 +536,7 @@ def calibrate(
     doc = {
         "schema": THRESHOLDS_SCHEMA,
         "created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "model_digest": llm.model_digest,
+        "model_digest": model_digest(llm),
         "numerics": llm.config.numerics,
         "determinism": llm.config.determinism,
         "fpr": fpr,
