@@ -63,11 +63,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    opts = dict(progress=False, max_num_seqs=args.prompts, num_kv_blocks=1024)
     t = time.perf_counter()
-    fp = LLM(args.model, numerics="fp32", determinism="fast", progress=False, max_num_seqs=args.prompts)
+    fp = LLM(args.model, numerics="fp32", determinism="fast", **opts)
     t_fp = time.perf_counter() - t
     t = time.perf_counter()
-    ex = LLM(args.model, numerics="integer", determinism="exact", progress=False, max_num_seqs=args.prompts)
+    ex = LLM(args.model, numerics="integer", determinism="exact", **opts)
     t_ex = time.perf_counter() - t
     print(f"setup: fp32 {t_fp:.1f} s, integer {t_ex:.1f} s (threads={torch.get_num_threads()})", flush=True)
     ps = prompts(args.prompts)

@@ -467,7 +467,10 @@ def _cost_plot(loaded: list[dict], path: Path) -> Path:
         xs = sorted(xs, key=lambda x: x["mean_cost"]["generated_tokens"])
         tok = [max(1e-9, x["mean_cost"]["generated_tokens"]) for x in xs]
         acc = [x["accuracy"] for x in xs]
-        err = [[a - x["ci95"][0] for a, x in zip(acc, xs)], [x["ci95"][1] - a for a, x in zip(acc, xs)]]
+        err = [
+            [max(0.0, a - x["ci95"][0]) for a, x in zip(acc, xs)],
+            [max(0.0, x["ci95"][1] - a) for a, x in zip(acc, xs)],
+        ]
         ax.errorbar(tok, acc, yerr=err, fmt="o-", capsize=3, label=name, alpha=0.85)
         for t, a, x in zip(tok, acc, xs):
             if x["budget"] is not None:

@@ -13,10 +13,11 @@ generated-token cost of the whole strategy) plus:
   trace   the strategy's trace, compacted (long strings cut, long lists truncated)
 
 Strategy arguments come from ``--strategy-arg k=v`` (values parsed as JSON, else kept as strings):
-``n=auto`` means ``budget // max_tokens`` samples; ``scorer=second`` scores with the second model
-(``--second-model``), ``scorer=self`` with the policy. chunk_guided and glimp_router get the second
-model as their large model. Strategies that take a ``seed`` get the per-problem seed of the plain
-runner unless ``seed`` is given.
+``n=auto`` means ``budget // max_tokens`` samples; ``instruction=eval`` swaps the strategy's
+\\boxed{} instruction for the plain runner's chat instruction (or give a template with {problem});
+``scorer=second`` scores with the second model (``--second-model``), ``scorer=self`` with the policy.
+chunk_guided and glimp_router get the second model as their large model. Strategies that take a
+``seed`` get the per-problem seed of the plain runner unless ``seed`` is given.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ditto.eval import grading
-from ditto.eval.manifest import build_manifest, resume_key, write_json_atomic
+from ditto.eval.manifest import RESUME_FREE_FIELDS, build_manifest, resume_key, write_json_atomic
 from ditto.eval.metrics import summarize
 from ditto.eval.runner import (
     EvalConfig,
@@ -131,10 +132,25 @@ def build_strategy(spec: StrategySpec, max_tokens: int, seed: int | None = None,
         if second is None:
             raise ValueError(f"strategy {spec.name} needs --second-model (its larger model)")
         kw.setdefault("large", second)
+    instruction = kw.pop("instruction", None)
     params = inspect.signature(_REGISTRY[spec.name].__init__).parameters
     if "seed" in params and "seed" not in kw and seed is not None:
         kw["seed"] = seed
-    return get_strategy(spec.name, **kw)
+    strategy = get_strategy(spec.name, **kw)
+    if instruction is not None:
+        strategy.instruction = resolve_instruction(instruction)
+    return strategy
+
+
+def resolve_instruction(value: str) -> str:
+    """'eval': the plain runner's chat instruction ("... The answer is N."); else a template with {problem}."""
+    if value == "eval":
+        from ditto.eval.prompts import INSTRUCTIONS
+
+        return INSTRUCTIONS["default"].replace("{", "{{").replace("}", "}}") + "\n\n{problem}"
+    if "{problem}" not in value:
+        raise ValueError("instruction must be 'eval' or a template containing {problem}")
+    return value
 
 
 def compact(obj, depth: int = 0):
@@ -215,7 +231,7 @@ def run_strategy_eval(
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("resume_key") != key:
             old = manifest.get("config", {})
-            diffs = [k for k in cfg if old.get(k) != cfg[k]]
+            diffs = [k for k in cfg if old.get(k) != cfg[k] and k not in RESUME_FREE_FIELDS]
             raise ResumeMismatch(
                 f"{out} holds a different run (differs in: {', '.join(diffs) or 'backend'}); "
                 "use another --out or delete the folder"

@@ -397,7 +397,7 @@ class IntKVCache:
         shape, sshape = (num_blocks, block_size, kv_heads, head_dim), (num_blocks, block_size, kv_heads, 1)
         self.k = [torch.zeros(shape, dtype=torch.int8) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=torch.int8) for _ in range(num_layers)]
-        self.ka16 = [torch.ones(sshape, dtype=torch.int32) for _ in range(num_layers)]
+        self.ka16 = [torch.zeros(sshape, dtype=torch.int32) for _ in range(num_layers)]  # unused slots: masked
         self.ksa = [torch.zeros(sshape, dtype=torch.int8) for _ in range(num_layers)]
         self.block_size = block_size
 

@@ -49,6 +49,7 @@ from ditto.numerics.kernels import integer_ops as iops
 
 CALIBRATION_TEXT = Path(__file__).with_name("calibration_text.txt")
 CALIBRATION_CHUNK = 256
+CALIBRATION_MAX_TOKENS = 4096  # small-vocabulary tokenizers split the text into more tokens: cap the cost
 PROB_Q = 30
 
 
@@ -77,7 +78,9 @@ def coarsen(stats: dict[str, torch.Tensor], bits: int = 8) -> dict[str, torch.Te
 def compute_calibration(model, tokenizer, rope_positions: int = 8192) -> dict[str, torch.Tensor]:
     """Stats for IntegerMode from the shipped calibration text (runs the float model)."""
     chunks = cal.default_calibration_ids(
-        lambda t: tokenizer.encode(t, add_special_tokens=False), calibration_text(), CALIBRATION_CHUNK
+        lambda t: tokenizer.encode(t, add_special_tokens=False)[:CALIBRATION_MAX_TOKENS],
+        calibration_text(),
+        CALIBRATION_CHUNK,
     )
     return coarsen(cal.collect_stats(model, chunks, rope_positions=rope_positions))
 

@@ -198,6 +198,15 @@ def answer_from_stdout(stdout: str) -> str | None:
     return lines[-1] if lines else None
 
 
+def program_answer(stdout: str) -> str | None:
+    """The answer a program printed: its last line, or the answer inside it when that line is prose
+    ("The final answer is: 12 stamps" -> "12"); "x = 5" or "sqrt(2)" are kept as printed."""
+    last = answer_from_stdout(stdout)
+    if last is not None and " " in last and re.search(r"\b[A-Za-z]{3,}\b", last):
+        return extract_answer(last) or last
+    return last
+
+
 @register("program_of_thought")
 class ProgramOfThought(Strategy):
     """The model writes one program; its last printed line is the answer (majority over n)."""
@@ -229,7 +238,7 @@ class ProgramOfThought(Strategy):
                 continue
             r = run_code(code, self.limits)
             meter.sandbox_runs += 1
-            answers.append(answer_from_stdout(r.stdout) if r.ok else None)
+            answers.append(program_answer(r.stdout) if r.ok else None)
             runs.append({"ok": r.ok, "killed_reason": r.killed_reason})
         vote = majority_vote(answers)
         trace["answers"] = answers

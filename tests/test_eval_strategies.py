@@ -1,0 +1,136 @@
+"""`ditto eval --strategy`: strategy runs on the tiny random Llama through ditto's own backend.
+
+Covers: records (answer, grading, Cost, call log, trace), cost == the token counts the backend returned,
+the budget cap, resumption, refusal to mix configs, a two-model strategy with --second-model, and
+`ditto eval compare` over several strategy runs (compare.md / compare.json / compare.png).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from ditto.cli import main  # noqa: E402
+from ditto.eval.runner import load_results  # noqa: E402
+from ditto.eval.strategy_runner import StrategySpec, build_strategy, parse_strategy_args  # noqa: E402
+
+
+def _eval(model, out, *extra: str) -> int:
+    argv = ["eval", "--model", str(model), "--threads", "1", "--task", "arith-easy", "--max-tokens", "16"]
+    argv += ["--grader-workers", "1", "--no-progress", "--out", str(out), *extra]
+    return main(argv)
+
+
+def _check_costs(records: list[dict], budget: int) -> None:
+    for r in records:
+        cost, calls, sample = r["cost"], r["calls"], r["samples"][0]
+        generated = sum(sum(c["tokens"]) for c in calls if c["op"] == "generate")
+        scored = sum(sum(c["tokens"]) for c in calls if c["op"] == "score")
+        assert cost["generated_tokens"] == generated == sample["n_tokens"]
+        assert cost["scored_tokens"] == scored
+        assert cost["model_calls"] == len(calls)
+        assert 0 < cost["generated_tokens"] <= budget
+        assert isinstance(sample["correct"], bool) and sample["status"] in ("ok", "no_answer")
+        assert r["n_correct"] == int(sample["correct"])
+        assert r["trace"]["strategy"] == r["strategy"]
+
+
+def test_strategy_args_and_build():
+    assert parse_strategy_args(["n=8", "temperature=0.7", "mode=cgs", "prune=false"]) == {
+        "n": 8,
+        "temperature": 0.7,
+        "mode": "cgs",
+        "prune": False,
+    }
+    with pytest.raises(ValueError):
+        parse_strategy_args(["n"])
+    s = build_strategy(StrategySpec("self_consistency", budget=512, args={"n": "auto"}), max_tokens=128, seed=7)
+    assert (s.n, s.seed) == (4, 7)
+    s = build_strategy(StrategySpec("self_consistency", budget=512, args={"seed": 3}), max_tokens=128, seed=7)
+    assert s.seed == 3  # an explicit seed wins over the per-problem one
+    with pytest.raises(ValueError, match="second-model"):
+        build_strategy(StrategySpec("chunk_guided", budget=64), max_tokens=16)
+    with pytest.raises(ValueError, match="second-model"):
+        build_strategy(StrategySpec("best_of_n", budget=64, args={"scorer": "second"}), max_tokens=16)
+    s = build_strategy(StrategySpec("greedy", args={"instruction": "eval"}), max_tokens=16)
+    assert "The answer is N." in s.instruction and "{problem}" in s.instruction
+
+
+def test_strategy_runs_resume_and_compare(tiny_llama, tmp_path):
+    greedy, sc = tmp_path / "greedy", tmp_path / "sc"
+    assert _eval(tiny_llama, greedy, "--limit", "3", "--strategy", "greedy", "--budget", "64") == 0
+    # self-consistency: two problems first, then resume to three (the first two are not redone)
+    sc_args = ["--strategy", "self_consistency", "--budget", "64", "--strategy-arg", "n=4"]
+    assert _eval(tiny_llama, sc, "--limit", "2", *sc_args) == 0
+    first = load_results(sc / "results.jsonl")
+    assert len(first) == 2
+    assert _eval(tiny_llama, sc, "--limit", "3", *sc_args) == 0
+    recs = load_results(sc / "results.jsonl")
+    assert [r["id"] for r in recs[:2]] == [r["id"] for r in first]
+    assert recs[:2] == first and len(recs) == 3
+    assert len((sc / "results.jsonl").read_text().splitlines()) == 3
+    manifest = json.loads((sc / "manifest.json").read_text())
+    assert [s["resumed_with"] for s in manifest["sessions"]] == [0, 2]
+    assert manifest["strategy"]["name"] == "self_consistency"
+    assert manifest["strategy"]["config"]["n"] == 4
+    assert manifest["strategy"]["budget"]["max_generated_tokens"] == 64
+    # a different budget into the same folder is refused
+    assert _eval(tiny_llama, sc, "--limit", "3", "--strategy", "self_consistency", "--budget", "32") == 2
+
+    _check_costs(recs, 64)
+    for r in recs:  # four samples of at most 64 // 4 tokens, drawn in one call
+        assert len(r["calls"]) == 1 and len(r["calls"][0]["tokens"]) == 4
+        assert max(r["calls"][0]["tokens"]) <= 16
+        assert len(r["trace"]["answers"]) == 4
+    g = load_results(greedy / "results.jsonl")
+    _check_costs(g, 64)
+    assert all(len(r["calls"]) == 1 and len(r["calls"][0]["tokens"]) == 1 for r in g)
+    summary = json.loads((sc / "summary.json").read_text())
+    assert summary["cost"]["mean"]["generated_tokens"] == pytest.approx(
+        sum(r["cost"]["generated_tokens"] for r in recs) / 3
+    )
+    report = (sc / "report.md").read_text()
+    assert "## Strategy: self_consistency" in report and "generated tokens" in report
+
+    cmp_dir = tmp_path / "cmp"
+    assert main(["eval", "compare", str(greedy), str(sc), "--out", str(cmp_dir)]) == 0
+    md = (cmp_dir / "compare.md").read_text()
+    assert "greedy@64" in md and "self_consistency@64" in md and "(baseline)" in md
+    numbers = json.loads((cmp_dir / "compare.json").read_text())
+    assert numbers["problems"] == 3
+    rows = {r["label"]: r for r in numbers["runs"]}
+    assert rows["greedy@64"]["baseline"] == "self_consistency@64"  # the default baseline
+    assert "mcnemar_p" in rows["greedy@64"]
+    tokens = sum(r["cost"]["generated_tokens"] for r in recs)
+    assert rows["self_consistency@64"]["total_cost"]["generated_tokens"] == tokens
+    assert (cmp_dir / "compare.png").stat().st_size > 1000
+
+
+def test_two_model_strategy_with_second_model(tiny_llama, tmp_path):
+    out = tmp_path / "cgs"
+    args = ["--limit", "2", "--strategy", "chunk_guided", "--budget", "48", "--second-model", str(tiny_llama)]
+    args += ["--strategy-arg", "k=2", "--strategy-arg", "chunk_tokens=4", "--strategy-arg", "max_chunks=3"]
+    assert _eval(tiny_llama, out, *args) == 0
+    recs = load_results(out / "results.jsonl")
+    _check_costs(recs, 48)
+    for r in recs:
+        models = {(c["model"], c["op"]) for c in r["calls"]}
+        assert ("policy", "generate") in models and ("second", "score") in models
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["strategy"]["second_backend"]["model_digest"] == manifest["backend"]["model_digest"]
+    # without the second model the run is refused up front
+    assert _eval(tiny_llama, tmp_path / "x", "--limit", "1", "--strategy", "chunk_guided", "--budget", "48") == 2
+
+
+def test_program_answer_reads_prose_output():
+    from ditto.strategies.tools import program_answer
+
+    assert program_answer("The final answer is: 12 stamps\n") == "12"
+    assert program_answer("step 1\n42\n") == "42"
+    assert program_answer("x = 5") == "x = 5"
+    assert program_answer("sqrt(2)") == "sqrt(2)"
+    assert program_answer("") is None
