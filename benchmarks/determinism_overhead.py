@@ -1,0 +1,84 @@
+"""What does a determinism level cost? Same batched workload, levels side by side in one run.
+
+    python benchmarks/determinism_overhead.py --prompts 32 --new-tokens 64 --threads 2
+
+Each configuration generates the same GSM8K prompts (greedy, fixed length); rounds alternate
+between configurations so machine noise hits them alike. Prints output tok/s and the ratio of
+each level to `fast` at the same numerics (goal: batch_invariant costs < 10%; exact >= fp32 fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+CONFIGS = {
+    "fp32-fast": ("fp32", "fast"),
+    "fp32-batch_invariant": ("fp32", "batch_invariant"),
+    "bf16-fast": ("bf16", "fast"),
+    "bf16-batch_invariant": ("bf16", "batch_invariant"),
+    "integer-exact": ("integer", "exact"),
+}
+
+
+def gsm8k_questions(n: int) -> list[str]:
+    root = Path(os.environ.get("DITTO_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    lines = (root / "gsm8k-train.jsonl").read_text().splitlines()[:n]
+    return [json.loads(line)["question"] for line in lines]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from ditto import LLM, SamplingParams
+
+    names = args.configs.split(",")
+    llms = {
+        n: LLM(args.model, numerics=CONFIGS[n][0], determinism=CONFIGS[n][1], progress=False, max_num_seqs=args.prompts)
+        for n in names
+    }
+    first = next(iter(llms.values()))
+    prompts = [
+        first.encode(first.chat_prompt([{"role": "user", "content": q}]), add_special_tokens=False)
+        for q in gsm8k_questions(args.prompts)
+    ]
+    params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+    best = {n: 0.0 for n in names}
+    for _ in range(args.rounds):
+        for n, llm in llms.items():
+            llm.engine.blocks.__init__(llm.engine.blocks.num_blocks, llm.engine.blocks.block_size, False)
+            t0 = time.perf_counter()
+            llm.generate(prompts, params, progress=False)
+            best[n] = max(best[n], args.prompts * args.new_tokens / (time.perf_counter() - t0))
+    print(
+        f"threads={torch.get_num_threads()} load={os.getloadavg()[0]:.1f} "
+        f"workload={args.prompts} prompts x {args.new_tokens} tokens, best of {args.rounds}"
+    )
+    print("| config | output tok/s | vs fast (same numerics) | vs fp32-fast |")
+    print("|---|---|---|---|")
+    for n in names:
+        base = f"{CONFIGS[n][0]}-fast"
+        vs = f"{best[n] / best[base]:.2f}x" if base in best and base != n else ""
+        ref = f"{best[n] / best['fp32-fast']:.2f}x" if "fp32-fast" in best else ""
+        print(f"| {n} | {best[n]:.1f} | {vs} | {ref} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
