@@ -17,6 +17,19 @@ PROMPTS = [
 ]
 
 
+def _greedy(llm, hf, ids: list[int]) -> int:
+    """64 greedy tokens from both engines with the same stop tokens suppressed (ours: min_tokens masks
+    them; HF: suppress_tokens), so neither stops early; returns how many tokens were compared."""
+    stop = sorted(llm.engine.stop_ids)
+    with torch.no_grad():
+        ref = hf.generate(
+            torch.tensor([ids]), max_new_tokens=64, do_sample=False, suppress_tokens=stop, eos_token_id=None
+        )[0, len(ids) :]
+    ours = llm.generate([ids], SamplingParams(temperature=0, max_tokens=64, min_tokens=64))[0].outputs[0]
+    assert ours.token_ids == ref.tolist()
+    return len(ours.token_ids)
+
+
 def _hf(path):
     from transformers import AutoModelForCausalLM
 
@@ -38,11 +51,7 @@ def test_tiny_family_parity(tiny_dirs, family):
         assert (ours - ref).abs().max().item() <= 1e-4, prompt
     # greedy: 64 new tokens identical to HF generate
     for prompt in PROMPTS[:2]:
-        ids = llm.encode(prompt)
-        with torch.no_grad():
-            ref = hf.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False, min_new_tokens=64)[0, len(ids) :]
-        ours = llm.generate([ids], SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))[0].outputs[0]
-        assert ours.token_ids == ref.tolist()
+        assert _greedy(llm, hf, llm.encode(prompt)) == 64
 
 
 @pytest.mark.slow
@@ -64,8 +73,4 @@ def test_bundled_gguf_parity(name):
         ours = llm.score(ids[:1], ids[1:] + [0], keep_logits=True).logits
         worst = max(worst, (ours - ref).abs().max().item())
     assert worst <= 1e-4
-    ids = llm.encode(PROMPTS[1])
-    with torch.no_grad():
-        ref = hf.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False, min_new_tokens=64)[0, len(ids) :]
-    ours = llm.generate([ids], SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))[0].outputs[0]
-    assert ours.token_ids == ref.tolist()
+    assert _greedy(llm, hf, llm.encode(PROMPTS[1])) == 64

@@ -463,7 +463,8 @@ def _cost_plot(loaded: list[dict], path: Path) -> Path:
     groups: dict[str, list[dict]] = {}
     for x in loaded:
         groups.setdefault(x["strategy"], []).append(x)
-    for name, xs in groups.items():
+    colors = plt.get_cmap("tab20").colors
+    for i, (name, xs) in enumerate(groups.items()):
         xs = sorted(xs, key=lambda x: x["mean_cost"]["generated_tokens"])
         tok = [max(1e-9, x["mean_cost"]["generated_tokens"]) for x in xs]
         acc = [x["accuracy"] for x in xs]
@@ -471,7 +472,8 @@ def _cost_plot(loaded: list[dict], path: Path) -> Path:
             [max(0.0, a - x["ci95"][0]) for a, x in zip(acc, xs)],
             [max(0.0, x["ci95"][1] - a) for a, x in zip(acc, xs)],
         ]
-        ax.errorbar(tok, acc, yerr=err, fmt="o-", capsize=3, label=name, alpha=0.85)
+        style = dict(fmt="osD^v<>ph*X"[i % 11] + "-", color=colors[(2 * i) % 20 + (i // 10) % 2])
+        ax.errorbar(tok, acc, yerr=err, capsize=3, label=name, alpha=0.85, **style)
         for t, a, x in zip(tok, acc, xs):
             if x["budget"] is not None:
                 ax.annotate(str(x["budget"]), (t, a), textcoords="offset points", xytext=(4, 4), fontsize=7)
