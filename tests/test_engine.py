@@ -99,3 +99,9 @@ def test_score_is_teacher_forced_logprobs(llm):
     scored = llm.score(prompt, out.token_ids)
     assert scored.top_ids == out.token_ids  # greedy tokens are the argmax under teacher forcing
     assert torch.allclose(torch.tensor(scored.logprobs), torch.tensor(out.logprobs), atol=1e-5)
+
+
+def test_request_output_shortcuts(llm):
+    out = llm.generate(["The quick brown fox"], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
+    assert out.text == out.outputs[0].text and out.token_ids == out.outputs[0].token_ids
+    assert len(out.token_ids) == 6 and out.metrics["determinism"] == "fast"

@@ -26,6 +26,15 @@ class RequestOutput:
     finished: bool
     metrics: dict = field(default_factory=dict)  # determinism level, numerics, timings, seed...
 
+    @property
+    def text(self) -> str:
+        """The first sample's text (the common n=1 case)."""
+        return self.outputs[0].text if self.outputs else ""
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids if self.outputs else []
+
 
 @dataclass
 class ScoreOutput:
