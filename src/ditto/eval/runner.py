@@ -356,9 +356,15 @@ def run_eval(
         if prog:
             prog.stop()
     records = [done_recs[p.id] for p in problems if p.id in done_recs]
-    summary = summarize(records, seed=config.seed)
+    return finish_run(out, task_name, records, config.seed, session, manifest, manifest_path, report)
+
+
+def finish_run(out, task_name, records, seed, session, manifest, manifest_path, report, extra=None) -> dict:
+    """Summarise finished records, stamp the manifest session, write summary.json and the report."""
+    summary = summarize(records, seed=seed)
     summary["task"] = task_name
     summary["run"] = str(out)
+    summary.update(extra or {})
     write_json_atomic(out / "summary.json", summary)
     session["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     session["problems_done"] = len(records)

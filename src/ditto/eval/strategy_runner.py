@@ -34,12 +34,12 @@ from pathlib import Path
 
 from ditto.eval import grading
 from ditto.eval.manifest import RESUME_FREE_FIELDS, build_manifest, resume_key, write_json_atomic
-from ditto.eval.metrics import summarize
 from ditto.eval.runner import (
     EvalConfig,
     ResumeMismatch,
     _progress,
     _ResultsWriter,
+    finish_run,
     load_results,
     problem_seed,
 )
@@ -321,20 +321,8 @@ def run_strategy_eval(
         if prog:
             prog.stop()
     records = [done[p.id] for p in problems if p.id in done]
-    summary = summarize(records, seed=config.seed)
-    summary["task"] = task.name
-    summary["run"] = str(out)
-    summary["strategy"] = {"name": spec.name, "budget": spec.budget, "args": spec.args}
-    summary["cost"] = mean_cost(records)
-    write_json_atomic(out / "summary.json", summary)
-    session["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    session["problems_done"] = len(records)
-    write_json_atomic(manifest_path, manifest)
-    if report:
-        from ditto.eval.report import write_report
-
-        write_report(out)
-    return summary
+    extra = {"strategy": {"name": spec.name, "budget": spec.budget, "args": spec.args}, "cost": mean_cost(records)}
+    return finish_run(out, task.name, records, config.seed, session, manifest, manifest_path, report, extra)
 
 
 def second_backend(args, make_backend):
