@@ -409,8 +409,14 @@ def test_mode_on_tiny_model(family, name):
         "w8a8": Int8Linear,
         "mxint8": MXInt8Linear,
     }.get(name, W4Linear)
-    for lin in (model.layers[0].attn.q_proj, model.layers[1].mlp.down_proj, model.lm_head):
+    for lin in (model.layers[0].attn.q_proj, model.layers[1].mlp.down_proj):
         assert type(lin) is lin_type
+    if mode.float_lm_head:  # output projection left float in act_dtype, tie kept
+        assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == mode.act_dtype
+        if cfg.tie_embeddings:
+            assert model.lm_head.weight is model.embed.weight
+    else:
+        assert type(model.lm_head) is lin_type
     # embeddings / norms / tying
     if name in ("fp32", "bf16", "fp16"):
         assert model.lm_head.weight is model.embed.weight

@@ -155,6 +155,66 @@ def dequantize(tensor) -> np.ndarray:
     return np.asarray(data, dtype=np.float32).reshape(shape)
 
 
+# ------------------------------------------------------------------ raw Q4 blocks
+
+Q4_BLOCK = 32  # values per Q4_0 / Q4_1 block
+
+
+def q4_blocks(tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Q4_0 or Q4_1 tensor's own numbers, without dequantising: ``(q uint8 (N, K) in [0, 15],
+    d float32 (N, K/32), m float32 (N, K/32))`` with ``w = q * d + m`` exactly (Q4_0: ``m = -8 d``).
+
+    Block layout (ggml): fp16 d, [fp16 m for Q4_1], 16 bytes of nibbles; byte j holds value j in its
+    low nibble and value j + 16 in its high nibble.
+    """
+    kind = tensor.tensor_type.name
+    if kind not in ("Q4_0", "Q4_1"):
+        raise GGUFError(f"tensor {tensor.name} is {kind}, not Q4_0/Q4_1")
+    n, k = (int(d) for d in reversed(tensor.shape))
+    head = 2 if kind == "Q4_0" else 4
+    raw = np.asarray(tensor.data, dtype=np.uint8).reshape(n, k // Q4_BLOCK, head + 16)
+    d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    nib = raw[..., head:]
+    q = np.concatenate([nib & 0xF, nib >> 4], axis=-1).reshape(n, k)  # (N, K/32, 32) -> (N, K)
+    m = -8 * d if kind == "Q4_0" else raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    return torch.from_numpy(q.copy()), torch.from_numpy(d), torch.from_numpy(np.ascontiguousarray(m))
+
+
+class Q4Source:
+    """Where a linear's weight came from when the file stored it as Q4_0/Q4_1: lets a 4-bit numerics
+    mode use the file's own 4-bit numbers instead of re-quantising the float copy. Decoded on demand
+    (the reader memory-maps the file); deep copies share it."""
+
+    def __init__(self, tensor, row_perm: torch.Tensor | None):
+        self.tensor, self.row_perm = tensor, row_perm
+        self.kind = tensor.tensor_type.name
+
+    def blocks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, d, m = q4_blocks(self.tensor)
+        if self.row_perm is not None:
+            q, d, m = q[self.row_perm], d[self.row_perm], m[self.row_perm]
+        return q, d, m
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def q4_sources(reader, cfg: ModelConfig) -> dict[str, Q4Source]:
+    """ditto weight name -> Q4Source for every Q4_0/Q4_1 tensor of the file."""
+    out = {}
+    for tensor in reader.tensors:
+        name = gguf_to_ditto_name(tensor.name)
+        if name is None or tensor.tensor_type.name not in ("Q4_0", "Q4_1"):
+            continue
+        perm = None
+        if cfg.family == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            rows = int(tensor.shape[-1])
+            heads = cfg.num_heads if "q_proj" in name else cfg.num_kv_heads
+            perm = torch.from_numpy(_unpermute_rope(np.arange(rows, dtype=np.int64), heads).copy())
+        out[name] = Q4Source(tensor, perm)
+    return out
+
+
 def iter_gguf_weights(reader, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor, str]]:
     """Yield (ditto name, float32 tensor, ggml type) for every tensor; unknown names raise."""
     for tensor in reader.tensors:

@@ -60,6 +60,12 @@ def load(spec: str | Path, *, progress: bool = True) -> LoadedModel:
     if not cfg.eos_token_ids and tokenizer.eos_id is not None:
         cfg = _with(cfg, eos_token_ids=(tokenizer.eos_id,))
     model, types = build(cfg, weights, total=total, progress=progress, label=path.name)
+    if fmt == "gguf":
+        # 4-bit numerics modes may run a Q4_0/Q4_1 weight on the file's own numbers (numerics.w4)
+        for name, source in gguf_loader.q4_sources(reader, cfg).items():
+            owner = model.get_submodule(name.rsplit(".", 1)[0])
+            if isinstance(owner, torch.nn.Linear):
+                owner.q4_source = source
     return LoadedModel(model, cfg, tokenizer, path, fmt, files, types)
 
 

@@ -15,9 +15,9 @@ What each mode does to the pieces that are not linears:
   fp32 anyway); linears upcast their weight per call.
 * integer-weight modes (int8, w8a8, w4, mxint8): the embedding table stays floating point in the
   dtype it was loaded in (an int lookup table would only cost accuracy: a lookup does no
-  arithmetic to speed up) and its lookup is cast to fp32; norms are fp32; lm_head is quantised
-  from the embedding table, so with tied embeddings the model holds the float table *and* a
-  quantised copy for lm_head (the tie is deliberately broken).
+  arithmetic to speed up) and its lookup is cast to fp32; norms are fp32. lm_head is either kept
+  float (``float_lm_head``: w8a8, w4*) and tied to the table, or quantised from the table, so
+  with tied embeddings the model then holds the float table *and* a quantised copy (int8, mxint8).
 
 Buffers (rotary tables etc.) are never touched.
 """
@@ -99,6 +99,7 @@ class NumericsMode:
     embed_dtype: torch.dtype | None = None
     norm_dtype: torch.dtype = torch.float32
     description: str = ""
+    float_lm_head: bool = False
 
     def __post_init__(self) -> None:
         if self.kv_dtype not in KV_DTYPE_NAMES:
@@ -108,6 +109,15 @@ class NumericsMode:
     def convert_linear(self, linear: nn.Linear) -> nn.Module:
         """Return the module that replaces `linear` (may be `linear` itself, cast in place)."""
         raise NotImplementedError
+
+    def keep_float_linear(self, linear: nn.Linear) -> nn.Module:
+        """A linear left in floating point, sharing its weight Parameter (ties kept): as is when
+        stored in act_dtype, else upcast per call (a bf16 table stays bf16 in memory)."""
+        if linear.weight.dtype == self.act_dtype:
+            return linear
+        from ditto.numerics.layercast import LayerCastLinear
+
+        return LayerCastLinear(linear, linear.weight.dtype)
 
     def convert_embedding(self, emb: nn.Module) -> nn.Module:
         if self.embed_dtype is not None:
@@ -142,7 +152,8 @@ class NumericsMode:
                     if not isinstance(child, kinds):
                         continue
                     if id(child) not in done:
-                        done[id(child)] = fn(child)
+                        keep = self.float_lm_head and parent is model and child_name == "lm_head"
+                        done[id(child)] = self.keep_float_linear(child) if keep else fn(child)
                     new = done[id(child)]
                     if new is not child:
                         setattr(parent, child_name, new)

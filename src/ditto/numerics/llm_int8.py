@@ -77,6 +77,7 @@ INT8 = register(
         torch.float32,
         "int8 per output channel + fp outlier columns",
         "fp32",
-        description="LLM.int8(): vector-wise int8, fp32 outlier columns (threshold 6.0)",
+        description="LLM.int8(): vector-wise int8, fp32 outlier columns (threshold 6.0); fp32 lm_head",
+        float_lm_head=True,
     )
 )

@@ -4,6 +4,11 @@ Weights are quantised in groups of `group_size` (32 or 128) consecutive input fe
 symmetric (``w = (q-8)*s``) or asymmetric (``w = (q-8)*s + z``), q packed two per byte, with
 bf16 scale/zero per group (see quant.quantize_int4_groupwise for the error bounds).
 
+GGUF Q4 weights run without re-quantising: when a linear was loaded from a Q4_0 (``w4``) or
+Q4_1 (``w4-asym``) tensor, the layer takes the file's own 4-bit values and block scales
+(``linear.q4_source``, set by the loader) instead of quantising the float copy again, so the
+4-bit model is the file's, up to the bf16 rounding of the block scale and offset.
+
 Two backends, same stored numbers:
 
 * ``tinygemm`` (default where available): torch.ops.aten._weight_int4pack_mm_for_cpu, which
@@ -55,14 +60,21 @@ class W4Linear(nn.Module):
         if backend not in ("tinygemm", "dequant"):
             raise ValueError(f"unknown w4 backend {backend!r} (tinygemm, dequant)")
         self.backend, self.group_size, self.symmetric = backend, group_size, symmetric
-        w = linear.weight.detach().float()
-        n, k = w.shape
+        n, k = linear.weight.shape
         self.out_features, self.in_features = n, k
         self.k_pad = _ceil_to(k, group_size)
         self.n_pad = _ceil_to(n, TINYGEMM_BLOCK_N) if backend == "tinygemm" else n
-        if (self.n_pad, self.k_pad) != (n, k):
-            w = F.pad(w, (0, self.k_pad - k, 0, self.n_pad - n))
-        q, scale, zero = quantize_int4_groupwise(w, group_size, symmetric)
+        source = getattr(linear, "q4_source", None)
+        self.source = "float"
+        if source is not None and group_size == 32 and source.kind == ("Q4_0" if symmetric else "Q4_1"):
+            q, scale, zero = _from_q4_blocks(*source.blocks())  # the file's own 4-bit numbers
+            q, scale, zero = _pad_rows(q, scale, zero, self.n_pad - n)
+            self.source = f"gguf {source.kind}"
+        else:
+            w = linear.weight.detach().float()
+            if (self.n_pad, self.k_pad) != (n, k):
+                w = F.pad(w, (0, self.k_pad - k, 0, self.n_pad - n))
+            q, scale, zero = quantize_int4_groupwise(w, group_size, symmetric)
         packed = pack_int4_tinygemm_cpu(q) if backend == "tinygemm" else pack_int4(q)
         self.register_buffer("packed", packed)
         self.register_buffer("scales_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous())
@@ -108,8 +120,23 @@ class W4Linear(nn.Module):
         kind = "symmetric" if self.symmetric else "asymmetric"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"group_size={self.group_size}, {kind}, backend={self.backend}"
+            f"group_size={self.group_size}, {kind}, backend={self.backend}, from={self.source}"
         )
+
+
+def _from_q4_blocks(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
+    """GGUF Q4_0/Q4_1 blocks (``w = q*d + m``) in this layer's form ``(q - 8) * scale + zero``:
+    q unchanged, scale = d, zero = m + 8d, both rounded to bf16 (the kernel's scale type; Q4_0 has
+    zero = 0 exactly). The only change to the file's weights is that rounding: at most
+    ``|q - 8| * ulp(d)/2 + ulp(zero)/2`` per weight, a few percent of one quantisation step."""
+    return q, d.bfloat16(), (m + 8 * d).bfloat16()
+
+
+def _pad_rows(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, extra: int):
+    """Append `extra` all-zero output rows (q = 8, scale = zero = 0)."""
+    if extra == 0:
+        return q, scale, zero
+    return F.pad(q, (0, 0, 0, extra), value=8), F.pad(scale, (0, 0, 0, extra)), F.pad(zero, (0, 0, 0, extra))
 
 
 @dataclass(frozen=True)
@@ -130,7 +157,8 @@ def _w4(name: str, group: int, symmetric: bool) -> W4Mode:
             torch.float32,
             f"int4 group {group} {kind} (bf16 scales)",
             "fp32",
-            description=f"4-bit weights, groups of {group}, {kind}; bf16 GEMM I/O",
+            description=f"4-bit weights, groups of {group}, {kind}; bf16 GEMM I/O; fp32 lm_head",
+            float_lm_head=True,
             group_size=group,
             symmetric=symmetric,
         )

@@ -64,6 +64,7 @@ W8A8 = register(
         torch.float32,
         "int8 per output channel (symmetric)",
         "fp32",
-        description="int8 weights x dynamic per-token int8 activations, int32 accumulation",
+        description="int8 weights x dynamic per-token int8 activations, int32 accumulation; fp32 lm_head",
+        float_lm_head=True,
     )
 )
