@@ -134,3 +134,25 @@ def test_program_answer_reads_prose_output():
     assert program_answer("x = 5") == "x = 5"
     assert program_answer("sqrt(2)") == "sqrt(2)"
     assert program_answer("") is None
+
+
+def test_problems_in_flight_share_one_batch_and_match_one_at_a_time(tiny_llama, tmp_path):
+    """--batch-problems 4 runs 4 problems at once on worker threads (their calls join one batch); in
+    batch_invariant mode every record equals the one-at-a-time run's: answer, text, cost, call log."""
+    args = ["--limit", "6", "--strategy", "beam_search", "--budget", "96", "--determinism", "batch_invariant"]
+    args += ["--strategy-arg", "beam_width=2", "--strategy-arg", "expand=2", "--strategy-arg", "step_rule=8"]
+    assert _eval(tiny_llama, tmp_path / "one", *args, "--batch-problems", "1") == 0
+    assert _eval(tiny_llama, tmp_path / "four", *args, "--batch-problems", "4") == 0
+    one = {r["id"]: r for r in load_results(tmp_path / "one" / "results.jsonl")}
+    four = {r["id"]: r for r in load_results(tmp_path / "four" / "results.jsonl")}
+    assert one.keys() == four.keys() and len(one) == 6
+    for pid, r in one.items():
+        a, b = r["samples"][0], four[pid]["samples"][0]
+        assert (a["text"], a["answer"], a["correct"]) == (b["text"], b["answer"], b["correct"])
+        assert r["calls"] == four[pid]["calls"]
+        assert {k: v for k, v in r["cost"].items() if k != "wall_time_s"} == {
+            k: v for k, v in four[pid]["cost"].items() if k != "wall_time_s"
+        }
+    _check_costs(list(four.values()), 96)
+    manifest = json.loads((tmp_path / "four" / "manifest.json").read_text())
+    assert manifest["batch_limits"]["problems_in_flight"] == 4

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import platform
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import fields
@@ -54,6 +55,14 @@ class LLM:
         self.numerics = prepared
         self.engine = LLMEngine(prepared, self.loaded.config, self.tokenizer, self.config, _fingerprint_fn())
         self._ids = itertools.count()
+        # generate/score may be called from several threads at once (strategy runs, many problems):
+        # each caller submits under the lock, then callers take turns stepping the one engine, so
+        # every thread's requests share the continuous batch. stream() is single-threaded.
+        self._lock = threading.RLock()
+        self._threads = torch.get_num_threads()
+        self._thread_ready = threading.local()
+
+    thread_safe = True  # Backend capability: generate/score from several threads share one batch
 
     @property
     def model_digest(self) -> str:
@@ -126,7 +135,8 @@ class LLM:
             raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
         if chat:
             prompts = [self.chat_prompt([{"role": "user", "content": p}]) for p in prompts]
-        reqs = [self._submit(p, sp) for p, sp in zip(prompts, plist)]
+        with self._lock:
+            reqs = [self._submit(p, sp) for p, sp in zip(prompts, plist)]
         if progress is None:
             progress = self.progress and len(reqs) >= 8
         self._run_until_done(reqs, progress, "generating")
@@ -147,27 +157,32 @@ class LLM:
             )
             bar.start()
             task = bar.add_task(label, total=len(reqs), tps="")
-        pending = {r.request_id for r in reqs}
+        if not getattr(self._thread_ready, "ok", False):  # OpenMP thread counts are per OS thread
+            torch.set_num_threads(self._threads)
+            self._thread_ready.ok = True
+        pending = list(reqs)
         t0, tokens0 = time.perf_counter(), self.engine.stats["decode_tokens"]
         try:
             while pending:
-                for req in self.engine.step():
-                    if req.finished and req.request_id in pending:
-                        pending.discard(req.request_id)
-                        if bar:
-                            bar.advance(task)
+                with self._lock:  # one step for every caller's requests (another thread may step too)
+                    if all(not r.finished for r in pending):
+                        if not self.engine.has_unfinished():
+                            raise RuntimeError(f"engine idle with {len(pending)} unfinished requests")
+                        self.engine.step()
+                done = [r for r in pending if r.finished]
+                pending = [r for r in pending if not r.finished]
                 if bar:
+                    bar.advance(task, len(done))
                     rate = (self.engine.stats["decode_tokens"] - tokens0) / max(1e-9, time.perf_counter() - t0)
                     bar.update(task, tps=f"{rate:.0f} tok/s")
-                if not self.engine.has_unfinished() and pending:
-                    raise RuntimeError(f"engine idle with {len(pending)} unfinished requests")
         finally:
             if bar:
                 bar.stop()
-            for rid in pending:  # interrupted: do not leave sequences holding cache blocks
-                self.engine.abort(rid)
-            for r in reqs:
-                self.engine.requests.pop(r.request_id, None)
+            with self._lock:
+                for r in pending:  # interrupted: do not leave sequences holding cache blocks
+                    self.engine.abort(r.request_id)
+                for r in reqs:
+                    self.engine.requests.pop(r.request_id, None)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[tuple[int, str, list[int]]]:
         """Yield (sample index, new text, new token ids) as tokens are produced; runs the engine loop."""
@@ -205,6 +220,12 @@ class LLM:
 
     def score_batch(self, pairs: list[tuple[Prompt, Prompt]], *, keep_logits: bool = False) -> list[ScoreOutput]:
         reqs = []
+        with self._lock:
+            self._add_score_requests(pairs, reqs)
+        self._run_until_done(reqs, False, "scoring")
+        return [self._score_output(req, keep_logits) for req in reqs]
+
+    def _add_score_requests(self, pairs: list[tuple[Prompt, Prompt]], reqs: list[Request]) -> None:
         for prompt, cont in pairs:
             _, p_ids = self._prompt_ids(prompt)
             c_ids = self.encode(cont, add_special_tokens=False) if isinstance(cont, str) else [int(t) for t in cont]
@@ -215,24 +236,23 @@ class LLM:
             )
             req.n_prompt = len(p_ids)
             reqs.append(req)
-        self._run_until_done(reqs, False, "scoring")
-        outs = []
-        for req in reqs:
-            seq = req.seqs[0]
-            c_ids = seq.prompt_ids[req.n_prompt :]
-            logits = torch.stack([row[0] for row in seq.score_rows])  # (C, V)
-            hidden = torch.stack([row[1] for row in seq.score_rows])  # (C, hidden)
-            logp = torch.log_softmax(logits, dim=-1)
-            out = ScoreOutput(
-                prompt_token_ids=seq.prompt_ids[: req.n_prompt],
-                token_ids=c_ids,
-                logprobs=logp[torch.arange(len(c_ids)), torch.tensor(c_ids)].tolist(),
-                top_ids=logits.argmax(-1).tolist(),
-            )
-            if keep_logits:
-                out.logits, out.hidden = logits, hidden
-            outs.append(out)
-        return outs
+
+    @staticmethod
+    def _score_output(req: Request, keep_logits: bool) -> ScoreOutput:
+        seq = req.seqs[0]
+        c_ids = seq.prompt_ids[req.n_prompt :]
+        logits = torch.stack([row[0] for row in seq.score_rows])  # (C, V)
+        hidden = torch.stack([row[1] for row in seq.score_rows])  # (C, hidden)
+        logp = torch.log_softmax(logits, dim=-1)
+        out = ScoreOutput(
+            prompt_token_ids=seq.prompt_ids[: req.n_prompt],
+            token_ids=c_ids,
+            logprobs=logp[torch.arange(len(c_ids)), torch.tensor(c_ids)].tolist(),
+            top_ids=logits.argmax(-1).tolist(),
+        )
+        if keep_logits:
+            out.logits, out.hidden = logits, hidden
+        return out
 
     # ---- outputs ------------------------------------------------------------------------------
     def _output(self, req: Request) -> RequestOutput:

@@ -96,7 +96,12 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-tokens", type=int, default=512)
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run folder (manifest.json, results.jsonl, report.*)")
-    g.add_argument("--batch-problems", type=int, default=16, help="problems per backend.generate call")
+    g.add_argument(
+        "--batch-problems",
+        type=int,
+        default=16,
+        help="problems per backend.generate call; strategy runs: problems solved at once, sharing one batch",
+    )
     g.add_argument("--grader-timeout", type=float, default=10.0, help="seconds per grading call before it is killed")
     g.add_argument("--grader-workers", type=int, default=2, help="grading worker processes")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

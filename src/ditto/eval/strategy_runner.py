@@ -12,6 +12,10 @@ generated-token cost of the whole strategy) plus:
           token count of each completion / scored continuation (an independent check of `cost`)
   trace   the strategy's trace, compacted (long strings cut, long lists truncated)
 
+Problems run concurrently (``--batch-problems``, each on its own thread) when the backend is thread-safe:
+ditto's LLM lets every thread's generate/score requests join one continuous batch, so a strategy that
+issues small calls still keeps the engine's batch full. Records are written as problems finish.
+
 Strategy arguments come from ``--strategy-arg k=v`` (values parsed as JSON, else kept as strings):
 ``n=auto`` means ``budget // max_tokens`` samples; ``instruction=eval`` swaps the strategy's
 \\boxed{} instruction for the plain runner's chat instruction (or give a template with {problem});
@@ -28,7 +32,9 @@ import inspect
 import json
 import logging
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -84,21 +90,36 @@ def parse_strategy_args(items: list[str] | None) -> dict:
     return out
 
 
-class RecordingBackend:
-    """Forwards everything to `backend`; logs the token counts of every generate/score call."""
+class RunCancelled(RuntimeError):
+    """The run was interrupted: strategies still in flight stop at their next backend call."""
 
-    def __init__(self, backend, label: str, calls: list):
+
+class RecordingBackend:
+    """Forwards everything to `backend`; logs the token counts of every generate/score call.
+
+    `cancel` (a threading.Event) makes the next call raise RunCancelled, so that problems still in
+    flight on worker threads stop quickly when the run is interrupted.
+    """
+
+    def __init__(self, backend, label: str, calls: list, cancel: threading.Event | None = None):
         self._backend = backend
         self.label = label
         self.calls = calls
+        self.cancel = cancel
+
+    def _check(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise RunCancelled("run interrupted")
 
     def generate(self, prompts, params=None, **kw):
+        self._check()
         outs = self._backend.generate(prompts, params, **kw)
         toks = [len(c.token_ids) for ro in outs for c in ro.outputs]
         self.calls.append({"model": self.label, "op": "generate", "prompts": len(outs), "tokens": toks})
         return outs
 
     def score(self, prompt, continuation, **kw):
+        self._check()
         out = self._backend.score(prompt, continuation, **kw)
         self.calls.append({"model": self.label, "op": "score", "tokens": [len(out.token_ids)]})
         return out
@@ -248,7 +269,7 @@ def run_strategy_eval(
             seed_rule=SEED_RULE,
             grader=grading.grader_info(config.grader_timeout, config.grader_workers),
             problems=[p.id for p in problems],
-            batch={"problems_per_strategy_run": 1},
+            batch={"problems_in_flight": concurrency(config.batch_problems, backend, second)},
         )
         manifest["resume_key"] = key
         manifest["strategy"] = strat_rec
@@ -256,57 +277,32 @@ def run_strategy_eval(
     manifest.setdefault("sessions", []).append(session)
     write_json_atomic(manifest_path, manifest)
 
-    calls: list[dict] = []
-    policy = RecordingBackend(backend, "policy", calls)
-    second_rec = RecordingBackend(second, "second", calls) if second is not None else None
     writer = _ResultsWriter(results_path)
     done = {r["id"]: r for r in load_results(results_path)}
     todo = [p for p in problems if p.id not in done]
     session["resumed_with"] = len(problems) - len(todo)
+    workers = concurrency(config.batch_problems, backend, second)
+    session["problems_in_flight"] = workers
     n_correct = sum(r["n_correct"] for r in done.values())
     prog = _progress(progress, len(problems), len(problems) - len(todo))
+    cancel = threading.Event()
+
+    def solve(p):
+        """Run the strategy on one problem (a worker thread; backend calls share the engine's batch)."""
+        calls: list[dict] = []
+        policy = RecordingBackend(backend, "policy", calls, cancel)
+        second_rec = RecordingBackend(second, "second", calls, cancel) if second is not None else None
+        seed = problem_seed(config.seed, p.id)
+        strategy = build_strategy(spec, config.max_tokens, seed=seed, second=second_rec)
+        return p, seed, strategy.run(p.question, policy, budget), calls
+
+    pool_ex = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="strategy")
     try:
         with grading.GraderPool(config.grader_workers, config.grader_timeout) as pool:
-            for p in todo:
-                seed = problem_seed(config.seed, p.id)
-                strategy = build_strategy(spec, config.max_tokens, seed=seed, second=second_rec)
-                calls.clear()
-                res = strategy.run(p.question, policy, budget)
-                response = f"\\boxed{{{res.answer}}}" if res.answer is not None else ""
-                (g,) = pool.grade([(p.answer, response)])
-                if g.disagreement:
-                    log.warning("grader disagreement on %s: gold=%r answer=%r", p.id, p.answer, g.extracted)
-                cost = asdict(res.cost)
-                sample = {
-                    "index": 0,
-                    "text": res.text,
-                    "answer": g.extracted,
-                    "key": grading.answer_key(g.extracted),
-                    "correct": g.correct,
-                    "status": g.status,
-                    "method": "strategy",
-                    "math_verify": g.math_verify,
-                    "fallback": g.fallback,
-                    "disagreement": g.disagreement,
-                    "grade_error": g.error,
-                    "n_tokens": res.cost.generated_tokens,
-                    "finish_reason": "budget" if "budget_exhausted" in res.trace else "done",
-                }
-                rec = {
-                    "id": p.id,
-                    "difficulty": p.difficulty,
-                    "gold": p.answer,
-                    "question": p.question,
-                    "strategy": spec.name,
-                    "seed": seed,
-                    "seconds": res.cost.wall_time_s,
-                    "n": 1,
-                    "n_correct": int(g.correct),
-                    "samples": [sample],
-                    "cost": cost,
-                    "calls": list(calls),
-                    "trace": compact(res.trace),
-                }
+            futures = [pool_ex.submit(solve, p) for p in todo]
+            for fut in as_completed(futures):
+                p, seed, res, calls = fut.result()
+                rec = _record(p, seed, spec.name, res, calls, pool)
                 writer.write(rec)
                 done[p.id] = rec
                 n_correct += rec["n_correct"]
@@ -317,12 +313,60 @@ def run_strategy_eval(
                     )
             session["grader_timeouts"] = pool.timeouts
     finally:
+        cancel.set()  # problems still in flight stop at their next backend call
+        pool_ex.shutdown(wait=True, cancel_futures=True)
         writer.close()
         if prog:
             prog.stop()
     records = [done[p.id] for p in problems if p.id in done]
     extra = {"strategy": {"name": spec.name, "budget": spec.budget, "args": spec.args}, "cost": mean_cost(records)}
     return finish_run(out, task.name, records, config.seed, session, manifest, manifest_path, report, extra)
+
+
+def concurrency(requested: int, backend, second=None) -> int:
+    """Problems solved at once: `requested` on thread-safe backends (ditto's LLM: every thread's
+    requests join one continuous batch), else 1. In determinism `fast`, which problems share a batch
+    can change low bits of the results; batch_invariant and exact runs are unaffected."""
+    safe = getattr(backend, "thread_safe", False) and (second is None or getattr(second, "thread_safe", False))
+    return max(1, requested) if safe else 1
+
+
+def _record(p, seed: int, name: str, res, calls: list[dict], pool) -> dict:
+    """The results.jsonl record of one solved problem: the strategy's answer graded like a sample."""
+    response = f"\\boxed{{{res.answer}}}" if res.answer is not None else ""
+    (g,) = pool.grade([(p.answer, response)])
+    if g.disagreement:
+        log.warning("grader disagreement on %s: gold=%r answer=%r", p.id, p.answer, g.extracted)
+    sample = {
+        "index": 0,
+        "text": res.text,
+        "answer": g.extracted,
+        "key": grading.answer_key(g.extracted),
+        "correct": g.correct,
+        "status": g.status,
+        "method": "strategy",
+        "math_verify": g.math_verify,
+        "fallback": g.fallback,
+        "disagreement": g.disagreement,
+        "grade_error": g.error,
+        "n_tokens": res.cost.generated_tokens,
+        "finish_reason": "budget" if "budget_exhausted" in res.trace else "done",
+    }
+    return {
+        "id": p.id,
+        "difficulty": p.difficulty,
+        "gold": p.answer,
+        "question": p.question,
+        "strategy": name,
+        "seed": seed,
+        "seconds": res.cost.wall_time_s,
+        "n": 1,
+        "n_correct": int(g.correct),
+        "samples": [sample],
+        "cost": asdict(res.cost),
+        "calls": list(calls),
+        "trace": compact(res.trace),
+    }
 
 
 def second_backend(args, make_backend):
