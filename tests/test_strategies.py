@@ -32,6 +32,7 @@ from ditto.strategies import (
 )
 from ditto.strategies.base import local_extract_answer, local_is_equivalent
 from ditto.strategies.early_exit import probe_answer
+from ditto.strategies.steps import Partial, best, extend, lengthen, solution, step_params
 from ditto.strategies.tools import extract_code, parse_verdict
 
 transformers = pytest.importorskip("transformers")
@@ -361,6 +362,29 @@ def test_split_steps():
     steps = split_steps(text)
     assert steps == ["Step 1.\n\n", "Step 2.\n\n\n", "Step 3."] and "".join(steps) == text
     assert "".join(split_steps("abcdefg", 3)) == "abcdefg"
+
+
+def _completion(text: str, finish: str, stop=None) -> CompletionOutput:
+    return CompletionOutput(0, text, [1] * len(text), [0.0] * len(text), finish, stop_reason=stop)
+
+
+def test_step_helpers_extend_and_pick_partials():
+    assert step_params("blank_line", 8, 2, 0.7, 5).stop == ("\n\n",)
+    assert step_params(4, 8, 1, 0.0, 0).max_tokens == 4 and step_params(4, 8, 1, 0.0, 0).stop == ()
+    with pytest.raises(ValueError):
+        step_params("sentence", 8, 1, 0.0, 0)
+    root = Partial()
+    step = extend(root, _completion("a", "stop", "\n\n"), max_tokens=10)
+    assert (step.steps, step.tokens, step.done) == (["a\n\n"], 1, False)
+    cut = extend(step, _completion("bc", "length"), max_tokens=10)
+    assert (cut.text, cut.done) == ("a\n\nbc", False)
+    assert extend(step, _completion("b", "stop", 0), max_tokens=10).done  # end of sequence
+    assert extend(step, _completion("bcdefghij", "length"), max_tokens=10).done  # the length cap
+    lengthen(cut, _completion("d", "stop", "\n\n"), max_tokens=10)
+    assert (cut.steps, cut.tokens, cut.done) == (["a\n\n", "bcd\n\n"], 4, False)
+    step.score, cut.score = 0.5, 0.5
+    assert best([step, cut]) is step and solution(None) == (None, "") and best([]) is None
+    assert solution(Partial(["x = \\boxed{5}"])) == ("5", "x = \\boxed{5}")
 
 
 # Tool use ---------------------------------------------------------------------------------------

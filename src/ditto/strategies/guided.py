@@ -23,6 +23,7 @@ from ditto.strategies.base import (
     format_prompt,
     register,
 )
+from ditto.strategies.steps import ends_step, step_params
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -137,8 +138,8 @@ class GlimpRouter(Strategy):
                 if probe.finish_reason == "stop" and probe.stop_reason != STEP_STOP and not probe.text:
                     trace["steps"].append({"entropy": h, "model": "small", "end": True})
                     break
-                params = SamplingParams(
-                    temperature=0.0, seed=derive_seed(self.seed, s, 1), max_tokens=self.step_tokens, stop=(STEP_STOP,)
+                params = step_params(
+                    "blank_line", self.step_tokens, n=1, temperature=0.0, seed=derive_seed(self.seed, s, 1)
                 )
                 if h > self.threshold:
                     who, head, head_tokens = "large", "", 0
@@ -152,7 +153,7 @@ class GlimpRouter(Strategy):
             except BudgetExhausted:
                 trace["budget_exhausted"] = s
                 break
-            ended_step = c.finish_reason == "stop" and c.stop_reason == STEP_STOP
+            ended_step = ends_step(c)
             text += head + c.text + (STEP_STOP if ended_step else "")
             tokens += head_tokens + len(c.token_ids)
             trace["steps"].append({"entropy": round(h, 6), "model": who})
@@ -185,9 +186,9 @@ def calibrate_glimp_threshold(
         for s in range(max_steps):
             probe, h = _glimpse(meter, small, prompt + text, s)
             entropies.append(h)
-            params = SamplingParams(temperature=0.0, seed=0, max_tokens=step_tokens, stop=(STEP_STOP,))
+            params = step_params("blank_line", step_tokens, n=1, temperature=0.0, seed=0)
             (c,) = meter.generate([prompt + text], params)[0]
-            ended_step = c.finish_reason == "stop" and c.stop_reason == STEP_STOP
+            ended_step = ends_step(c)
             text += c.text + (STEP_STOP if ended_step else "")
             if c.finish_reason == "stop" and not ended_step:
                 break

@@ -8,53 +8,10 @@ computes their shared prompt prefix once (recorded in the trace as `prefix_cachi
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, field
 
-from ditto.outputs import CompletionOutput
-from ditto.sampling import SamplingParams
-from ditto.strategies.base import (
-    STEP_STOP,
-    BudgetExhausted,
-    Meter,
-    Strategy,
-    derive_seed,
-    extract_answer,
-    format_prompt,
-    register,
-)
+from ditto.strategies.base import STEP_STOP, BudgetExhausted, Meter, Strategy, derive_seed, format_prompt, register
 from ditto.strategies.scorers import LikelihoodScorer, Scorer
-
-
-@dataclass
-class Partial:
-    steps: list[str] = field(default_factory=list)
-    tokens: int = 0
-    score: float = 0.0
-    done: bool = False
-
-    @property
-    def text(self) -> str:
-        return "".join(self.steps)
-
-
-def step_params(step_rule, step_tokens: int, n: int, temperature: float, seed: int) -> SamplingParams:
-    if step_rule == "blank_line":
-        return SamplingParams(n=n, temperature=temperature, seed=seed, max_tokens=step_tokens, stop=(STEP_STOP,))
-    if isinstance(step_rule, int) and step_rule > 0:
-        return SamplingParams(n=n, temperature=temperature, seed=seed, max_tokens=step_rule)
-    raise ValueError(f"unknown step rule {step_rule!r}")
-
-
-def extend(parent: Partial, c: CompletionOutput, max_tokens: int) -> Partial:
-    """The child of `parent` made by completion `c` (a step or a step prefix)."""
-    if c.finish_reason == "stop" and c.stop_reason == STEP_STOP:
-        step, done = c.text + STEP_STOP, False
-    elif c.finish_reason == "length":
-        step, done = c.text, False
-    else:  # end of sequence (or another stop): the solution is finished
-        step, done = c.text, True
-    tokens = parent.tokens + len(c.token_ids)
-    return Partial(parent.steps + [step], tokens, 0.0, done or tokens >= max_tokens)
+from ditto.strategies.steps import Partial, best, grow, lengthen, propose, solution, step_params
 
 
 @register("beam_search")
@@ -96,26 +53,23 @@ class StepBeamSearch(Strategy):
                 for i in range(len(active))
             ]
             try:
-                outs = meter.generate([prompt + b.text for b in active], params)
+                outs = propose(meter, prompt, active, params)
             except BudgetExhausted:
                 trace["budget_exhausted"] = step
                 break
-            children = [extend(b, c, meter.budget.max_tokens) for b, cs in zip(active, outs) for c in cs]
-            for ch in children:
-                ch.score = self.scorer.score(meter, problem, ch.steps)
+            children = grow(meter, self.scorer, problem, active, outs)
             children.sort(key=lambda p: -p.score)
             finished += [ch for ch in children if ch.done]
             beams = [ch for ch in children if not ch.done][:width]
             trace["rounds"].append({"candidates": len(children), "scores": [round(c.score, 6) for c in children]})
             if len(finished) >= width:
                 break
-        pool = finished or beams
-        if not pool:
+        pick = best(finished or beams)
+        if pick is None:
             return None, ""
-        best = max(pool, key=lambda p: p.score)
         trace["finished"] = len(finished)
-        trace["best_score"] = best.score
-        return extract_answer(best.text), best.text
+        trace["best_score"] = pick.score
+        return solution(pick)
 
 
 @register("astar")
@@ -156,31 +110,25 @@ class AStarDecoding(Strategy):
             if node.done:
                 trace["expansions"] = expansions
                 trace["solved"] = True
-                return extract_answer(node.text), node.text
+                return solution(node)
             params = step_params(
                 self.step_rule, self.step_tokens, k, self.temperature, derive_seed(self.seed, expansions)
             )
             try:
-                (outs,) = meter.generate([prompt + node.text], params)
+                outs = propose(meter, prompt, [node], params)
             except BudgetExhausted:
                 trace["budget_exhausted"] = expansions
                 heapq.heappush(heap, (f, counter, node))
                 break
             expansions += 1
-            for c in outs:
-                child = extend(node, c, meter.budget.max_tokens)
-                child.score = self.scorer.score(meter, problem, child.steps)
+            for child in grow(meter, self.scorer, problem, [node], outs):
                 counter += 1
                 heapq.heappush(heap, (self.step_cost * len(child.steps) + 1.0 - child.score, counter, child))
                 if best_seen is None or child.score > best_seen.score:
                     best_seen = child
         trace["expansions"] = expansions
         trace["solved"] = False
-        done = [n for _, _, n in heap if n.done]
-        pick = max(done, key=lambda p: p.score) if done else best_seen
-        if pick is None:
-            return None, ""
-        return extract_answer(pick.text), pick.text
+        return solution(best([n for _, _, n in heap if n.done]) or best_seen)
 
 
 @register("early_rejection")
@@ -215,40 +163,24 @@ class EarlyRejection(Strategy):
         beams = [Partial()]
         finished: list[Partial] = []
         trace["rounds"] = []
-        limit = meter.budget.max_tokens
         for step in range(self.max_steps):
             active = [b for b in beams if not b.done]
             if not active:
                 break
             try:
                 # 1. cheap prefixes of every candidate step
-                params = SamplingParams(
-                    n=per_beam,
-                    temperature=self.temperature,
-                    seed=derive_seed(self.seed, step, 0),
-                    max_tokens=self.prefix_tokens,
-                    stop=(STEP_STOP,),
-                )
-                outs = meter.generate([prompt + b.text for b in active], params)
-                cands = [extend(b, c, limit) for b, cs in zip(active, outs) for c in cs]
-                for c in cands:
-                    c.score = self.scorer.score(meter, problem, c.steps)
+                seed = derive_seed(self.seed, step, 0)
+                params = step_params("blank_line", self.prefix_tokens, per_beam, self.temperature, seed)
+                cands = grow(meter, self.scorer, problem, active, propose(meter, prompt, active, params))
                 cands.sort(key=lambda p: -p.score)
                 kept, rejected = cands[:keep], len(cands) - min(keep, len(cands))
                 # 2. finish the steps of the survivors that were cut at the prefix length
                 todo = [p for p in kept if not p.done and not p.steps[-1].endswith(STEP_STOP)]
                 if todo:
-                    fin = SamplingParams(
-                        temperature=self.temperature,
-                        seed=derive_seed(self.seed, step, 1),
-                        max_tokens=max(1, self.step_tokens - self.prefix_tokens),
-                        stop=(STEP_STOP,),
-                    )
-                    rest = meter.generate([prompt + p.text for p in todo], fin)
-                    for p, (c,) in zip(todo, rest):
-                        grown = extend(Partial(p.steps[:-1], p.tokens), c, limit)
-                        p.steps = p.steps[:-1] + [p.steps[-1] + grown.steps[-1]]
-                        p.tokens, p.done = grown.tokens, grown.done
+                    rest_tokens, seed = max(1, self.step_tokens - self.prefix_tokens), derive_seed(self.seed, step, 1)
+                    fin = step_params("blank_line", rest_tokens, n=1, temperature=self.temperature, seed=seed)
+                    for p, (c,) in zip(todo, propose(meter, prompt, todo, fin)):
+                        lengthen(p, c, meter.budget.max_tokens)
                         p.score = self.scorer.score(meter, problem, p.steps)
             except BudgetExhausted:
                 trace["budget_exhausted"] = step
@@ -256,8 +188,4 @@ class EarlyRejection(Strategy):
             trace["rounds"].append({"candidates": len(cands), "rejected": rejected})
             finished += [p for p in kept if p.done]
             beams = [p for p in kept if not p.done]
-        pool = finished or beams
-        if not pool:
-            return None, ""
-        best = max(pool, key=lambda p: p.score)
-        return extract_answer(best.text), best.text
+        return solution(best(finished or beams))
