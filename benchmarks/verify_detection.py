@@ -2,6 +2,7 @@
 
 Usage: .venv/bin/python benchmarks/verify_detection.py [--prompts 200] [--tokens 300] [--temperature 0.7]
            [--model smollm2-135m-instruct] [--other-model gemma3-270m] [--determinism fast] [--out FILE.json]
+           [--cache DIR]
 
 Advertised configuration (what every receipt claims): --model at fp32 numerics, --determinism, temperature
 T, top_p 1.0, seed = 1000 + prompt index, fingerprint_k 8. Every run is verified against one fp32 reference
@@ -23,12 +24,19 @@ first n margins clipped at 0.5; Activation-DiFR score = mean of the first n fing
 TPR at 1% FPR (threshold calibrated on all honest runs) per dishonest condition. Also the cost: seconds per
 token to generate (big batch) vs to verify (teacher-forced scoring + margins), and their ratio.
 Prints markdown tables; writes everything (including per-run scores) as JSON to --out.
+
+The whole benchmark is CPU-hours at 200 x 300; ``--cache DIR`` (default: next to --out) keeps each
+condition's verified scores in DIR/<condition>.json as soon as it is done, so an interrupted run picks
+up where it stopped (the cache is keyed by model, prompts, tokens, temperature, determinism and k).
+The cost line compares verifying with generating both in one big batch and one request at a time
+(``--single-stream-prompts`` prompts, default 4).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import random
@@ -103,6 +111,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=0, help="big-batch size (0: all prompts at once)")
     ap.add_argument("--skip", default="", help="comma-separated conditions to skip")
     ap.add_argument("--out", default="benchmarks/results/verify_detection.json")
+    ap.add_argument("--cache", default="", help="folder of per-condition results (default: next to --out)")
+    ap.add_argument("--single-stream-prompts", type=int, default=4, help="prompts timed one at a time (cost)")
     args = ap.parse_args()
     t_start = time.perf_counter()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -126,7 +136,6 @@ def main() -> None:
     ]
     log(f"model {args.model}: {n} prompts x {L} tokens, T={T}, determinism={args.determinism}")
     results: dict[str, dict] = {}
-    cost: dict = {}
 
     def verify(name: str, llm, outs, used_params, honest: bool, edit=None) -> None:
         receipts = []
@@ -149,51 +158,56 @@ def main() -> None:
         }
         log(f"{name}: verified {len(vs)} runs ({ntok} tokens) in {dt:.1f}s; exact runs {results[name]['exact_runs']}")
 
+    cache = Path(args.cache) if args.cache else Path(args.out).with_suffix(".cache")
+    cache.mkdir(parents=True, exist_ok=True)
+    ident = [args.model, n, L, T, args.determinism, args.fingerprint_k, big, ref_digest]
+    cache_key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
+
+    def condition(name: str, run) -> None:
+        """results[name] from the cache, or run(), which fills results[name], then saved."""
+        path = cache / f"{cache_key}-{name}.json"
+        if path.exists():
+            results[name] = json.loads(path.read_text())
+            log(f"{name}: from cache {path}")
+            return
+        run()
+        path.write_text(json.dumps(results[name]))
+
+    honest_big: dict = {}
+
+    def honest_outputs():
+        if "outs" not in honest_big:
+            outs, gen_s = generate(ref, prompt_ids, claimed, big)
+            honest_big.update(outs=outs, gen_s=gen_s, tokens=sum(len(o.outputs[0].token_ids) for o in outs))
+            log(f"honest_fp32_b{big}: generated {honest_big['tokens']} tokens in {gen_s:.1f}s")
+        return honest_big["outs"]
+
+    def run_honest_big():
+        verify(f"honest_fp32_b{big}", ref, honest_outputs(), claimed, True)
+        results[f"honest_fp32_b{big}"]["generate_s"] = honest_big["gen_s"]
+
+    def run_with(name: str, llm_kw: dict, params, honest: bool, batch=big, threads=None, key: str = ""):
+        def run():
+            llm = llm_for(**llm_kw) if llm_kw else ref
+            outs, _ = generate(llm, prompt_ids, params, batch, threads=threads)
+            verify(name, llm, outs, params, honest)
+
+        if (key or name) not in skip:
+            condition(name, run)
+
     # -- honest ------------------------------------------------------------------------------
-    outs, gen_s = generate(ref, prompt_ids, claimed, big)
-    gen_tok = sum(len(o.outputs[0].token_ids) for o in outs)
-    log(f"honest_fp32_b{big}: generated {gen_tok} tokens in {gen_s:.1f}s")
-    verify(f"honest_fp32_b{big}", ref, outs, claimed, True)
-    cost = {
-        "generate_s_per_token": gen_s / gen_tok,
-        "verify_s_per_token": results[f"honest_fp32_b{big}"]["verify_s"] / gen_tok,
-        "generate_batch": big,
-    }
-    cost["verify_over_generate"] = cost["verify_s_per_token"] / cost["generate_s_per_token"]
-    honest_outs = outs
-    if "honest_b8" not in skip and big != 8:
-        o8, _ = generate(ref, prompt_ids, claimed, 8)
-        verify("honest_fp32_b8", ref, o8, claimed, True)
-    if "honest_t1" not in skip:
-        o1, _ = generate(ref, prompt_ids, claimed, big, threads=1)
-        verify(f"honest_fp32_b{big}_t1", ref, o1, claimed, True)
-    if "honest_bf16" not in skip:
-        bf = llm_for(numerics="bf16")
-        ob, _ = generate(bf, prompt_ids, claimed, big)
-        verify("honest_bf16", bf, ob, claimed, True)
-        del bf
+    condition(f"honest_fp32_b{big}", run_honest_big)
+    if big != 8:
+        run_with("honest_fp32_b8", {}, claimed, True, batch=8, key="honest_b8")
+    run_with(f"honest_fp32_b{big}_t1", {}, claimed, True, threads=1, key="honest_t1")
+    run_with("honest_bf16", {"numerics": "bf16"}, claimed, True)
 
     # -- dishonest -----------------------------------------------------------------------------
-    if "w4" not in skip:
-        w4 = llm_for(numerics="w4")
-        ow, _ = generate(w4, prompt_ids, claimed, big)
-        verify("w4_as_fp32", w4, ow, claimed, False)
-        del w4
-    if "kv_int8" not in skip:
-        kv = llm_for(kv_dtype="int8")
-        ok, _ = generate(kv, prompt_ids, claimed, big)
-        verify("kv_int8", kv, ok, claimed, False)
-        del kv
-    variants = {
-        "wrong_temp": [p.replace(temperature=1.0 if T != 1.0 else T + 0.3) for p in claimed],
-        "wrong_top_p": [p.replace(top_p=0.9) for p in claimed],
-        "wrong_seed": [p.replace(seed=p.seed + 1) for p in claimed],
-    }
-    for name, used in variants.items():
-        if name in skip:
-            continue
-        ov, _ = generate(ref, prompt_ids, used, big)
-        verify(name, ref, ov, used, False)
+    run_with("w4_as_fp32", {"numerics": "w4"}, claimed, False, key="w4")
+    run_with("kv_int8", {"kv_dtype": "int8"}, claimed, False)
+    run_with("wrong_temp", {}, [p.replace(temperature=1.0 if T != 1.0 else T + 0.3) for p in claimed], False)
+    run_with("wrong_top_p", {}, [p.replace(top_p=0.9) for p in claimed], False)
+    run_with("wrong_seed", {}, [p.replace(seed=p.seed + 1) for p in claimed], False)
     if "bug_1pct" not in skip:
         rng = random.Random(0)
         vocab = ref.loaded.config.vocab_size
@@ -205,26 +219,43 @@ def main() -> None:
                     ids[t] = rng.randrange(vocab)
             return dataclasses.replace(r, output_token_ids=tuple(ids))
 
-        verify("bug_1pct", ref, honest_outs, claimed, False, edit=corrupt)
+        condition("bug_1pct", lambda: verify("bug_1pct", ref, honest_outputs(), claimed, False, edit=corrupt))
     if args.other_model and "other_model" not in skip:
-        other = LLM(args.other_model, numerics="fp32", determinism=args.determinism, progress=False)
-        oo, _ = generate(other, chat_ids(other, texts), claimed, big)
-        claims = []
-        for i, o in enumerate(oo):
-            rec = {"id": f"p{i}", "prompt_token_ids": prompt_ids[i], "output_text": o.outputs[0].text}
-            rec.update(temperature=T, seed=claimed[i].seed, max_tokens=L)
-            claims += parse_claim(rec, i + 1)
-        del other
-        t0 = time.perf_counter()
-        vs = verify_claims(ref, claims, threshold=math.inf)
-        results["other_model"] = {
-            "honest": False,
-            "runs": [{"margins": list(v.margins)[:L], "distances": []} for v in vs],
-            "exact_runs": sum(v.status == "exact" for v in vs),
-            "verify_s": time.perf_counter() - t0,
-            "tokens": sum(v.n_tokens for v in vs),
-        }
-        log(f"other_model: verified {len(vs)} re-tokenized claims")
+
+        def run_other():
+            other = LLM(args.other_model, numerics="fp32", determinism=args.determinism, progress=False)
+            oo, _ = generate(other, chat_ids(other, texts), claimed, big)
+            claims = []
+            for i, o in enumerate(oo):
+                rec = {"id": f"p{i}", "prompt_token_ids": prompt_ids[i], "output_text": o.outputs[0].text}
+                rec.update(temperature=T, seed=claimed[i].seed, max_tokens=L)
+                claims += parse_claim(rec, i + 1)
+            del other
+            t0 = time.perf_counter()
+            vs = verify_claims(ref, claims, threshold=math.inf)
+            results["other_model"] = {
+                "honest": False,
+                "runs": [{"margins": list(v.margins)[:L], "distances": []} for v in vs],
+                "exact_runs": sum(v.status == "exact" for v in vs),
+                "verify_s": time.perf_counter() - t0,
+                "tokens": sum(v.n_tokens for v in vs),
+            }
+            log(f"other_model: verified {len(vs)} re-tokenized claims")
+
+        condition("other_model", run_other)
+
+    # -- cost: verify vs generate (big batch, and one request at a time) ---------------------------
+    hb = results[f"honest_fp32_b{big}"]
+    k1 = min(args.single_stream_prompts, n)
+    _, single_s = generate(ref, prompt_ids[:k1], claimed[:k1], 1)
+    cost = {
+        "generate_s_per_token": hb["generate_s"] / hb["tokens"],
+        "generate_single_stream_s_per_token": single_s / (k1 * L),
+        "verify_s_per_token": hb["verify_s"] / hb["tokens"],
+        "generate_batch": big,
+    }
+    cost["verify_over_generate"] = cost["verify_s_per_token"] / cost["generate_s_per_token"]
+    cost["verify_over_generate_single"] = cost["verify_s_per_token"] / cost["generate_single_stream_s_per_token"]
 
     # -- statistics ------------------------------------------------------------------------------
     ns = [x for x in NS if x <= L]
@@ -280,8 +311,10 @@ def main() -> None:
             f"{s['max_token_score']:.4g} | {s['max_activation_score']:.4g} |"
         )
     print(
-        f"\n**Cost**: generate {cost['generate_s_per_token'] * 1e3:.2f} ms/token (batch {big}), verify "
-        f"{cost['verify_s_per_token'] * 1e3:.2f} ms/token -> verify/generate = {cost['verify_over_generate']:.2f}"
+        f"\n**Cost**: generate {cost['generate_s_per_token'] * 1e3:.2f} ms/token (batch {big}) or "
+        f"{cost['generate_single_stream_s_per_token'] * 1e3:.2f} ms/token (one request at a time), verify "
+        f"{cost['verify_s_per_token'] * 1e3:.2f} ms/token -> verify/generate = {cost['verify_over_generate']:.2f} "
+        f"(batched), {cost['verify_over_generate_single']:.3f} (single stream)"
     )
     doc = {
         "args": vars(args),
