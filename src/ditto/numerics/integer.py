@@ -37,6 +37,13 @@ keys/values, then list batches (q_idx (B, n) token indices, (k8, ka16, ksa, v8) 
 (B, L, Hkv, .), key_pos (B, L), q_pos (B, n)); keys with key_pos > q_pos (or outside the sliding
 window) are masked to exact zeros, so a batch may be padded. `DenseIntContext` (contiguous, for tests and scoring) and
 `IntegerPagedAttention` (the engine's block tables) implement it.
+
+A context may also offer `int_attention_paged(layer, k8, ka16, ksa, v8)`: store the new keys/values,
+then list (tokens (n,), positions (n,), cache (k8, ka16 int32, ksa int8, v8), each (blocks, bs, Hkv, .),
+table (R, nb) block ids, table_row (n,)). With it, and when the fused C kernel builds
+(kernels/integer_attention_c.py; DITTO_INT_DISABLE_KERNEL=1 turns it off), IntAttention reads the
+keys in place through the block table instead of gathering them; the torch path stays the
+reference and the fallback, and both give the same bits (tests/test_integer_attention_kernel.py).
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ import os
 import torch
 from torch import nn
 
+from ditto.numerics.kernels import integer_attention_c as iattn
 from ditto.numerics.kernels import integer_ops as iops
 
 RESID_TOP, INTER_TOP, LOGIT_TOP, NORM_TOP = 24, 20, 20, 22
@@ -233,6 +241,11 @@ class IntMLP(nn.Module):
         return self.down_proj(h.clamp_(-LIMIT + 1, LIMIT - 1))
 
 
+def _use_kernel() -> bool:
+    """Whether attention runs the fused C kernel (bit-exact with the torch path; off: DITTO_INT_DISABLE_KERNEL=1)."""
+    return iattn.kernel_available()
+
+
 def _group_heads(z: torch.Tensor, b: int, n: int, kv: int, g: int) -> torch.Tensor:
     """(b*n, H, c) -> (b, Hkv, n*G, c): the query rows of one kv group together (row = token * G + j)."""
     return z.view(b, n, kv, g, z.shape[-1]).permute(0, 2, 1, 3, 4).reshape(b, kv, n * g, z.shape[-1])
@@ -272,14 +285,44 @@ class IntAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
         t, h, kv, d = x.shape[0], self.h, self.kv, self.d
-        g = h // kv
         q, k, v = self.qkv(x)
         q, k, v8 = q.view(t, h, d), k.view(t, kv, d), v.view(t, kv, d).to(torch.int8)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q8, qa16, qsa = iops.quantize_rows(self._rope(q, positions))  # (T, H, D), (T, H, 1) x2
         k8, ka16, ksa = iops.quantize_rows(self._rope(k, positions))
+        o = self.attend(q8, qa16, qsa, k8, ka16, ksa, v8, ctx)
+        o = iops.requantise(o, self.o_m, self.o_e).clamp_(-LIMIT + 1, LIMIT - 1)  # Q.fo
+        return self.o_proj(o.reshape(t, h * d))  # (T, H*D) -> (T, hidden)
+
+    def attend(
+        self,
+        q8: torch.Tensor,
+        qa16: torch.Tensor,
+        qsa: torch.Tensor,
+        k8: torch.Tensor,
+        ka16: torch.Tensor,
+        ksa: torch.Tensor,
+        v8: torch.Tensor,
+        ctx,
+    ) -> torch.Tensor:
+        """Store the new keys/values in ctx and return sum_j p_j v_j (T, H, D) int64, p in Q.PROB_BITS.
+
+        q8 (T, H, D) int8 with qa16, qsa (T, H, 1); k8, v8 (T, Hkv, D) int8 with ka16, ksa (T, Hkv, 1).
+        With the C kernel (and a context offering `int_attention_paged`) the keys are read in place
+        from the cache; otherwise the torch reference path gathers them. Both give the same bits.
+        """
+        t, h, kv, d = q8.shape[0], self.h, self.kv, self.d
+        g = h // kv
         o = torch.empty(t, h, d, dtype=torch.int64)
+        paged = getattr(ctx, "int_attention_paged", None)
+        if paged is not None and q8.device.type == "cpu" and _use_kernel():
+            for tokens, pos, cache, table, table_row in paged(self.layer, k8, ka16, ksa, v8):
+                iattn.attend_paged(
+                    (q8, qa16, qsa), cache, tokens, pos, table, table_row, self.window,
+                    self.score_m, self.score_e, o, SCORE_FRAC, PROB_BITS,
+                )  # fmt: skip
+            return o
         for q_idx, (kc, kac, ksc, vc), key_pos, q_pos in ctx.int_attention_batches(self.layer, k8, ka16, ksa, v8):
             b, n = q_idx.shape  # b sequences (or rows) with n queries each; keys (b, L, Hkv, .)
             mask = key_pos[:, None, :] <= q_pos[:, :, None]  # (b, n, L)
@@ -293,8 +336,7 @@ class IntAttention(nn.Module):
             vg = vc.permute(0, 2, 1, 3)
             out = iops.attend_int(qg, kg, vg, mask, self.score_m, self.score_e, SCORE_FRAC, PROB_BITS)
             o[idx] = out.view(b, kv, n, g, d).permute(0, 2, 1, 3, 4).reshape(b * n, h, d)
-        o = iops.requantise(o, self.o_m, self.o_e).clamp_(-LIMIT + 1, LIMIT - 1)  # Q.fo
-        return self.o_proj(o.reshape(t, h * d))  # (T, H*D) -> (T, hidden)
+        return o
 
 
 class IntegerMode:
@@ -376,17 +418,34 @@ class DenseIntContext:
         self.items = list(items)
         return self
 
-    def int_attention_batches(self, layer, k8, ka16, ksa, v8):
-        batches, off = [], 0
+    def _store(self, layer: int, k8, ka16, ksa, v8) -> list[tuple[int, int, tuple[torch.Tensor, ...]]]:
+        """Append the step's keys/values; per sequence (token offset, n new tokens, its whole cache)."""
+        out, off = [], 0
         for seq, n in self.items:
             new = (k8[off : off + n], ka16[off : off + n], ksa[off : off + n], v8[off : off + n])
             old = self.kv.get((seq, layer))
             cur = new if old is None else tuple(torch.cat([a, b]) for a, b in zip(old, new))
             self.kv[(seq, layer)] = cur
+            out.append((off, n, cur))
+            off += n
+        return out
+
+    def int_attention_batches(self, layer, k8, ka16, ksa, v8):
+        batches = []
+        for off, n, cur in self._store(layer, k8, ka16, ksa, v8):
             length = cur[0].shape[0]
             q_idx = torch.arange(off, off + n)[None]
             batches.append((q_idx, tuple(c[None] for c in cur), torch.arange(length)[None], q_idx - off + length - n))
-            off += n
+        return batches
+
+    def int_attention_paged(self, layer: int, k8, ka16, ksa, v8) -> list[tuple]:
+        """The kernel's form of `int_attention_batches`: each sequence's cache as one block of its length."""
+        batches = []
+        for off, n, (kc, kac, ksc, vc) in self._store(layer, k8, ka16, ksa, v8):
+            length = kc.shape[0]
+            cache = (kc[None], kac.to(torch.int32)[None], ksc.to(torch.int8)[None], vc[None])  # (1, L, Hkv, .)
+            tokens, pos = torch.arange(off, off + n), torch.arange(length - n, length)
+            batches.append((tokens, pos, cache, torch.zeros(1, 1, dtype=torch.long), torch.zeros(n, dtype=torch.long)))
         return batches
 
 
@@ -415,15 +474,18 @@ class IntKVCache:
 class IntegerPagedAttention:
     """Integer twin of ditto.engine.attention.PagedAttention (same slots / DecodeRows / PrefillChunk).
 
-    Decode rows of all sequences run as one batch: each row's blocks are gathered into a padded
-    (R, max blocks) table; keys past a row's position are masked to exact zeros, so padding, batch
-    composition and order cannot change a row (integer arithmetic is exact in any order anyway).
+    With the C kernel (`int_attention_paged`) every query of the step runs in one call that reads
+    the cache in place. On the torch path (`int_attention_batches`) decode rows of all sequences run
+    as one batch: each row's blocks are gathered into a padded (R, max blocks) table; keys past a
+    row's position are masked to exact zeros, so padding, batch composition and order cannot change
+    a row (integer arithmetic is exact in any order anyway).
     A prefill chunk runs as a batch of one sequence.
     """
 
     def __init__(self, cache: IntKVCache, slots, decode, prefills):
         self.cache, self.slots, self.decode, self.prefills = cache, slots, decode, prefills
         self._table = None
+        self._index: tuple[torch.Tensor, ...] | None = None
         if decode is not None:
             rows = decode.block_row
             counts = torch.bincount(rows, minlength=len(decode.tok_index))
@@ -432,12 +494,17 @@ class IntegerPagedAttention:
             table[rows, torch.arange(len(rows)) - starts[rows]] = decode.blocks
             self._table = table  # (R, nbmax); padding -> block 0, masked (positions beyond the row)
 
-    def int_attention_batches(self, layer, k8, ka16, ksa, v8):
+    def _store(self, layer: int, k8, ka16, ksa, v8) -> tuple[torch.Tensor, ...]:
+        """Write the step's keys/values into their slots; the layer's (k8, ka16, ksa, v8) cache tensors."""
         c = self.cache
         store = (c.k[layer], c.ka16[layer], c.ksa[layer], c.v[layer])
         for dst, src in zip(store, (k8, ka16, ksa, v8)):
             dst.view(-1, *dst.shape[2:])[self.slots] = src.to(dst.dtype)  # write before reading
-        bs = c.block_size
+        return store
+
+    def int_attention_batches(self, layer, k8, ka16, ksa, v8):
+        store = self._store(layer, k8, ka16, ksa, v8)
+        bs = self.cache.block_size
         batches = []
         if self.decode is not None:
             r, nb = self._table.shape
@@ -452,3 +519,36 @@ class IntegerPagedAttention:
             q_idx = torch.arange(ch.tok_start, ch.tok_start + ch.num_tokens)[None]
             batches.append((q_idx, kv, torch.arange(length)[None], torch.arange(ch.start_pos, length)[None]))
         return batches
+
+    def _paged_index(self) -> tuple[torch.Tensor, ...]:
+        """(tokens, positions, table, table_row) of every query of the step: decode rows, then chunks.
+
+        One table row per decode row and per prefill chunk, zero padded to the widest (padding is
+        never read: it lies past every query's position). Built once per step, shared by the layers.
+        """
+        if self._index is None:
+            tokens, pos, tables, rows = [], [], [], []
+            if self.decode is not None:
+                r = self._table.shape[0]
+                tokens.append(self.decode.tok_index)
+                pos.append(self.decode.positions)
+                tables.append(self._table)
+                rows.append(torch.arange(r))
+            for ch in self.prefills:
+                n = ch.num_tokens
+                tokens.append(torch.arange(ch.tok_start, ch.tok_start + n))
+                pos.append(torch.arange(ch.start_pos, ch.start_pos + n))
+                rows.append(torch.full((n,), sum(t.shape[0] for t in tables), dtype=torch.long))
+                tables.append(ch.blocks.long()[None])
+            width = max((t.shape[1] for t in tables), default=1)
+            table = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in tables])  # (rows, width)
+            self._index = (torch.cat(tokens), torch.cat(pos), table, torch.cat(rows))
+        return self._index
+
+    def int_attention_paged(self, layer: int, k8, ka16, ksa, v8) -> list[tuple]:
+        """The kernel's form of `int_attention_batches`: one batch reading the cache in place."""
+        store = self._store(layer, k8, ka16, ksa, v8)
+        if self.decode is None and not self.prefills:
+            return []
+        tokens, positions, table, table_row = self._paged_index()
+        return [(tokens, positions, store, table, table_row)]

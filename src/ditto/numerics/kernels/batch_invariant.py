@@ -37,21 +37,16 @@ A CUDA implementation plugs in at `_DEVICE_IMPLS["cuda"]` (same signature as `_c
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ditto.numerics.kernels.cbuild import CLibrary
 
 __all__ = [
     "InvariantLinear",
@@ -167,76 +162,31 @@ int ditto_selftest(void) {
 }
 """
 
-_lib_lock = threading.Lock()
+
+def _setup(lib: ctypes.CDLL) -> str | None:
+    argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long]
+    argtypes += [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
+    for fn in (lib.ditto_bi_linear_f32w, lib.ditto_bi_linear_bf16w):
+        fn.argtypes = argtypes
+        fn.restype = None
+    lib.ditto_selftest.restype = ctypes.c_int
+    if lib.ditto_selftest() != 1:  # FMA not contracted: still invariant, but not the documented chain
+        return "kernel self-test failed (no FMA contraction)"
+    return None
+
+
+_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-fast-math", "-fopenmp", "-shared", "-fPIC")
+_LIBRARY = CLibrary("batch_invariant", _C_SRC, "DITTO_BI_DISABLE_KERNEL", _setup, _FLAGS)
 _lib: ctypes.CDLL | None = None
 _lib_error: str | None = None
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _compile(cc: str, so_path: Path) -> None:
-    flags = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-fast-math", "-fopenmp", "-shared", "-fPIC"]
-    so_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=so_path.parent) as tmp:
-        src = Path(tmp) / "bi.c"
-        src.write_text(_C_SRC)
-        out = Path(tmp) / "bi.so"
-        subprocess.run([cc, *flags, str(src), "-o", str(out), "-lm"], check=True, capture_output=True, timeout=120)
-        os.replace(out, so_path)  # atomic: concurrent builders (pytest-xdist, several engines) are safe
 
 
 def _load_lib() -> ctypes.CDLL | None:
     """Build (once, cached on disk) and load the C kernel; None when no compiler / OpenMP is usable."""
     global _lib, _lib_error
-    if _lib is not None or _lib_error is not None:
-        return _lib
-    with _lib_lock:
-        if _lib is not None or _lib_error is not None:
-            return _lib
-        if os.environ.get("DITTO_BI_DISABLE_KERNEL"):
-            _lib_error = "disabled by DITTO_BI_DISABLE_KERNEL"
-            return None
-        cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-        if cc is None:
-            _lib_error = "no C compiler found"
-            return None
-        try:
-            version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        except (OSError, subprocess.SubprocessError) as e:
-            _lib_error = f"compiler unusable: {e}"
-            return None
-        key = hashlib.sha256("\0".join([_C_SRC, version, _cpu_flags(), platform.machine()]).encode()).hexdigest()
-        cache = Path(os.environ.get("DITTO_KERNEL_CACHE", Path.home() / ".cache" / "ditto" / "kernels"))
-        so_path = cache / f"batch_invariant_{key[:20]}.so"
-        try:
-            if not so_path.exists():
-                _compile(cc, so_path)
-            # torch is imported first, so libgomp.so.1 resolves to torch's copy: one OpenMP pool,
-            # and torch.set_num_threads governs the kernel too.
-            lib = ctypes.CDLL(str(so_path))
-        except (OSError, subprocess.SubprocessError) as e:
-            _lib_error = f"kernel build failed: {e}"
-            return None
-        argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long]
-        argtypes += [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
-        for fn in (lib.ditto_bi_linear_f32w, lib.ditto_bi_linear_bf16w):
-            fn.argtypes = argtypes
-            fn.restype = None
-        lib.ditto_selftest.restype = ctypes.c_int
-        if lib.ditto_selftest() != 1:  # FMA not contracted: still invariant, but not the documented chain
-            _lib_error = "kernel self-test failed (no FMA contraction)"
-            return None
-        _lib = lib
-        return _lib
+    _lib = _LIBRARY.load()
+    _lib_error = _LIBRARY.error
+    return _lib
 
 
 def kernel_available() -> bool:
