@@ -30,7 +30,7 @@ from ditto.strategies import (
     majority_vote,
     split_steps,
 )
-from ditto.strategies.base import local_extract_answer, local_is_equivalent
+from ditto.strategies.base import extract_answer, is_equivalent
 from ditto.strategies.early_exit import probe_answer
 from ditto.strategies.steps import Partial, best, extend, lengthen, solution, step_params
 from ditto.strategies.tools import extract_code, parse_verdict
@@ -347,12 +347,12 @@ def test_majority_vote_on_constructed_answers():
 
 
 def test_answer_extraction():
-    assert local_extract_answer("so \\boxed{\\frac{1}{2}} done") == "\\frac{1}{2}"
-    assert local_extract_answer("The final answer is $42$. I hope") == "42"
-    assert local_extract_answer("first 3 then 1,000") == "1000"
-    assert local_extract_answer("nothing here") is None
-    assert local_is_equivalent("0.5", "\\dfrac{1}{2}")
-    assert not local_is_equivalent("0.5", "0.6")
+    assert extract_answer("so \\boxed{\\frac{1}{2}} done") == "\\frac{1}{2}"
+    assert extract_answer("The final answer is $42$. I hope") == "42"
+    assert is_equivalent(extract_answer("first 3 then 1,000"), "1000")
+    assert extract_answer("nothing here") is None
+    assert is_equivalent("0.5", "\\dfrac{1}{2}")
+    assert not is_equivalent("0.5", "0.6")
     assert probe_answer("12} and more") == "12"
     assert probe_answer("\\frac{1}{2}}") == "\\frac{1}{2}"
 

@@ -8,13 +8,14 @@ tokens = sum of len(token_ids) of every ScoreOutput, one model call per generate
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ditto.backends.base import Backend
+from ditto.eval.answer_equivalence import fallback_equal
+from ditto.eval.answer_extraction import extract_answer as _extract
 from ditto.outputs import CompletionOutput, ScoreOutput
 from ditto.sampling import SamplingParams
 
@@ -236,97 +237,16 @@ def split_steps(text: str, rule: str | int = "blank_line", tokenizer: Backend | 
 # Answers ----------------------------------------------------------------------------------------
 
 
-def _last_boxed(text: str) -> str | None:
-    idx = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
-    if idx < 0:
-        return None
-    i = text.index("{", idx) + 1
-    depth = 1
-    j = i
-    while j < len(text) and depth:
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-        j += 1
-    return text[i : j - 1].strip() if depth == 0 else None
-
-
-_NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
-
-
-def local_extract_answer(text: str) -> str | None:
-    """Qwen2.5-Math order: "final answer is $..$", last \\boxed{}, "the answer is", last number."""
-    m = re.search(r"final answer is\s*\$([^$]+)\$", text, re.IGNORECASE)
-    if m:
-        return m.group(1).strip()
-    boxed = _last_boxed(text)
-    if boxed is not None:
-        return boxed
-    m = list(re.finditer(r"answer is[:\s]*([^\n]+)", text, re.IGNORECASE))
-    if m:
-        return m[-1].group(1).strip().rstrip(".").strip("$ ")
-    nums = _NUM.findall(text)
-    return nums[-1].replace(",", "") if nums else None
-
-
-def _normalize(ans: str) -> str:
-    s = ans.strip().strip("$").strip()
-    s = re.sub(r"\\text\{([^}]*)\}", r"\1", s)
-    s = s.replace("\\left", "").replace("\\right", "").replace("\\!", "").replace(" ", "")
-    s = s.replace("dfrac", "frac").replace("tfrac", "frac").rstrip(".")
-    if s.startswith("{") and s.endswith("}"):
-        s = s[1:-1]
-    return s
-
-
-def _as_number(s: str) -> float | None:
-    s = s.replace(",", "")
-    m = re.fullmatch(r"\\frac\{(-?\d+)\}\{(-?\d+)\}", s) or re.fullmatch(r"(-?\d+)/(-?\d+)", s)
-    try:
-        if m:
-            return int(m.group(1)) / int(m.group(2))
-        return float(s)
-    except (ValueError, ZeroDivisionError):
-        return None
-
-
-def local_is_equivalent(a: str, b: str) -> bool:
-    na, nb = _normalize(a), _normalize(b)
-    if na == nb:
-        return True
-    x, y = _as_number(na), _as_number(nb)
-    if x is not None and y is not None:
-        return math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-9)
-    return False
-
-
 def extract_answer(text: str) -> str | None:
-    """ditto.eval.grading's extractor when present, else the local one."""
-    try:
-        from ditto.eval import grading  # type: ignore[attr-defined]
-
-        fn = getattr(grading, "extract_answer", None)
-        if fn is not None:
-            out = fn(text)
-            if isinstance(out, tuple):  # grading.extract_answer returns (answer, method)
-                out = out[0]
-            return None if out is None else str(out)
-    except ImportError:
-        pass
-    return local_extract_answer(text)
+    """The final answer of a solution text, by the evaluation harness's extractor (boxed, "the answer
+    is", GSM8K ####, last number), so strategies vote on exactly what `ditto eval` grades."""
+    return _extract(text)[0]
 
 
 def is_equivalent(a: str, b: str) -> bool:
-    try:
-        from ditto.eval import grading  # type: ignore[attr-defined]
-
-        fn = getattr(grading, "is_equivalent", None)
-        if fn is not None:
-            return bool(fn(a, b))
-    except ImportError:
-        pass
-    return local_is_equivalent(a, b)
+    """Whether two answers are the same for voting: the harness's normalised numeric/string check
+    (in-process and never slow; Math-Verify runs only in the grader's worker processes)."""
+    return fallback_equal(a, b)
 
 
 @dataclass

@@ -29,17 +29,19 @@ Thresholds (a run is flagged when score > threshold):
   Calibrate your own with `calibrate()` / `ditto verify calibrate --out thresholds.json`, which
   measures honest scores under other batch sizes and thread counts and stores the thresholds
   at a chosen false-positive rate; `Thresholds.load()` reads the file.
+
+Modules: ditto.verify.verdict (Verdict, Thresholds, ModelMismatchError, the defaults),
+ditto.verify.reference (the teacher-forced pass both replays share), ditto.verify.claim_replay
+(verify_claims); this one replays receipts and calibrates thresholds, and re-exports the public names.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,9 +50,26 @@ import torch
 from ditto.sampling import SamplingParams
 from ditto.verify.activation_difr import activation_difr, fingerprints
 from ditto.verify.build import model_digest, params_from_record, receipt_for
+from ditto.verify.claim_replay import verify_claims
 from ditto.verify.receipt import Receipt
+from ditto.verify.reference import (
+    _decide,
+    _first_divergence,
+    _mask_min_tokens,
+    _reference_logprobs,
+    _score_chunks,
+)
 from ditto.verify.stats import calibrate_threshold
-from ditto.verify.token_difr import DEFAULT_CLIP, TokenDifrResult, clipped_mean, token_difr
+from ditto.verify.token_difr import DEFAULT_CLIP, clipped_mean, token_difr
+from ditto.verify.verdict import (
+    DEFAULT_ACTIVATION_THRESHOLD,
+    DEFAULT_LOGPROB_THRESHOLD,
+    DEFAULT_TOKEN_THRESHOLD,
+    THRESHOLDS_SCHEMA,
+    ModelMismatchError,
+    Thresholds,
+    Verdict,
+)
 
 __all__ = [
     "DEFAULT_ACTIVATION_THRESHOLD",
@@ -64,193 +83,6 @@ __all__ = [
     "verify_receipt",
     "verify_receipts",
 ]
-
-DEFAULT_TOKEN_THRESHOLD = 0.02
-DEFAULT_ACTIVATION_THRESHOLD = 0.05
-DEFAULT_LOGPROB_THRESHOLD = 0.05  # mean |claimed - reference| log-probability (nats), logprob-only claims
-THRESHOLDS_SCHEMA = "ditto.thresholds/v1"
-
-
-class ModelMismatchError(ValueError):
-    """The receipt was produced by a different model (or tokenizer) than the verifier runs."""
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Decision thresholds; a run is flagged when its score is strictly above the threshold."""
-
-    token: float = DEFAULT_TOKEN_THRESHOLD  # Token-DiFR clipped-mean margin
-    activation: float = DEFAULT_ACTIVATION_THRESHOLD  # mean fingerprint L2 distance
-    logprob: float = DEFAULT_LOGPROB_THRESHOLD  # mean |Δ logprob| for logprob-only claims
-    clip: float = DEFAULT_CLIP
-    source: str = "default"
-    meta: dict = field(default_factory=dict, compare=False)
-
-    @classmethod
-    def coerce(cls, value) -> Thresholds:
-        if value is None:
-            return cls()
-        if isinstance(value, Thresholds):
-            return value
-        if isinstance(value, int | float):
-            return cls(token=float(value), source="given")
-        if isinstance(value, str | os.PathLike):
-            return cls.load(value)
-        if isinstance(value, dict):
-            return cls.from_dict(value)
-        raise TypeError(f"threshold must be a number, Thresholds, dict or file path, got {type(value).__name__}")
-
-    @classmethod
-    def from_dict(cls, doc: dict, source: str = "dict") -> Thresholds:
-        tok = doc.get("token_difr", {})
-        act = doc.get("activation_difr", {})
-        return cls(
-            token=float(tok.get("threshold", DEFAULT_TOKEN_THRESHOLD)),
-            activation=float(act.get("threshold", DEFAULT_ACTIVATION_THRESHOLD)),
-            logprob=float(doc.get("logprob", {}).get("threshold", DEFAULT_LOGPROB_THRESHOLD)),
-            clip=float(tok.get("clip", DEFAULT_CLIP)),
-            source=source,
-            meta={k: v for k, v in doc.items() if k not in ("token_difr", "activation_difr", "logprob")},
-        )
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> Thresholds:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-        if doc.get("schema") != THRESHOLDS_SCHEMA:
-            raise ValueError(f"{path}: not a ditto threshold file (schema {doc.get('schema')!r})")
-        return cls.from_dict(doc, source=str(path))
-
-
-@dataclass
-class Verdict:
-    """The outcome of verifying one receipt or claim."""
-
-    status: str  # exact | consistent | inconsistent | unverifiable
-    reason: str
-    id: str = ""
-    method: str = "token_difr"  # token_difr | greedy | logprobs | likelihood | integrity
-    score: float | None = None  # Token-DiFR clipped-mean margin (or the method's score)
-    threshold: float | None = None
-    n_tokens: int = 0
-    n_exact: int = 0
-    margins: tuple[float, ...] = ()  # Token-DiFR margin per claimed token
-    distances: tuple[float, ...] = ()  # Activation-DiFR L2 distance per token (when fingerprints exist)
-    first_divergence: dict | None = None  # index, claimed/reference id and text, margin
-    activation: dict | None = None  # mean, max, exact, threshold, first_above
-    logprob_max_abs_diff: float | None = None
-    tampered: bool = False
-    signed: bool = False
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return self.status in ("exact", "consistent")
-
-    def to_dict(self, margins: bool = False) -> dict:
-        d = dataclasses.asdict(self)
-        if not margins:
-            d.pop("margins")
-            d.pop("distances")
-        return _jsonable(d)
-
-    def summary(self) -> str:
-        parts = [f"{self.status.upper()}"]
-        if self.score is not None:
-            parts.append(f"score={self.score:.4g} (threshold {self.threshold:.4g}, {self.method})")
-        if self.n_tokens:
-            parts.append(f"{self.n_exact}/{self.n_tokens} tokens exact")
-        if self.activation is not None:
-            parts.append(f"fingerprint mean dist={self.activation['mean']:.3g}")
-        out = "  ".join(parts) + f"\n  {self.reason}"
-        fd = self.first_divergence
-        if fd:
-            out += (
-                f"\n  first divergence at output token {fd['index']}: claimed {fd['claimed_id']} "
-                f"{fd['claimed_text']!r} vs reference {fd['reference_id']} {fd['reference_text']!r} "
-                f"(margin {fd['margin']:.4g})"
-            )
-        for note in self.notes:
-            out += f"\n  note: {note}"
-        return out
-
-
-# ------------------------------------------------------------------------------------- helpers
-
-
-def _jsonable(x):
-    """Plain JSON types with non-finite floats as the strings "inf" / "-inf" / "nan"."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if x is None or isinstance(x, bool | int | float | str):
-        return x
-    return str(x)
-
-
-def _decode(llm, tok: int | None) -> str:
-    if tok is None:
-        return ""
-    try:
-        return llm.tokenizer.decode([int(tok)], skip_special_tokens=False)
-    except TypeError:
-        return llm.decode([int(tok)])
-    except Exception:  # noqa: BLE001 - an out-of-vocabulary id
-        return f"<id {tok}>"
-
-
-def _mask_min_tokens(llm, logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The engine forbids stop tokens before min_tokens; mirror that on the reference logits."""
-    if not params.min_tokens or params.ignore_eos:
-        return logits
-    stop = sorted(set(getattr(llm.engine, "stop_ids", ())) | set(params.stop_token_ids))
-    stop = [s for s in stop if 0 <= s < logits.shape[1]]
-    if not stop:
-        return logits
-    logits = logits.clone()
-    n = min(params.min_tokens, logits.shape[0])
-    logits[:n, stop] = float("-inf")
-    return logits
-
-
-def _first_divergence(llm, res: TokenDifrResult) -> dict | None:
-    i = res.first_divergence
-    if i is None:
-        return None
-    return {
-        "index": i,
-        "claimed_id": res.claimed_ids[i],
-        "claimed_text": _decode(llm, res.claimed_ids[i]),
-        "reference_id": res.reference_ids[i],
-        "reference_text": _decode(llm, res.reference_ids[i]),
-        "margin": res.margins[i],
-    }
-
-
-def _score_chunks(llm, pairs: list[tuple[list[int], list[int]]], chunk: int = 8):
-    """llm.score_batch over (prompt ids, claimed ids) pairs in chunks (logits are C x V floats each)."""
-    for lo in range(0, len(pairs), chunk):
-        yield from llm.score_batch(pairs[lo : lo + chunk], keep_logits=True)
-
-
-def _decide(res: TokenDifrResult, act: dict | None, th: Thresholds, token_threshold: float) -> tuple[str, str]:
-    fp_exact = act is None or act["exact"]
-    if res.exact and fp_exact:
-        what = "every claimed token is exactly what the reference sampler picks"
-        return "exact", what + (" and every fingerprint matches bit for bit" if act is not None else "")
-    bad = []
-    if res.score > token_threshold:
-        bad.append(f"Token-DiFR score {res.score:.4g} > threshold {token_threshold:.4g}")
-    if act is not None and act["mean"] > th.activation:
-        bad.append(f"mean fingerprint distance {act['mean']:.4g} > threshold {th.activation:.4g}")
-    if bad:
-        return "inconsistent", "; ".join(bad)
-    why = f"{res.n_tokens - res.n_exact} of {res.n_tokens} tokens differ from the reference sampler's"
-    if act is not None and not act["exact"]:
-        why += f"; fingerprints differ (mean distance {act['mean']:.3g})"
-    return "consistent", why + ", within the thresholds (honest numerical noise)"
 
 
 # ------------------------------------------------------------------------------------ receipts
@@ -341,9 +173,7 @@ def _verdict_from_scored(llm, r: Receipt, scored, th: Thresholds) -> Verdict:
         }
     lp_diff = None
     if r.output_logprobs is not None:
-        ref_lp = torch.log_softmax(logits.float(), dim=-1)
-        ref_lp = ref_lp[torch.arange(n), torch.tensor(r.output_token_ids).clamp(max=ref_lp.shape[1] - 1)]
-        d = np.abs(np.asarray(r.output_logprobs, dtype=np.float64) - ref_lp.double().numpy())
+        d = np.abs(np.asarray(r.output_logprobs, dtype=np.float64) - _reference_logprobs(logits, r.output_token_ids))
         d = np.where(np.isnan(d), 0.0, d)
         lp_diff = float(d.max()) if d.size else 0.0
     status, reason = _decide(res, act, th, th.token)
@@ -364,117 +194,6 @@ def _verdict_from_scored(llm, r: Receipt, scored, th: Thresholds) -> Verdict:
         signed=r.signed,
         notes=notes,
     )
-
-
-# -------------------------------------------------------------------------------------- claims
-
-
-def _claim_ids(llm, claim) -> tuple[list[int], list[int], list[str]]:
-    notes = []
-    if claim.prompt_token_ids is not None:
-        prompt = list(claim.prompt_token_ids)
-    elif claim.messages is not None:
-        prompt = llm.encode(llm.chat_prompt(list(claim.messages)), add_special_tokens=False)
-    else:
-        prompt = llm.encode(claim.prompt)
-    if claim.output_token_ids is not None:
-        out = list(claim.output_token_ids)
-    else:
-        out = llm.encode(claim.output_text or "", add_special_tokens=False)
-        notes.append("output re-tokenized from text (token boundaries may differ from the original)")
-    return prompt, out, notes
-
-
-def verify_claims(llm, claims, threshold=None, *, chunk: int = 8) -> list[Verdict]:
-    """Verify receipt-less claims (ditto.verify.claims.Claim) against `llm`.
-
-    greedy claims: rank/margin check (margin = max logit - claimed logit; 0 = the argmax);
-    T > 0 with a seed: Token-DiFR; only logprobs: mean |claimed - reference logprob| against the
-    logprob threshold (plus the kept-set check); nothing else: every claimed token must survive
-    the claim's top-k / top-p / min-p filters (`unverifiable` when there are none).
-    """
-    th = Thresholds.coerce(threshold)
-    prepared, verdicts = [], [None] * len(claims)
-    for i, c in enumerate(claims):
-        prompt, out, notes = _claim_ids(llm, c)
-        if c.unsupported:
-            notes.append(f"sampling options ditto cannot replay: {', '.join(c.unsupported)}")
-        if not out:
-            verdicts[i] = Verdict("unverifiable", "the claim has no output tokens", id=c.id, method=c.method)
-            continue
-        prepared.append((i, prompt, out, notes))
-    pairs = [(p, o) for _, p, o, _ in prepared]
-    for (i, prompt, out, notes), scored in zip(prepared, _score_chunks(llm, pairs, chunk)):
-        verdicts[i] = _claim_verdict(llm, claims[i], prompt, out, notes, scored, th)
-    return verdicts  # type: ignore[return-value]
-
-
-def _claim_verdict(llm, c, prompt, out, notes, scored, th: Thresholds) -> Verdict:
-    params = c.params
-    method = c.method
-    logits = _mask_min_tokens(llm, scored.logits, params)
-    if method in ("greedy", "token_difr"):
-        res = token_difr(logits, out, params, prompt, c.sample_index, clip=th.clip)
-        status, reason = _decide(res, None, th, th.token)
-        if method == "greedy":
-            ranks = [
-                int((logits[t] > logits[t, tok]).sum()) if tok < logits.shape[1] else -1 for t, tok in enumerate(out)
-            ]
-            notes.append(f"{sum(r == 0 for r in ranks)}/{len(ranks)} claimed tokens are the reference argmax")
-        return Verdict(
-            status, reason, id=c.id, method=method, score=res.score, threshold=th.token, n_tokens=res.n_tokens,
-            n_exact=res.n_exact, margins=res.margins, first_divergence=_first_divergence(llm, res), notes=notes,
-        )  # fmt: skip
-    # no seed: check the kept set with seed-free params (a fixed dummy seed; only the mask matters)
-    probe = params.replace(seed=0)
-    kept_margins = token_difr(logits, out, probe, prompt, c.sample_index, clip=th.clip).margins
-    filtered = [t for t, m in enumerate(kept_margins) if math.isinf(m)]
-    ref_lp = torch.log_softmax(logits.float(), dim=-1)
-    idx = torch.tensor(out).clamp(max=ref_lp.shape[1] - 1)
-    ref = ref_lp[torch.arange(len(out)), idx].double().numpy()
-    first = None
-    if filtered:
-        t = filtered[0]
-        top = int(torch.argmax(logits[t]))
-        first = {
-            "index": t, "claimed_id": out[t], "claimed_text": _decode(llm, out[t]), "reference_id": top,
-            "reference_text": _decode(llm, top), "margin": math.inf,
-        }  # fmt: skip
-    common = dict(id=c.id, method=method, n_tokens=len(out), first_divergence=first, notes=notes)
-    if method == "logprobs":
-        claimed = np.asarray([math.nan if x is None else x for x in c.logprobs], dtype=np.float64)
-        if claimed.size != len(out):
-            notes.append(f"{claimed.size} logprobs for {len(out)} (re-tokenized) output tokens; compared the overlap")
-        m = min(claimed.size, len(out))
-        d = np.abs(claimed[:m] - ref[:m])
-        d = d[np.isfinite(d)]
-        score = float(d.mean()) if d.size else 0.0
-        if filtered:
-            return Verdict(
-                "inconsistent", f"{len(filtered)} claimed tokens are outside the claimed top-k/top-p/min-p set",
-                score=score, threshold=th.logprob, logprob_max_abs_diff=float(d.max()) if d.size else 0.0, **common,
-            )  # fmt: skip
-        status = "consistent" if score <= th.logprob else "inconsistent"
-        return Verdict(
-            status, f"mean |claimed - reference logprob| = {score:.4g} (threshold {th.logprob:.4g})",
-            score=score, threshold=th.logprob, logprob_max_abs_diff=float(d.max()) if d.size else 0.0, **common,
-        )  # fmt: skip
-    # likelihood only
-    nll = float(-ref.mean())
-    if filtered:
-        return Verdict(
-            "inconsistent", f"{len(filtered)} claimed tokens are outside the claimed top-k/top-p/min-p set",
-            score=nll, **common,
-        )  # fmt: skip
-    if params.top_k or params.top_p < 1.0 or params.min_p > 0.0:
-        return Verdict(
-            "consistent", "weak check (no seed, no logprobs): every token survives the claimed filters",
-            score=nll, **common,
-        )  # fmt: skip
-    return Verdict(
-        "unverifiable", f"no seed, logprobs or filters to check; mean reference NLL {nll:.3f} nats/token",
-        score=nll, **common,
-    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------- calibration

@@ -1,0 +1,137 @@
+"""What verification returns: the Verdict of one receipt or claim, the Thresholds it is judged by, and
+ModelMismatchError (see ditto.verify.replay for how the thresholds were chosen)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ditto.verify.token_difr import DEFAULT_CLIP
+
+DEFAULT_TOKEN_THRESHOLD = 0.02
+DEFAULT_ACTIVATION_THRESHOLD = 0.05
+DEFAULT_LOGPROB_THRESHOLD = 0.05  # mean |claimed - reference| log-probability (nats), logprob-only claims
+THRESHOLDS_SCHEMA = "ditto.thresholds/v1"
+
+
+class ModelMismatchError(ValueError):
+    """The receipt was produced by a different model (or tokenizer) than the verifier runs."""
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Decision thresholds; a run is flagged when its score is strictly above the threshold."""
+
+    token: float = DEFAULT_TOKEN_THRESHOLD  # Token-DiFR clipped-mean margin
+    activation: float = DEFAULT_ACTIVATION_THRESHOLD  # mean fingerprint L2 distance
+    logprob: float = DEFAULT_LOGPROB_THRESHOLD  # mean |Δ logprob| for logprob-only claims
+    clip: float = DEFAULT_CLIP
+    source: str = "default"
+    meta: dict = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def coerce(cls, value) -> Thresholds:
+        if value is None:
+            return cls()
+        if isinstance(value, Thresholds):
+            return value
+        if isinstance(value, int | float):
+            return cls(token=float(value), source="given")
+        if isinstance(value, str | os.PathLike):
+            return cls.load(value)
+        if isinstance(value, dict):
+            return cls.from_dict(value)
+        raise TypeError(f"threshold must be a number, Thresholds, dict or file path, got {type(value).__name__}")
+
+    @classmethod
+    def from_dict(cls, doc: dict, source: str = "dict") -> Thresholds:
+        tok = doc.get("token_difr", {})
+        act = doc.get("activation_difr", {})
+        return cls(
+            token=float(tok.get("threshold", DEFAULT_TOKEN_THRESHOLD)),
+            activation=float(act.get("threshold", DEFAULT_ACTIVATION_THRESHOLD)),
+            logprob=float(doc.get("logprob", {}).get("threshold", DEFAULT_LOGPROB_THRESHOLD)),
+            clip=float(tok.get("clip", DEFAULT_CLIP)),
+            source=source,
+            meta={k: v for k, v in doc.items() if k not in ("token_difr", "activation_difr", "logprob")},
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Thresholds:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        if doc.get("schema") != THRESHOLDS_SCHEMA:
+            raise ValueError(f"{path}: not a ditto threshold file (schema {doc.get('schema')!r})")
+        return cls.from_dict(doc, source=str(path))
+
+
+@dataclass
+class Verdict:
+    """The outcome of verifying one receipt or claim."""
+
+    status: str  # exact | consistent | inconsistent | unverifiable
+    reason: str
+    id: str = ""
+    method: str = "token_difr"  # token_difr | greedy | logprobs | likelihood | integrity
+    score: float | None = None  # Token-DiFR clipped-mean margin (or the method's score)
+    threshold: float | None = None
+    n_tokens: int = 0
+    n_exact: int = 0
+    margins: tuple[float, ...] = ()  # Token-DiFR margin per claimed token
+    distances: tuple[float, ...] = ()  # Activation-DiFR L2 distance per token (when fingerprints exist)
+    first_divergence: dict | None = None  # index, claimed/reference id and text, margin
+    activation: dict | None = None  # mean, max, exact, threshold, first_above
+    logprob_max_abs_diff: float | None = None
+    tampered: bool = False
+    signed: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("exact", "consistent")
+
+    def to_dict(self, margins: bool = False) -> dict:
+        d = dataclasses.asdict(self)
+        if not margins:
+            d.pop("margins")
+            d.pop("distances")
+        return _jsonable(d)
+
+    def summary(self) -> str:
+        parts = [f"{self.status.upper()}"]
+        if self.score is not None:
+            parts.append(f"score={self.score:.4g} (threshold {self.threshold:.4g}, {self.method})")
+        if self.n_tokens:
+            parts.append(f"{self.n_exact}/{self.n_tokens} tokens exact")
+        if self.activation is not None:
+            parts.append(f"fingerprint mean dist={self.activation['mean']:.3g}")
+        out = "  ".join(parts) + f"\n  {self.reason}"
+        fd = self.first_divergence
+        if fd:
+            out += (
+                f"\n  first divergence at output token {fd['index']}: claimed {fd['claimed_id']} "
+                f"{fd['claimed_text']!r} vs reference {fd['reference_id']} {fd['reference_text']!r} "
+                f"(margin {fd['margin']:.4g})"
+            )
+        for note in self.notes:
+            out += f"\n  note: {note}"
+        return out
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def _jsonable(x):
+    """Plain JSON types with non-finite floats as the strings "inf" / "-inf" / "nan"."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if x is None or isinstance(x, bool | int | float | str):
+        return x
+    return str(x)
