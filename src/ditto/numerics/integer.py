@@ -44,6 +44,13 @@ table (R, nb) block ids, table_row (n,)). With it, and when the fused C kernel b
 (kernels/integer_attention_c.py; DITTO_INT_DISABLE_KERNEL=1 turns it off), IntAttention reads the
 keys in place through the block table instead of gathering them; the torch path stays the
 reference and the fallback, and both give the same bits (tests/test_integer_attention_kernel.py).
+
+The elementwise chains around the GEMMs run as fused C kernels too (kernels/integer_elementwise_c.py:
+quantize_rows, the linear epilogues, IntMLP's activation / product / down_proj quantisation,
+IntRMSNorm, the q/k norm + RoPE + quantisation of IntAttention, the P.V requantisation), bit-exact
+with the torch ops, which stay the reference and the fallback (tests/test_integer_elementwise_kernel.py).
+They are off with DITTO_INT_DISABLE_ELEMENTWISE=1 or DITTO_INT_DISABLE_KERNEL=1, and while the
+integer_ops bound checks are on (kernel_checks / DITTO_INT_CHECKS=1: the checked torch ops run).
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ import torch
 from torch import nn
 
 from ditto.numerics.kernels import integer_attention_c as iattn
+from ditto.numerics.kernels import integer_elementwise_c as iew
 from ditto.numerics.kernels import integer_ops as iops
 
 RESID_TOP, INTER_TOP, LOGIT_TOP, NORM_TOP = 24, 20, 20, 22
@@ -104,6 +112,19 @@ def _dyadic_vec(scales: torch.Tensor, mbits: int) -> tuple[torch.Tensor, torch.T
     return iops.dyadic_tensor(scales, mbits)
 
 
+def _use_elementwise(x: torch.Tensor) -> bool:
+    """Whether the fused elementwise C kernels run: on CPU, with the library built and the bound checks off."""
+    return x.device.type == "cpu" and not iops._CHECKS and iew.kernel_available()
+
+
+def _kernel_params(build, *args):
+    """The kernel parameters from `build(*args)`, or None (torch path only) when they are out of the kernels' range."""
+    try:
+        return build(*args)
+    except ValueError:
+        return None
+
+
 def _check_limit(x: torch.Tensor, what: str) -> None:
     if iops._CHECKS and x.numel() and int(x.abs().max()) >= LIMIT:
         raise OverflowError(f"{what}: |value| >= 2^30 (outside the calibrated range); recalibrate")
@@ -135,8 +156,11 @@ class IntRMSNorm(nn.Module):
         self.gm, self.ge = iops.rmsnorm_params(gain, natural)
         self.shift = self.out_frac - natural  # > 0: exact left shift, < 0: rounding right shift
         self.eps_int = max(0, round(norm.eps * 2.0 ** (2 * in_frac)))
+        self.kparams = _kernel_params(iew.NormParams.build, self.gm, self.ge, self.eps_int, self.shift)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kparams is not None and x.dtype == torch.int32 and _use_elementwise(x):
+            return iew.rmsnorm(x, self.kparams)
         _check_limit(x, "RMSNorm input")
         y = iops.rmsnorm_int(x, self.gm, self.ge, self.eps_int)
         y = y << self.shift if self.shift >= 0 else iops.rshift_round(y, -self.shift)
@@ -173,6 +197,7 @@ class IntLinear(nn.Module):
             b = torch.round(b / s_out).long()
         self.bias = b
         self.limit = limit
+        self.kparams = _kernel_params(iew.EpilogueParams.build, [(self.m, b, self.shift, limit)])
 
     def epilogue(self, acc: torch.Tensor, a16: torch.Tensor, sa: torch.Tensor) -> torch.Tensor:
         """int32 acc (T, N) of one token block -> int64 outputs in s_out units, clamped to the limit."""
@@ -189,7 +214,15 @@ class IntLinear(nn.Module):
         y = self.epilogue(iops.int8_matmul(q, self.w8), a16, sa)
         return y.reshape(*shape[:-1], -1)
 
+    def from_quantized(self, q: torch.Tensor, a16: torch.Tensor, sa: torch.Tensor) -> torch.Tensor:
+        """Kernel path: GEMM + fused epilogue of quantize_rows output (T, K) -> int32 (T, N)."""
+        return iew.linear_epilogue(iops.int8_matmul(q, self.w8), a16, sa, self.kparams)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kparams is not None and _use_elementwise(x):
+            shape = x.shape
+            y = self.from_quantized(*iew.quantize_rows(x.reshape(-1, shape[-1])))  # (T, N)
+            return y.reshape(*shape[:-1], -1)
         return self.forward_int(x).to(torch.int32)
 
 
@@ -201,6 +234,14 @@ class FusedIntLinear(nn.Module):
         self.parts = parts
         self.w8 = torch.cat([p.w8 for p in parts])
         self.sizes = [p.w8.shape[0] for p in parts]
+        ok = all(p.kparams is not None for p in parts)
+        parts_args = [(p.m, p.bias, p.shift, p.limit) for p in parts]
+        self.kparams = _kernel_params(iew.EpilogueParams.build, parts_args) if ok else None
+
+    def forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """Kernel path (needs kparams): the parts' outputs side by side, int32 (T, sum of sizes)."""
+        q, a16, sa = iew.quantize_rows(x.reshape(-1, x.shape[-1]))  # (T, K)
+        return iew.linear_epilogue(iops.int8_matmul(q, self.w8), a16, sa, self.kparams)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         q, a16, sa = iops.quantize_rows(x.reshape(-1, x.shape[-1]))
@@ -216,6 +257,11 @@ class IntLMHead(IntLinear):
         self.frac = frac
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kparams is not None and _use_elementwise(x):
+            shape = x.shape
+            q, a16, sa = iew.quantize_rows(x.reshape(-1, shape[-1]))  # (T, K)
+            y = iew.linear_epilogue(iops.int8_matmul(q, self.w8), a16, sa, self.kparams, 2.0**-self.frac)
+            return y.reshape(*shape[:-1], -1)
         return self.forward_int(x).float() * 2.0**-self.frac
 
 
@@ -231,8 +277,18 @@ class IntMLP(nn.Module):
         self.down_proj = IntLinear(mlp.down_proj.weight, None, self.fh, 2.0**-resid_frac, col_scale=s_h)
         self.act = iops.silu_int if activation == "silu" else iops.gelu_tanh_int
         self.gate_up = FusedIntLinear([self.gate_proj, self.up_proj])
+        self.kparams = None
+        if self.gate_up.kparams is not None and self.down_proj.kparams is not None:
+            shift = self.fg + self.fu - self.fh
+            gelu = activation != "silu"
+            self.kparams = _kernel_params(iew.MLPParams.build, self.gate_up.kparams, gelu, self.fg, shift, LIMIT - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kparams is not None and _use_elementwise(x):
+            shape = x.shape
+            q, a16, sa = iew.quantize_rows(x.reshape(-1, shape[-1]))  # (T, hidden)
+            h8, ha16, hsa = iew.mlp_act_quantize(iops.int8_matmul(q, self.gate_up.w8), a16, sa, self.kparams)
+            return self.down_proj.from_quantized(h8, ha16, hsa).reshape(*shape[:-1], -1)
         gate, up = self.gate_up(x)
         g = self.act(gate, self.fg)  # Q.fg
         prod = g.mul_(up)  # Q.(fg + fu), |.| < 2^62
@@ -277,13 +333,49 @@ class IntAttention(nn.Module):
         self.o_m, self.o_e = _dyadic_vec(s_v_heads.reshape(self.h, self.d) * 2.0 ** (self.fo - PROB_BITS), 24)
         self.o_proj = IntLinear(attn.o_proj.weight, None, self.fo, 2.0**-resid_frac)
         self.qkv = FusedIntLinear([self.q_proj, self.k_proj, self.v_proj])
+        self._init_kernel_params()
 
-    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _init_kernel_params(self) -> None:
+        """Integers for the elementwise kernel path (kernel_ok False: torch path only)."""
+        norms = (self.q_norm, self.k_norm) if self.q_norm is not None else ()
+        tables_fit = all(bool(t.numel() == 0 or t.long().abs().max() < 1 << 31) for t in (self.cos, self.sin))
+        self.kernel_ok = (
+            self.qkv.kparams is not None
+            and self.o_proj.kparams is not None
+            and self.d % 2 == 0
+            and all(n.kparams is not None for n in norms)
+            and tables_fit
+        )
+        # int32 RoPE tables for the kernel: the calibration's own tensors (already int32, shared by layers)
+        self.cos32, self.sin32 = (t.to(torch.int32).contiguous() if tables_fit else t for t in (self.cos, self.sin))
+        self.o_m_flat, self.o_e_flat = self.o_m.reshape(-1).contiguous(), self.o_e.reshape(-1).contiguous()  # (H*D,)
+
+    def _check_positions(self, positions: torch.Tensor) -> None:
         if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
             raise ValueError(f"position {int(positions.max())} beyond the calibrated RoPE table ({self.cos.shape[0]})")
+
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self._check_positions(positions)
         return iops.rope_int(x, positions, self.cos, self.sin, 14)
 
+    def forward_kernel(self, x: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
+        """`forward` through the elementwise kernels (same bits): fused epilogues, norm + RoPE + quantisation."""
+        t, h, kv, d = x.shape[0], self.h, self.kv, self.d
+        self._check_positions(positions)
+        y = self.qkv.forward_kernel(x)  # (T, (H + 2 Hkv) * D) int32: q | k | v
+        qn = kn = None
+        if self.q_norm is not None:
+            qn, kn = self.q_norm.kparams, self.k_norm.kparams
+        q8, qa16, qsa = iew.head_post(y[:, : h * d].view(t, h, d), qn, positions, self.cos32, self.sin32, 14)
+        k8, ka16, ksa = iew.head_post(y[:, h * d : (h + kv) * d].view(t, kv, d), kn, positions, self.cos32, self.sin32)
+        v8 = y[:, (h + kv) * d :].reshape(t, kv, d).to(torch.int8)  # (T, Hkv, D)
+        o = self.attend(q8, qa16, qsa, k8, ka16, ksa, v8, ctx)  # (T, H, D) int64
+        oq = iew.requant_quantize(o.view(t, h * d), self.o_m_flat, self.o_e_flat, LIMIT)  # (T, H*D) int8
+        return self.o_proj.from_quantized(*oq)
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
+        if self.kernel_ok and _use_elementwise(x):
+            return self.forward_kernel(x, positions, ctx)
         t, h, kv, d = x.shape[0], self.h, self.kv, self.d
         q, k, v = self.qkv(x)
         q, k, v8 = q.view(t, h, d), k.view(t, kv, d), v.view(t, kv, d).to(torch.int8)

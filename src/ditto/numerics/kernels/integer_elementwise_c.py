@@ -1,0 +1,707 @@
+"""Fused C kernels for the integer mode's elementwise chains (determinism level `exact`), bit-exact with torch.
+
+Each kernel computes, row by row, exactly what a chain of `integer_ops` / `integer.py` torch ops
+computes on int64 tensors; the torch code stays the reference and the fallback:
+
+  quantize_rows      integer_ops.quantize_rows (int32 or int64 rows)
+  linear_epilogue    IntLinear.epilogue for one or several fused parts (+ .to(int32), or the LM head's
+                     exact float32 logit_int * 2^-frac)
+  mlp_act_quantize   IntMLP: gate / up epilogues -> silu_int or gelu_tanh_int -> gate * up ->
+                     rshift_round / << -> clamp -> quantize_rows for down_proj
+  rmsnorm            IntRMSNorm: rmsnorm_int (isqrt included) -> output shift -> .to(int32)
+  head_post          IntAttention per head: optional IntRMSNorm (q_norm / k_norm) -> rope_int -> quantize_rows
+  requant_quantize   IntAttention's P.V requantise -> clamp -> quantize_rows for o_proj
+  sigmoid            integer_ops.sigmoid_int alone (the activations' core; for tests)
+
+Only integer arithmetic runs, with torch's int64 semantics spelled out: wrapping add / mul, an
+arithmetic >> whose count outside [0, 63] acts as 63, a << whose count outside [0, 63] gives 0,
+the round term (1 << e) >> 1 from a table, floor division of positive operands, clamp as
+min(max(x, lo), hi), and the same fixed-point tables (exp2 from `integer_ops._tables`). One
+division (sigmoid's 2^60 // d) runs in double precision and is then corrected to the exact
+floor with the integer remainder. Every output element depends on its own row only and rows are
+split over OpenMP threads, so the thread count, vectorisation and the machine cannot change a bit.
+
+The library is compiled at first use with the system C compiler (see `cbuild`); without one, or
+with DITTO_INT_DISABLE_KERNEL=1 (all integer kernels) or DITTO_INT_DISABLE_ELEMENTWISE=1 (these
+only), `kernel_available()` is False and callers use the torch path. The wrappers check shapes,
+dtypes and parameter ranges before any pointer reaches C and raise ValueError on a mismatch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ditto.numerics.kernels import integer_ops as iops
+from ditto.numerics.kernels.cbuild import DEFAULT_FLAGS, CLibrary
+
+__all__ = [
+    "EpilogueParams",
+    "MLPParams",
+    "NormParams",
+    "head_post",
+    "kernel_available",
+    "kernel_status",
+    "linear_epilogue",
+    "mlp_act_quantize",
+    "quantize_rows",
+    "requant_quantize",
+    "rmsnorm",
+    "sigmoid",
+]
+
+DISABLE_ENV = "DITTO_INT_DISABLE_ELEMENTWISE"
+_ROUND_TERMS = [0, *(1 << (e - 1) for e in range(1, 63)), -(1 << 62), 0]  # (1 << e) >> 1 in torch int64, e = 0..64
+
+_C_SRC = r"""
+/* ditto integer elementwise kernels: torch-exact int64 chains of the integer numerics mode. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef int64_t i64;
+typedef uint64_t u64;
+
+/* torch int64 semantics (see the module docstring); branch-free so that the row loops vectorise. */
+static inline i64 wadd(i64 a, i64 b) { return (i64)((u64)a + (u64)b); }
+static inline i64 wsub(i64 a, i64 b) { return (i64)((u64)a - (u64)b); }
+static inline i64 wmul(i64 a, i64 b) { return (i64)((u64)a * (u64)b); }
+static inline i64 tabs(i64 a) { return a < 0 ? (i64)(0 - (u64)a) : a; }
+static inline i64 tshr(i64 a, i64 s) { const u64 u = (u64)s; return a >> (u > 63 ? 63 : u); }
+static inline i64 tshl(i64 a, i64 s) { const u64 u = (u64)s; return u > 63 ? 0 : (i64)((u64)a << u); }
+static inline i64 tmax(i64 a, i64 b) { return a > b ? a : b; }
+static inline i64 tmin(i64 a, i64 b) { return a < b ? a : b; }
+static inline i64 tclamp(i64 x, i64 lo, i64 hi) { return tmin(tmax(x, lo), hi); }  /* torch clamp */
+/* integer_ops._round_term(e) = (1 << e) >> 1: RT[e] for 0 <= e <= 63, RT[64] = 0 for any other e. */
+static const i64 RT[65] = {@ROUND_TERMS@};
+static inline i64 round_term(i64 e) { const u64 u = (u64)e; return RT[u > 64 ? 64 : u]; }
+static inline i64 rshift_round(i64 x, i64 e) { return tshr(wadd(x, round_term(e)), e); }
+/* integer_ops.bit_length: the number of powers 2^0..2^62 that are <= x */
+static inline i64 bitlen(i64 x) { return x > 0 ? 64 - __builtin_clzll((u64)x) : 0; }
+
+#define LOG2E_Q30 1549082005LL
+#define Q30_ONE (1LL << 30)
+
+/* ---------------------------------------------------------------- quantize_rows */
+/* integer_ops.quantize_rows of one row of K >= 1 values: q (K,) int8, *a16, *sa. */
+#define DEF_QUANT_ROW(NAME, T)                                                                  \
+  static void NAME(const T *restrict x, long K, int8_t *restrict q, i64 *a16, i64 *sa) {        \
+    i64 amax = INT64_MIN;                                                                       \
+    for (long k = 0; k < K; k++) amax = tmax(amax, tabs((i64)x[k]));                            \
+    const i64 s = tmax(bitlen(amax) - 15, 0);                                                   \
+    const i64 a = tmax(tshr(wsub(wadd(amax, tshl(1, s)), 1), s), 1);                           \
+    const i64 recip = ((127LL << 38) + (a >> 1)) / a; /* a >= 1: C division is the floor */     \
+    const i64 sh = 38 + s, rt = round_term(sh);                                                 \
+    const int shc = sh > 63 ? 63 : (int)sh;                                                     \
+    for (long k = 0; k < K; k++) {                                                              \
+      const i64 v = wadd(wmul((i64)x[k], recip), rt) >> shc;                                    \
+      q[k] = (int8_t)tclamp(v, -127, 127);                                                      \
+    }                                                                                           \
+    *a16 = a;                                                                                   \
+    *sa = s;                                                                                    \
+  }
+DEF_QUANT_ROW(quant_row32, int32_t)
+DEF_QUANT_ROW(quant_row64, i64)
+
+/* x (T, K) with row stride ldx -> q (T, K) int8, a16 (T,), sa (T,) int64. */
+void ditto_quantize_i32(const int32_t *x, long T, long K, long ldx, int8_t *q, i64 *a16, i64 *sa) {
+  #pragma omp parallel for schedule(static)
+  for (long t = 0; t < T; t++) quant_row32(x + t * ldx, K, q + t * K, a16 + t, sa + t);
+}
+
+void ditto_quantize_i64(const i64 *x, long T, long K, long ldx, int8_t *q, i64 *a16, i64 *sa) {
+  #pragma omp parallel for schedule(static)
+  for (long t = 0; t < T; t++) quant_row64(x + t * ldx, K, q + t * K, a16 + t, sa + t);
+}
+
+/* ---------------------------------------------------------------- linear epilogue */
+/* IntLinear.epilogue on columns [c0, c1) of one row: ((acc * a16 * m_c + rt) >> sh) + bias_c,
+   clamped to [lo, hi]; sh = shift - sa is constant over a part. */
+static inline void epi_cols(const int32_t *restrict acc, i64 a, const i64 *restrict m, const i64 *restrict bias,
+                            long c0, long c1, i64 sh, i64 lo, i64 hi, i64 *restrict y) {
+  const i64 rt = round_term(sh);
+  const u64 us = (u64)sh;
+  const int s = us > 63 ? 63 : (int)us;
+  if (bias)
+    for (long c = c0; c < c1; c++)
+      y[c - c0] = tclamp(wadd(wadd(wmul(wmul(acc[c], a), m[c]), rt) >> s, bias[c]), lo, hi);
+  else
+    for (long c = c0; c < c1; c++) y[c - c0] = tclamp(wadd(wmul(wmul(acc[c], a), m[c]), rt) >> s, lo, hi);
+}
+
+#define EPI_BLOCK 512
+
+/* acc (T, N) int32 (row stride lda), parts [seg_end[j-1], seg_end[j]) with shift seg_shift[j] and
+   clamp [seg_lo[j], seg_hi[j]]; out (T, N) int32 (when outf is NULL) or float32 y * fscale. */
+void ditto_epilogue(const int32_t *acc, long T, long N, long lda, const i64 *a16, const i64 *sa, const i64 *m,
+                    const i64 *bias, long nseg, const i64 *seg_end, const i64 *seg_shift, const i64 *seg_lo,
+                    const i64 *seg_hi, int32_t *out, float *outf, float fscale) {
+  const long nb = (N + EPI_BLOCK - 1) / EPI_BLOCK;
+  #pragma omp parallel for schedule(static)
+  for (long it = 0; it < T * nb; it++) {
+    const long t = it / nb, b0 = (it % nb) * EPI_BLOCK, b1 = b0 + EPI_BLOCK < N ? b0 + EPI_BLOCK : N;
+    i64 y[EPI_BLOCK];
+    long start = 0;
+    for (long j = 0; j < nseg; j++) {
+      const long c0 = start > b0 ? start : b0, c1 = seg_end[j] < b1 ? seg_end[j] : b1;
+      start = seg_end[j];
+      if (c0 >= c1) continue;
+      epi_cols(acc + t * lda, a16[t], m, bias, c0, c1, wsub(seg_shift[j], sa[t]), seg_lo[j], seg_hi[j], y);
+      if (outf)
+        for (long c = c0; c < c1; c++) outf[t * N + c] = (float)y[c - c0] * fscale;
+      else
+        for (long c = c0; c < c1; c++) out[t * N + c] = (int32_t)y[c - c0];
+    }
+  }
+}
+
+/* ---------------------------------------------------------------- activations */
+/* Loop constants of the activations for Q.frac, 0 <= frac <= 24 (so every shift count below is a
+   constant in [0, 62] and the row loops vectorise): F = frac + 14 (exp2_neg_fixed's format), the
+   gelu dyadics cm / 2^ce = 0.044715, km / 2^ke = 2 sqrt(2/pi). */
+typedef struct { int frac, F; i64 rtw, rtf, b16, cm, ce, rtce, km, ke, rtke; } Act;
+
+static Act act_consts(int frac, const i64 *g) {
+  const Act a = {frac, frac + 14, round_term(frac + 4), round_term(frac), 16LL << frac,
+                 g[0], g[1], round_term(g[1]), g[2], g[3], round_term(g[3])};
+  return a;
+}
+
+/* integer_ops.sigmoid_int(x, frac) in Q30 (exp_neg_fixed -> exp2_neg_fixed with the exp2 table). */
+static inline i64 sigmoid_q30(i64 x, const Act *c, const i64 *restrict tab) {
+  const i64 ax0 = tabs(x);                                  /* < 0 only for x = INT64_MIN: torch gives e = 0 */
+  const i64 ax = ax0 < 0 ? 0 : tmin(ax0, 4294967295LL);    /* x.abs().clamp(max=2^32 - 1) */
+  const i64 t = (ax * LOG2E_Q30 + (1LL << 15)) >> 16;       /* exp_neg_fixed(-ax): t < 2^47 */
+  const int F = c->F;
+  const i64 k = tmin(t >> F, 62);                           /* exp2_neg_fixed(t, F), F >= 14 */
+  const i64 f = t & ((1LL << F) - 1);
+  const i64 idx = f >> (F - 10), w = f & ((1LL << (F - 10)) - 1);
+  const i64 lo = tab[idx], hi = tab[tmin(idx + 1, 1024)];
+  const i64 val = lo + (((hi - lo) * w + c->rtw) >> (F - 10)); /* |(hi - lo) w| < 2^48 */
+  i64 e = (val + RT[k]) >> k;                               /* rshift_round(val, k), 0 <= k <= 62 */
+  e = ax0 < 0 ? 0 : e;                                      /* 0 <= e <= 2^30 */
+  /* pos = (2^60 + (d >> 1)) // d, d = e + 2^30 in [2^30, 2^31]: double quotient, then exact floor */
+  const i64 d = e + Q30_ONE, num = (1LL << 60) + (d >> 1);
+  i64 q = (i64)((double)num / (double)d);
+  i64 r = num - q * d;
+  q = r < 0 ? q - 1 : q;
+  r = r < 0 ? r + d : r;
+  q = r >= d ? q + 1 : q;
+  return x >= 0 ? q : Q30_ONE - q;
+}
+
+/* integer_ops.silu_int (gelu == 0) / gelu_tanh_int (gelu == 1) at Q.frac */
+static inline i64 act_int(i64 x, int gelu, const Act *c, const i64 *restrict tab) {
+  i64 z = x;
+  if (gelu) {
+    const int fr = c->frac;
+    const i64 xc = tclamp(x, -c->b16, c->b16);
+    const i64 sq = wadd(wmul(xc, xc), c->rtf) >> fr;
+    const i64 cube = wadd(wmul(sq, xc), c->rtf) >> fr;
+    const i64 inner = wadd(xc, wadd(wmul(cube, c->cm), c->rtce) >> c->ce);
+    z = wadd(wmul(inner, c->km), c->rtke) >> c->ke;
+  }
+  return wadd(wmul(x, sigmoid_q30(z, c, tab)), 1LL << 29) >> 30;
+}
+
+/* integer_ops.sigmoid_int(x, frac) of n values (the activations' core, exported for tests) */
+void ditto_sigmoid(const i64 *x, long n, int frac, const i64 *tab, i64 *out) {
+  const i64 g[4] = {0, 0, 0, 0};
+  const Act c = act_consts(frac, g);
+  for (long i = 0; i < n; i++) out[i] = sigmoid_q30(x[i], &c, tab);
+}
+
+/* ---------------------------------------------------------------- MLP */
+/* IntMLP: acc (T, 2I) int32 of the fused gate|up GEMM (row stride lda), a16 / sa (T,); m, bias (2I,)
+   (bias may be NULL); part shifts / clamps shift[2], lo[2], hi[2]; act 0 = silu, 1 = gelu_tanh at
+   Q.frac; h = gate_act * up, rshift_round(h, pshift) (pshift >= 0) or h << -pshift, clamped to
+   [-hlim, hlim]; then quantize_rows -> q (T, I), oa16, osa (T,), or h itself into raw (T, I) when raw
+   is not NULL. Returns -1 when out of memory. */
+long ditto_mlp(const int32_t *acc, long T, long I, long lda, const i64 *a16, const i64 *sa, const i64 *m,
+               const i64 *bias, const i64 *shift, const i64 *lo, const i64 *hi, int act, int frac, const i64 *gconst,
+               i64 pshift, i64 hlim, const i64 *tab, int8_t *q, i64 *oa16, i64 *osa, i64 *raw) {
+  const Act ac = act_consts(frac, gconst);
+  long oom = 0;
+  #pragma omp parallel reduction(+:oom)
+  {
+    i64 *g = (i64 *)malloc(sizeof(i64) * (size_t)(2 * I));
+    #pragma omp for schedule(static)
+    for (long t = 0; t < T; t++) {
+      if (!g) { oom++; continue; }
+      i64 *u = g + I;
+      const int32_t *row = acc + t * lda;
+      epi_cols(row, a16[t], m, bias, 0, I, wsub(shift[0], sa[t]), lo[0], hi[0], g);
+      epi_cols(row, a16[t], m, bias, I, 2 * I, wsub(shift[1], sa[t]), lo[1], hi[1], u);
+      if (act == 1)
+        for (long c = 0; c < I; c++) g[c] = act_int(g[c], 1, &ac, tab);
+      else
+        for (long c = 0; c < I; c++) g[c] = act_int(g[c], 0, &ac, tab);
+      const i64 rt = round_term(pshift);
+      for (long c = 0; c < I; c++) {
+        const i64 p = wmul(g[c], u[c]);
+        const i64 h = pshift >= 0 ? tshr(wadd(p, rt), pshift) : tshl(p, -pshift);
+        g[c] = tclamp(h, -hlim, hlim);
+      }
+      if (raw) memcpy(raw + t * I, g, sizeof(i64) * (size_t)I);
+      else quant_row64(g, I, q + t * I, oa16 + t, osa + t);
+    }
+    free(g);
+  }
+  return oom ? -1 : 0;
+}
+
+/* ---------------------------------------------------------------- RMSNorm */
+/* integer_ops.isqrt: Newton's method from 2^ceil(bits/2), stopping when the step stops decreasing. */
+static inline i64 isqrt_torch(i64 n) {
+  if (n == 0) return 0;
+  const i64 sn = n < 1 ? 1 : n;
+  i64 x = tshl(1, (bitlen(n) + 1) >> 1);
+  for (;;) {
+    const i64 nxt = wadd(x, sn / x) >> 1;
+    if (nxt >= x) return x;
+    x = nxt;
+  }
+}
+
+typedef struct {
+  const i64 *gm;  /* (D,) gamma_m */
+  i64 ge, eps_term, b, oshift;  /* gamma_e, min(eps_int * D, 2^60), (61 - ceil(log2 D)) // 2, IntRMSNorm.shift */
+} Norm;
+
+/* IntRMSNorm.forward of one row (rmsnorm_int, then << oshift or rshift_round by -oshift, then int32). */
+static void rmsnorm_row(const int32_t *restrict x, long D, const Norm *nm, int32_t *restrict y) {
+  i64 amax = INT64_MIN;
+  for (long i = 0; i < D; i++) amax = tmax(amax, tabs((i64)x[i]));
+  const i64 sh = tmax(bitlen(amax) - nm->b, 0), rsh = round_term(sh);
+  const int shc = sh > 63 ? 63 : (int)sh;
+  i64 ss = 0;
+  for (long i = 0; i < D; i++) {
+    const i64 xs = wadd(x[i], rsh) >> shc;
+    ss = wadd(ss, wmul(xs, xs));
+  }
+  ss = tmax(wadd(ss, tshr(nm->eps_term, 2 * sh)), 1);
+  const i64 u = tmax((62 - bitlen(ss)) >> 1, 0);
+  const i64 r = isqrt_torch(tshl(ss, 2 * u));
+  const i64 inv = (1LL << 62) / r;
+  const i64 k1 = tmax(bitlen(tshr(amax, sh)) - 5, 0);
+  const i64 shift = 62 + nm->ge - u - k1, pre = tmax(shift - 62, 0), e = shift - pre;
+  const i64 os = nm->oshift;
+  for (long i = 0; i < D; i++) {
+    const i64 xs = wadd(x[i], rsh) >> shc;
+    const i64 t = rshift_round(rshift_round(wmul(xs, inv), k1), pre);
+    const i64 v = rshift_round(wmul(t, nm->gm[i]), e);
+    y[i] = (int32_t)(os >= 0 ? tshl(v, os) : rshift_round(v, -os));
+  }
+}
+
+/* x (T, D) int32 (row stride ldx) -> y (T, D) int32 */
+void ditto_rmsnorm(const int32_t *x, long T, long D, long ldx, const i64 *gm, i64 ge, i64 eps_term, i64 b,
+                   i64 oshift, int32_t *y) {
+  const Norm nm = {gm, ge, eps_term, b, oshift};
+  #pragma omp parallel for schedule(static)
+  for (long t = 0; t < T; t++) rmsnorm_row(x + t * ldx, D, &nm, y + t * D);
+}
+
+/* ---------------------------------------------------------------- attention heads */
+/* x (T, Hx, D) int32 (token stride ldx, head stride D) -> per head: IntRMSNorm (when gm != NULL),
+   rope_int at position pos[t] with Q1.frac tables cos / sin (P, D/2) int32, quantize_rows ->
+   q (T, Hx, D) int8, a16 / sa (T, Hx), or the RoPE output into raw (T, Hx, D) when raw is not NULL.
+   Returns -1 when out of memory. */
+long ditto_head_post(const int32_t *x, long T, long Hx, long D, long ldx, const i64 *gm, i64 ge, i64 eps_term,
+                     i64 b, i64 oshift, const i64 *pos, const int32_t *cos_t, const int32_t *sin_t, i64 frac, int8_t *q,
+                     i64 *a16, i64 *sa, i64 *raw) {
+  const Norm nm = {gm, ge, eps_term, b, oshift};
+  const long half = D / 2;
+  long oom = 0;
+  #pragma omp parallel reduction(+:oom)
+  {
+    int32_t *yn = (int32_t *)malloc(sizeof(int32_t) * (size_t)D);
+    i64 *yr = (i64 *)malloc(sizeof(i64) * (size_t)D);
+    #pragma omp for schedule(static)
+    for (long it = 0; it < T * Hx; it++) {
+      if (!yn || !yr) { oom++; continue; }
+      const long t = it / Hx, h = it % Hx;
+      const int32_t *xr = x + t * ldx + h * D;
+      if (gm) { rmsnorm_row(xr, D, &nm, yn); xr = yn; }
+      const int32_t *c = cos_t + pos[t] * half, *s = sin_t + pos[t] * half;
+      const i64 rt = round_term(frac);
+      const u64 uf = (u64)frac;
+      const int fs = uf > 63 ? 63 : (int)uf;
+      for (long i = 0; i < half; i++) {
+        const i64 x1 = xr[i], x2 = xr[half + i];
+        yr[i] = wadd(wsub(wmul(x1, c[i]), wmul(x2, s[i])), rt) >> fs;
+        yr[half + i] = wadd(wadd(wmul(x2, c[i]), wmul(x1, s[i])), rt) >> fs;
+      }
+      if (raw) memcpy(raw + it * D, yr, sizeof(i64) * (size_t)D);
+      else quant_row64(yr, D, q + it * D, a16 + it, sa + it);
+    }
+    free(yn);
+    free(yr);
+  }
+  return oom ? -1 : 0;
+}
+
+/* o (T, N) int64 -> requantise(o, m, e) (per column), clamp [lo, hi], quantize_rows -> q (T, N), a16, sa (T,),
+   or the clamped values into raw (T, N) when raw is not NULL. Returns -1 when out of memory. */
+long ditto_requant_quant(const i64 *o, long T, long N, const i64 *m, const i64 *e, i64 lo, i64 hi, int8_t *q,
+                         i64 *a16, i64 *sa, i64 *raw) {
+  long oom = 0;
+  #pragma omp parallel reduction(+:oom)
+  {
+    i64 *y = (i64 *)malloc(sizeof(i64) * (size_t)N);
+    #pragma omp for schedule(static)
+    for (long t = 0; t < T; t++) {
+      if (!y) { oom++; continue; }
+      const i64 *r = o + t * N;
+      for (long c = 0; c < N; c++) y[c] = tclamp(rshift_round(wmul(r[c], m[c]), e[c]), lo, hi);
+      if (raw) memcpy(raw + t * N, y, sizeof(i64) * (size_t)N);
+      else quant_row64(y, N, q + t * N, a16 + t, sa + t);
+    }
+    free(y);
+  }
+  return oom ? -1 : 0;
+}
+""".replace("@ROUND_TERMS@", ", ".join(f"{v}LL" for v in _ROUND_TERMS))
+
+
+def _setup(lib: ctypes.CDLL) -> str | None:
+    if os.environ.get(DISABLE_ENV):
+        return f"disabled by {DISABLE_ENV}"
+    p, n, i, i64 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int64
+    lib.ditto_quantize_i32.argtypes = [p, n, n, n, p, p, p]
+    lib.ditto_quantize_i64.argtypes = [p, n, n, n, p, p, p]
+    lib.ditto_quantize_i32.restype = lib.ditto_quantize_i64.restype = None
+    lib.ditto_epilogue.argtypes = [p, n, n, n, p, p, p, p, n, p, p, p, p, p, p, ctypes.c_float]
+    lib.ditto_epilogue.restype = None
+    lib.ditto_sigmoid.argtypes = [p, n, i, p, p]
+    lib.ditto_sigmoid.restype = None
+    lib.ditto_mlp.argtypes = [p, n, n, n, p, p, p, p, p, p, p, i, i, p, i64, i64, p, p, p, p, p]
+    lib.ditto_mlp.restype = ctypes.c_long
+    lib.ditto_rmsnorm.argtypes = [p, n, n, n, p, i64, i64, i64, i64, p]
+    lib.ditto_rmsnorm.restype = None
+    lib.ditto_head_post.argtypes = [p, n, n, n, n, p, i64, i64, i64, i64, p, p, p, i64, p, p, p, p]
+    lib.ditto_head_post.restype = ctypes.c_long
+    lib.ditto_requant_quant.argtypes = [p, n, n, p, p, i64, i64, p, p, p, p]
+    lib.ditto_requant_quant.restype = ctypes.c_long
+    return None
+
+
+# -fno-trapping-math lets gcc if-convert (and so vectorise) the loop around sigmoid's double division;
+# IEEE results are unchanged (no -ffast-math), and the kernels are integer-exact with or without it.
+FLAGS = (*DEFAULT_FLAGS, "-fno-trapping-math")
+_LIBRARY = CLibrary("integer_elementwise", _C_SRC, "DITTO_INT_DISABLE_KERNEL", _setup, FLAGS)
+
+
+def kernel_available() -> bool:
+    """True when the compiled elementwise kernels are usable (builds them on first call)."""
+    return _LIBRARY.load() is not None
+
+
+def kernel_status() -> str:
+    """'ok' or the reason the kernels are unavailable (for manifests / logs)."""
+    return _LIBRARY.status()
+
+
+def _lib() -> ctypes.CDLL:
+    lib = _LIBRARY.load()
+    if lib is None:
+        raise RuntimeError(f"integer elementwise kernels unavailable: {_LIBRARY.error}")
+    return lib
+
+
+def _i64(x) -> torch.Tensor:
+    return torch.as_tensor(x).to(torch.int64).contiguous()
+
+
+def _check_cpu(*xs: torch.Tensor) -> None:
+    if any(x.device.type != "cpu" for x in xs):
+        raise ValueError("integer elementwise kernels: CPU tensors expected")
+
+
+def _rows(x: torch.Tensor, dtypes: tuple[torch.dtype, ...], what: str) -> tuple[torch.Tensor, int]:
+    """A 2-D (T, K) view of x with unit column stride, and its row stride (copies only when needed)."""
+    if x.dtype not in dtypes or x.dim() != 2:
+        raise ValueError(f"{what}: 2-D {dtypes} expected, got {x.dtype} {tuple(x.shape)}")
+    _check_cpu(x)
+    if x.stride(1) != 1 or (x.shape[0] > 1 and x.stride(0) < x.shape[1]):
+        x = x.contiguous()
+    return x, (x.stride(0) if x.shape[0] > 1 else x.shape[1])
+
+
+def _oom(rc: int, what: str) -> None:
+    if rc < 0:
+        raise MemoryError(f"integer elementwise kernel {what}: scratch allocation failed")
+
+
+# ----------------------------------------------------------------------------- quantize_rows
+def _quantize_2d(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """quantize_rows of a (T, K) int32 / int64 matrix: q (T, K) int8, a16 (T, 1), sa (T, 1) int64."""
+    x, ld = _rows(x, (torch.int32, torch.int64), "quantize_rows")
+    t, k = x.shape
+    if k == 0:
+        raise ValueError("quantize_rows: empty rows")
+    q = torch.empty(t, k, dtype=torch.int8)
+    a16, sa = torch.empty(t, 1, dtype=torch.int64), torch.empty(t, 1, dtype=torch.int64)
+    fn = _lib().ditto_quantize_i32 if x.dtype == torch.int32 else _lib().ditto_quantize_i64
+    fn(x.data_ptr(), t, k, ld, q.data_ptr(), a16.data_ptr(), sa.data_ptr())
+    return q, a16, sa
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bit-exact `integer_ops.quantize_rows` of int32 / int64 x (..., K): q (..., K) int8, a16, sa (..., 1) int64."""
+    lead = x.shape[:-1]
+    q, a16, sa = _quantize_2d(x.reshape(-1, x.shape[-1]))  # (T, K)
+    return q.view(*lead, -1), a16.view(*lead, 1), sa.view(*lead, 1)
+
+
+# ----------------------------------------------------------------------------- linear epilogue
+@dataclass(frozen=True)
+class EpilogueParams:
+    """Per-column (m, bias) and per-part (end column, shift, clamp) of one or several fused IntLinear epilogues."""
+
+    m: torch.Tensor  # (N,) int64
+    bias: torch.Tensor | None  # (N,) int64
+    seg_end: torch.Tensor  # (P,) int64, cumulative part sizes
+    seg_shift: torch.Tensor  # (P,)
+    seg_lo: torch.Tensor  # (P,) -limit + 1
+    seg_hi: torch.Tensor  # (P,) limit - 1
+
+    @staticmethod
+    def build(parts: list[tuple[torch.Tensor, torch.Tensor | None, int, int]]) -> EpilogueParams:
+        """From (m (N_j,), bias (N_j,) or None, shift, limit) per part; limits must be in [1, 2^31]."""
+        if not parts:
+            raise ValueError("EpilogueParams: no parts")
+        for _, _, shift, limit in parts:
+            if not (1 <= limit <= 1 << 31) or abs(shift) >= 1 << 62:
+                raise ValueError(f"EpilogueParams: limit {limit} outside [1, 2^31] (int32 outputs) or shift {shift}")
+        m = torch.cat([_i64(p[0]).reshape(-1) for p in parts])
+        has_bias = any(p[1] is not None for p in parts)
+        bias = None
+        if has_bias:
+            bias = torch.cat([_i64(p[1] if p[1] is not None else torch.zeros(len(p[0]))).reshape(-1) for p in parts])
+        sizes = torch.tensor([len(p[0]) for p in parts], dtype=torch.int64)
+        return EpilogueParams(
+            m,
+            bias,
+            torch.cumsum(sizes, 0),
+            _i64([p[2] for p in parts]),
+            _i64([-p[3] + 1 for p in parts]),
+            _i64([p[3] - 1 for p in parts]),
+        )
+
+    @property
+    def n(self) -> int:
+        return self.m.numel()
+
+
+def linear_epilogue(
+    acc: torch.Tensor, a16: torch.Tensor, sa: torch.Tensor, params: EpilogueParams, float_scale: float | None = None
+) -> torch.Tensor:
+    """IntLinear.epilogue (per part) of int32 acc (T, N) and row scales a16, sa (T, 1), then .to(int32).
+
+    With float_scale (a power of two, outputs |y| < 2^24) the result is float32 y * float_scale instead,
+    exactly IntLMHead's `forward_int(x).float() * 2^-frac`.
+    """
+    acc, lda = _rows(acc, (torch.int32,), "linear_epilogue")
+    t, n = acc.shape
+    if n != params.n:
+        raise ValueError(f"linear_epilogue: {n} columns, params for {params.n}")
+    a, s = _i64(a16).reshape(-1), _i64(sa).reshape(-1)
+    if a.numel() != t or s.numel() != t:
+        raise ValueError("linear_epilogue: a16 / sa need one value per row")
+    out = torch.empty(t, n, dtype=torch.int32 if float_scale is None else torch.float32)
+    if t == 0:
+        return out
+    ptr_i, ptr_f, scale = (out.data_ptr(), None, 0.0) if float_scale is None else (None, out.data_ptr(), float_scale)
+    if float_scale is not None and (math.frexp(float_scale)[0] != 0.5 or int(params.seg_hi.max()) >= 1 << 24):
+        raise ValueError("linear_epilogue: float output needs a power-of-two scale and |y| < 2^24")
+    p = params
+    _lib().ditto_epilogue(
+        acc.data_ptr(), t, n, lda, a.data_ptr(), s.data_ptr(), p.m.data_ptr(),
+        None if p.bias is None else p.bias.data_ptr(), p.seg_end.numel(), p.seg_end.data_ptr(),
+        p.seg_shift.data_ptr(), p.seg_lo.data_ptr(), p.seg_hi.data_ptr(), ptr_i, ptr_f, scale,
+    )  # fmt: skip
+    return out
+
+
+# ----------------------------------------------------------------------------- MLP
+def sigmoid(x: torch.Tensor, frac: int) -> torch.Tensor:
+    """`integer_ops.sigmoid_int` (Q30) of int64 x in Q.frac, 0 <= frac <= 24: the activations' core (for tests)."""
+    if not 0 <= frac <= 24:
+        raise ValueError(f"sigmoid: frac {frac} outside [0, 24]")
+    x = _i64(x)
+    _check_cpu(x)
+    out = torch.empty_like(x)
+    _lib().ditto_sigmoid(x.data_ptr(), x.numel(), frac, iops._tables("cpu")["exp2"].data_ptr(), out.data_ptr())
+    return out
+
+
+@dataclass(frozen=True)
+class MLPParams:
+    """IntMLP's fused gate|up epilogue, activation and product shift (see `mlp_act_quantize`)."""
+
+    epi: EpilogueParams  # two parts: gate, up (equal sizes)
+    gelu: bool
+    frac: int  # Q.fg of the gate
+    pshift: int  # fg + fu - fh
+    hlim: int  # |h| <= hlim after the product shift
+    gconst: torch.Tensor  # (4,) dyadic(0.044715, 20) + dyadic(2 sqrt(2/pi), 24)
+
+    @staticmethod
+    def build(epi: EpilogueParams, gelu: bool, frac: int, pshift: int, hlim: int) -> MLPParams:
+        if epi.seg_end.numel() != 2 or 2 * int(epi.seg_end[0]) != epi.n:
+            raise ValueError("MLPParams: the epilogue needs two equal parts (gate, up)")
+        if not 0 <= frac <= 24 or abs(pshift) > 62 or not 0 <= hlim < 1 << 62:  # python-int shifts in torch: <= 62
+            raise ValueError(f"MLPParams: frac {frac} outside [0, 24] or pshift / hlim out of range")
+        cm, ce = iops.dyadic(iops._GELU_C, 20)
+        km, ke = iops.dyadic(iops._GELU_K, 24)
+        if not (0 <= ce <= 62 and 0 <= ke <= 62):
+            raise ValueError("MLPParams: gelu dyadic shifts outside [0, 62]")
+        return MLPParams(epi, gelu, frac, pshift, hlim, _i64([cm, ce, km, ke]))
+
+
+def mlp_act_quantize(
+    acc: torch.Tensor, a16: torch.Tensor, sa: torch.Tensor, params: MLPParams, quantize: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | torch.Tensor:
+    """IntMLP from the fused gate|up GEMM to down_proj's input quantisation, bit-exact with the torch chain.
+
+    acc (T, 2I) int32 with row scales a16, sa (T, 1): gate, up = the two epilogues; h = act(gate) * up,
+    rshift_round by pshift (or << -pshift), clamped to +-hlim; returns quantize_rows(h): q (T, I) int8,
+    a16, sa (T, 1) int64, or with quantize=False h itself (T, I) int64 (for tests).
+    """
+    acc, lda = _rows(acc, (torch.int32,), "mlp_act_quantize")
+    t, n2 = acc.shape
+    p, e = params, params.epi
+    if n2 != e.n:
+        raise ValueError(f"mlp_act_quantize: {n2} columns, params for {e.n}")
+    a, s = _i64(a16).reshape(-1), _i64(sa).reshape(-1)
+    if a.numel() != t or s.numel() != t:
+        raise ValueError("mlp_act_quantize: a16 / sa need one value per row")
+    i = n2 // 2
+    q = torch.empty(t, i, dtype=torch.int8)
+    oa, osa = torch.empty(t, 1, dtype=torch.int64), torch.empty(t, 1, dtype=torch.int64)
+    tab = iops._tables("cpu")["exp2"]
+    raw = None if quantize else torch.empty(t, i, dtype=torch.int64)
+    rc = _lib().ditto_mlp(
+        acc.data_ptr(), t, i, lda, a.data_ptr(), s.data_ptr(), e.m.data_ptr(),
+        None if e.bias is None else e.bias.data_ptr(), e.seg_shift.data_ptr(), e.seg_lo.data_ptr(),
+        e.seg_hi.data_ptr(), int(p.gelu), p.frac, p.gconst.data_ptr(), p.pshift, p.hlim, tab.data_ptr(),
+        q.data_ptr(), oa.data_ptr(), osa.data_ptr(), None if raw is None else raw.data_ptr(),
+    )  # fmt: skip
+    _oom(rc, "mlp")
+    return (q, oa, osa) if raw is None else raw
+
+
+# ----------------------------------------------------------------------------- RMSNorm
+@dataclass(frozen=True)
+class NormParams:
+    """IntRMSNorm's integers: gamma_m (D,), gamma_e, eps_int and the output shift."""
+
+    gm: torch.Tensor  # (D,) int64
+    ge: int
+    eps_term: int  # min(eps_int * D, 2^60), as in rmsnorm_int
+    b: int  # pre-shift target bits, as in rmsnorm_int
+    oshift: int  # IntRMSNorm.shift
+
+    @staticmethod
+    def build(gm: torch.Tensor, ge: int, eps_int: int, oshift: int) -> NormParams:
+        d = gm.numel()
+        if d == 0 or not 0 <= ge <= 62 or abs(oshift) > 62 or eps_int < 0:
+            raise ValueError(f"NormParams: D={d}, gamma_e={ge}, shift={oshift}, eps={eps_int} out of range")
+        b = (61 - math.ceil(math.log2(d))) // 2  # the same expression as rmsnorm_int
+        return NormParams(_i64(gm).reshape(-1), ge, min(eps_int * d, 1 << 60), b, oshift)
+
+
+def rmsnorm(x: torch.Tensor, params: NormParams) -> torch.Tensor:
+    """IntRMSNorm.forward of int32 x (..., D): rmsnorm_int, the output shift, .to(int32); bit-exact."""
+    d = params.gm.numel()
+    if x.shape[-1] != d:
+        raise ValueError(f"rmsnorm: last dim {x.shape[-1]}, gain for {d}")
+    x2, ld = _rows(x.reshape(-1, d), (torch.int32,), "rmsnorm")  # (T, D)
+    y = torch.empty(x2.shape, dtype=torch.int32)
+    p = params
+    if x2.shape[0]:
+        _lib().ditto_rmsnorm(x2.data_ptr(), x2.shape[0], d, ld, p.gm.data_ptr(), p.ge, p.eps_term, p.b, p.oshift,
+                             y.data_ptr())  # fmt: skip
+    return y.view(x.shape)
+
+
+# ----------------------------------------------------------------------------- attention heads
+def head_post(
+    x: torch.Tensor,
+    norm: NormParams | None,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    frac: int = 14,
+    quantize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | torch.Tensor:
+    """quantize_rows(rope_int(IntRMSNorm(x) or x, positions, cos, sin, frac)) for int32 x (T, Hx, D).
+
+    x may be a column slice of a wider matrix (unit stride within a token's heads); cos / sin (P, D/2)
+    int32 tables (as `integer_ops.rope_tables` makes them). Returns q (T, Hx, D) int8, a16, sa (T, Hx, 1)
+    int64, bit-exact with the torch chain, or with quantize=False the RoPE output (T, Hx, D) int64 (for tests).
+    """
+    if x.dtype != torch.int32 or x.dim() != 3:
+        raise ValueError(f"head_post: (T, Hx, D) int32 expected, got {x.dtype} {tuple(x.shape)}")
+    t, hx, d = x.shape
+    if d % 2 or cos.shape != sin.shape or cos.dim() != 2 or cos.shape[1] != d // 2:
+        raise ValueError(f"head_post: even head dim and (P, D/2) tables expected, got {d}, {tuple(cos.shape)}")
+    if cos.dtype != torch.int32 or sin.dtype != torch.int32 or not (cos.is_contiguous() and sin.is_contiguous()):
+        raise ValueError("head_post: contiguous int32 cos / sin tables expected")
+    if norm is not None and norm.gm.numel() != d:
+        raise ValueError("head_post: norm gain size differs from the head dim")
+    if not 0 <= frac <= 62:
+        raise ValueError(f"head_post: rope frac {frac} out of range")
+    _check_cpu(x, positions, cos, sin)
+    if x.stride(2) != 1 or x.stride(1) != d or (t > 1 and x.stride(0) < hx * d):
+        x = x.contiguous()
+    pos = _i64(positions).reshape(-1)
+    if pos.numel() != t:
+        raise ValueError("head_post: one position per token expected")
+    q = torch.empty(t, hx, d, dtype=torch.int8)
+    a16, sa = torch.empty(t, hx, 1, dtype=torch.int64), torch.empty(t, hx, 1, dtype=torch.int64)
+    raw = None if quantize else torch.empty(t, hx, d, dtype=torch.int64)
+    if t == 0 or hx == 0:
+        return (q, a16, sa) if raw is None else raw
+    if int(pos.min()) < 0 or int(pos.max()) >= cos.shape[0]:
+        raise ValueError(f"head_post: position outside the RoPE table ({cos.shape[0]})")
+    ld = x.stride(0) if t > 1 else hx * d
+    n = norm
+    rc = _lib().ditto_head_post(
+        x.data_ptr(), t, hx, d, ld, None if n is None else n.gm.data_ptr(), 0 if n is None else n.ge,
+        0 if n is None else n.eps_term, 0 if n is None else n.b, 0 if n is None else n.oshift,
+        pos.data_ptr(), cos.data_ptr(), sin.data_ptr(), frac, q.data_ptr(), a16.data_ptr(), sa.data_ptr(),
+        None if raw is None else raw.data_ptr(),
+    )  # fmt: skip
+    _oom(rc, "head_post")
+    return (q, a16, sa) if raw is None else raw
+
+
+def requant_quantize(
+    o: torch.Tensor, m: torch.Tensor, e: torch.Tensor, limit: int, quantize: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | torch.Tensor:
+    """quantize_rows(requantise(o, m, e).clamp(-limit + 1, limit - 1)) for int64 o (T, N), m / e (N,) int64.
+
+    With quantize=False the clamped requantised values (T, N) int64 instead (for tests).
+    """
+    o, _ = _rows(o, (torch.int64,), "requant_quantize")
+    o = o.contiguous()
+    t, n = o.shape
+    if m.shape != (n,) or e.shape != (n,) or m.dtype != torch.int64 or e.dtype != torch.int64:
+        raise ValueError("requant_quantize: m, e (N,) int64 expected")
+    if not (m.is_contiguous() and e.is_contiguous()) or n == 0 or not 1 <= limit <= 1 << 62:
+        raise ValueError("requant_quantize: contiguous m, e and N > 0 expected")
+    q = torch.empty(t, n, dtype=torch.int8)
+    a16, sa = torch.empty(t, 1, dtype=torch.int64), torch.empty(t, 1, dtype=torch.int64)
+    raw = None if quantize else torch.empty(t, n, dtype=torch.int64)
+    if t:
+        rc = _lib().ditto_requant_quant(o.data_ptr(), t, n, m.data_ptr(), e.data_ptr(), -limit + 1, limit - 1,
+                                        q.data_ptr(), a16.data_ptr(), sa.data_ptr(),
+                                        None if raw is None else raw.data_ptr())  # fmt: skip
+        _oom(rc, "requant_quantize")
+    return (q, a16, sa) if raw is None else raw
