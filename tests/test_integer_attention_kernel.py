@@ -11,13 +11,13 @@ import sys
 
 import pytest
 import torch
+from kernel_build import use_portable_build
 
 from ditto.engine.attention import DecodeRows, PrefillChunk
 from ditto.numerics import integer as integer_mod
 from ditto.numerics.integer import DenseIntContext, IntegerPagedAttention, IntKVCache
 from ditto.numerics.kernels import integer_attention_c as kern
 from ditto.numerics.kernels import integer_ops as iops
-from ditto.numerics.kernels.cbuild import CLibrary
 
 pytestmark = pytest.mark.skipif(not kern.kernel_available(), reason=f"kernel: {kern.kernel_status()}")
 
@@ -152,12 +152,7 @@ def test_long_rows_and_threads_agree():
 
 def test_portable_build_equals_torch(monkeypatch, tmp_path):
     """Built without -march=native (plain C loops instead of the AVX-512 ones) the kernel gives the same bits."""
-    monkeypatch.setenv("DITTO_KERNEL_CACHE", str(tmp_path))
-    flags = ("-O2", "-fopenmp", "-shared", "-fPIC")
-    generic = CLibrary("integer_attention_generic", kern._C_SRC, "DITTO_INT_DISABLE_KERNEL", kern._setup, flags)
-    if generic.load() is None:
-        pytest.skip(f"portable build: {generic.error}")
-    monkeypatch.setattr(kern, "_LIBRARY", generic)
+    use_portable_build(monkeypatch, tmp_path, kern, "integer_attention_generic")
     for heads, kv, d, bs, window in DECODE_SHAPES:
         q, cache, sm, se = make_case(6, heads, kv, d, 12, bs, seed=d)
         table = torch.randperm(12, generator=torch.Generator().manual_seed(d)).view(3, 4)  # (R, 4)

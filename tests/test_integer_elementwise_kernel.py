@@ -12,12 +12,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from kernel_build import use_portable_build
 from test_integer_mode import calibrated, int_logits
 
 from ditto.numerics import integer as integer_mod
 from ditto.numerics.kernels import integer_elementwise_c as kern
 from ditto.numerics.kernels import integer_ops as iops
-from ditto.numerics.kernels.cbuild import CLibrary
 
 pytestmark = pytest.mark.skipif(not kern.kernel_available(), reason=f"kernel: {kern.kernel_status()}")
 
@@ -323,12 +323,7 @@ def test_threads_agree():
 
 def test_portable_build_equals_torch(monkeypatch, tmp_path):
     """Built without -march=native the kernels give the same bits."""
-    monkeypatch.setenv("DITTO_KERNEL_CACHE", str(tmp_path))
-    flags = ("-O2", "-fopenmp", "-shared", "-fPIC")
-    generic = CLibrary("integer_elementwise_generic", kern._C_SRC, "DITTO_INT_DISABLE_KERNEL", kern._setup, flags)
-    if generic.load() is None:
-        pytest.skip(f"portable build: {generic.error}")
-    monkeypatch.setattr(kern, "_LIBRARY", generic)
+    use_portable_build(monkeypatch, tmp_path, kern, "integer_elementwise_generic")
     got = _all_kernels(torch.Generator().manual_seed(4))
     for a, b in zip(got, _reference_all(torch.Generator().manual_seed(4)), strict=True):
         assert torch.equal(a, b)
