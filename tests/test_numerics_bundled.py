@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ditto import LLM, SamplingParams
+from ditto.loader.load import load
 from ditto.numerics.base import list_modes
 
 pytestmark = pytest.mark.slow
@@ -35,20 +36,21 @@ def _logprobs(llm: LLM, ids: list[int]) -> torch.Tensor:
 
 @pytest.fixture(scope="module", params=MODELS)
 def reference(request):
-    llm = LLM(request.param, progress=False)
+    loaded = load(request.param, progress=False)  # loaded once; every mode works on its own copy
+    llm = LLM(loaded, progress=False)
     ids = llm.encode(TEXT)
-    return request.param, ids, _logprobs(llm, ids)
+    return request.param, loaded, ids, _logprobs(llm, ids)
 
 
 @pytest.mark.parametrize("mode", list_modes() + ["integer"])
 def test_mode_runs_bundled_model(reference, mode):
-    name, ids, ref = reference
+    name, loaded, ids, ref = reference
     if (name, mode) == ("gemma3-270m", "fp16"):
         # Gemma 3's activations exceed fp16's range (65504): the documented limit of the fp16 mode
-        llm = LLM(name, numerics=mode, progress=False)
+        llm = LLM(loaded, numerics=mode, progress=False)
         assert not torch.isfinite(_logprobs(llm, ids)).all()
         return
-    llm = LLM(name, numerics=mode, determinism="exact" if mode == "integer" else "fast", progress=False)
+    llm = LLM(loaded, numerics=mode, determinism="exact" if mode == "integer" else "fast", progress=False)
     lp = _logprobs(llm, ids)
     assert lp.shape == ref.shape and torch.isfinite(lp).all()
     agree = (lp.argmax(-1) == ref.argmax(-1)).float().mean().item()

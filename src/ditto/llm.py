@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import itertools
 import platform
 import threading
@@ -31,7 +33,7 @@ class LLM:
 
     def __init__(
         self,
-        model: str = "smollm2-135m-instruct",
+        model: str | LoadedModel = "smollm2-135m-instruct",
         numerics: str = "fp32",
         determinism: str = "fast",
         progress: bool = True,
@@ -49,7 +51,12 @@ class LLM:
         from ditto.numerics import prepare
 
         self.progress = progress
-        self.loaded: LoadedModel = load(model, progress=progress)
+        if isinstance(model, LoadedModel):
+            # an already loaded model (e.g. one load, several numerics modes): numerics modes swap
+            # modules, so this instance works on its own copy and the caller's model stays untouched
+            self.loaded = dataclasses.replace(model, model=copy.deepcopy(model.model))
+        else:
+            self.loaded = load(model, progress=progress)
         self.tokenizer = self.loaded.tokenizer
         prepared = prepare(self.loaded, self.config)
         self.numerics = prepared
