@@ -38,14 +38,46 @@ def _run_mixed(llm: LLM, needle, params, others, rng) -> list[float]:
     return seq.output_ids, seq.logprobs
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+
+
 @pytest.mark.parametrize("numerics", ["fp32", "bf16"])
 @pytest.mark.parametrize("chunk", [16, 64, 512])
 def test_needle_in_a_batch(tiny_dirs, numerics, chunk):
     """One prompt among 1..48 others, joining mid-flight, chunked prefill, prefix cache cold and warm:
     bit-identical to the prompt run alone."""
+    _needle(str(tiny_dirs["qwen3"]), numerics, chunk, "cpu")
+
+
+@pytest.mark.parametrize(("family", "numerics", "chunk"), [("qwen3", "fp32", 16), ("gemma3", "bf16", 64)])
+def test_needle_in_a_batch_gpu_kernels_on_cpu(tiny_dirs, monkeypatch, family, numerics, chunk):
+    """The GPU path (fixed-tile layers, one-path tiled attention) forced on CPU: same contract, and
+    the same tokens as the CPU path (its logic is right, not only self-consistent)."""
+    path = str(tiny_dirs[family])
+    cpu_path = _needle(path, numerics, chunk, "cpu", check=False)
+    monkeypatch.setenv("DITTO_TILED_INVARIANT", "1")
+    tiled = _needle(path, numerics, chunk, "cpu")
+    assert tiled.token_ids == cpu_path.token_ids
+    assert torch.allclose(torch.tensor(tiled.logprobs), torch.tensor(cpu_path.logprobs), atol=1e-3)
+
+
+@CUDA
+@pytest.mark.parametrize("numerics", ["fp32", "bf16"])
+@pytest.mark.parametrize("chunk", [16, 512])
+def test_needle_in_a_batch_cuda(tiny_dirs, numerics, chunk):
+    _needle(str(tiny_dirs["qwen3"]), numerics, chunk, "cuda")
+
+
+def _needle(path: str, numerics: str, chunk: int, device: str, check: bool = True):
     rng = random.Random(chunk)
-    path = str(tiny_dirs["qwen3"])
-    alone_llm = LLM(path, numerics=numerics, determinism="batch_invariant", progress=False, enable_prefix_caching=False)
+    alone_llm = LLM(
+        path,
+        numerics=numerics,
+        determinism="batch_invariant",
+        progress=False,
+        enable_prefix_caching=False,
+        device=device,
+    )
     vocab = alone_llm.loaded.config.vocab_size
     needle = _rand_prompts(rng, 1, vocab, 40, 150)[0]
     params = SamplingParams(temperature=0.7, top_p=0.9, seed=3, max_tokens=24, ignore_eos=True)
@@ -58,7 +90,10 @@ def test_needle_in_a_batch(tiny_dirs, numerics, chunk):
         prefill_chunk=chunk,
         max_num_batched_tokens=max(chunk, 96),
         max_num_seqs=64,
+        device=device,
     )
+    if not check:
+        return alone
     for trial in range(2):  # trial 0: prefix cache cold; trial 1: warm (the needle's prefix is cached)
         others = _rand_prompts(rng, rng.randrange(1, 49), vocab)
         others.insert(rng.randrange(len(others) + 1), needle[: rng.randrange(17, len(needle))])  # shares a prefix
@@ -66,17 +101,19 @@ def test_needle_in_a_batch(tiny_dirs, numerics, chunk):
         assert ids == alone.token_ids, f"trial {trial}"
         assert torch.equal(torch.tensor(logprobs), torch.tensor(alone.logprobs)), f"trial {trial}"
     assert busy.engine.blocks.stats["prefix_hit_tokens"] > 0
+    return alone
 
 
-def test_identical_concurrent_requests(tiny_dirs):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_identical_concurrent_requests(tiny_dirs, device):
     """200 identical requests at once: one distinct output under batch_invariant; `fast` is reported."""
     path = str(tiny_dirs["llama"])
     prompt = list(range(5, 60))
     params = SamplingParams(temperature=0.8, seed=1, max_tokens=12, ignore_eos=True)
     counts = {}
     for level in ("batch_invariant", "fast"):
-        llm = LLM(path, determinism=level, progress=False, max_num_seqs=64, max_num_batched_tokens=512)
+        llm = LLM(path, determinism=level, progress=False, max_num_seqs=64, max_num_batched_tokens=512, device=device)
         outs = llm.generate([prompt] * 200, params)
         counts[level] = len({(tuple(o.outputs[0].token_ids), tuple(o.outputs[0].logprobs)) for o in outs})
-    print(f"distinct outputs of 200 identical requests: {counts}")
+    print(f"distinct outputs of 200 identical requests on {device}: {counts}")
     assert counts["batch_invariant"] == 1

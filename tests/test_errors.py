@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from ditto import LLM, SamplingParams
 from ditto.engine.llm_engine import PromptTooLong
@@ -100,3 +101,11 @@ def test_unknown_numerics_and_determinism(tiny_llama):
         LLM(str(tiny_llama), numerics="fp8", progress=False)
     with pytest.raises(ValueError, match="unknown determinism"):
         LLM(str(tiny_llama), determinism="sometimes", progress=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_cuda_device_without_gpu_is_a_clear_error(tiny_llama):
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        LLM(str(tiny_llama), device="cuda", progress=False)
+    with pytest.raises(ValueError, match="unknown device"):
+        LLM(str(tiny_llama), device="tpu", progress=False)

@@ -46,6 +46,11 @@ def engine_parent() -> argparse.ArgumentParser:
     )
     g.add_argument("--kv-dtype", default=None, choices=["fp32", "bf16", "fp16", "int8"], help="KV-cache precision")
     g.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default: all cores)")
+    g.add_argument(
+        "--device",
+        default=d.device,
+        help="cpu (default), cuda, cuda:N or auto; numerics integer runs on CPU only",
+    )
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences per engine step")
     g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens, help="token budget per step")
     g.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk, help="longest prefill piece per step")
@@ -80,6 +85,7 @@ def make_llm(args, progress: bool = True):
         progress=progress,
         kv_dtype=args.kv_dtype,
         threads=args.threads,
+        device=getattr(args, "device", "cpu"),
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         prefill_chunk=args.prefill_chunk,

@@ -78,6 +78,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # None -> model's context window
     threads: int | None = None  # None -> torch default
+    device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto" (cuda when available)
 
     def __post_init__(self) -> None:
         if self.determinism not in DETERMINISM_LEVELS:
@@ -88,3 +89,5 @@ class EngineConfig:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
         if self.prefill_chunk < 1:
             raise ValueError("prefill_chunk must be positive")
+        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"unknown device {self.device!r}; choose cpu, cuda, cuda:N or auto")

@@ -14,6 +14,7 @@ from dataclasses import fields
 import torch
 
 from ditto.config import EngineConfig
+from ditto.devices import describe as describe_device
 from ditto.engine.llm_engine import LLMEngine, Request
 from ditto.loader.load import LoadedModel, load
 from ditto.outputs import CompletionOutput, RequestOutput, ScoreOutput
@@ -48,8 +49,11 @@ class LLM:
         self.config = EngineConfig(numerics=numerics, determinism=determinism, **engine_options)
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
+        from ditto.devices import resolve_device  # noqa: I001
         from ditto.numerics import prepare
 
+        self.device = resolve_device(self.config.device)
+        self.config = dataclasses.replace(self.config, device=str(self.device))
         self.progress = progress
         if isinstance(model, LoadedModel):
             # an already loaded model (e.g. one load, several numerics modes): numerics modes swap
@@ -108,6 +112,7 @@ class LLM:
             "prefix_caching": self.config.enable_prefix_caching,
             "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(),
+            "device": describe_device(self.device),
             "sampler": "ditto counter-based Gumbel-max (splitmix64-gumbel-v1)",
         }
 

@@ -46,10 +46,12 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
         per_token = prepared.kv_bytes_per_token(cfg)
         num_blocks = config.num_kv_blocks or max(4, int(config.kv_cache_gb * 2**30 / (per_token * config.block_size)))
-        self.cache = prepared.make_cache(cfg, num_blocks, config.block_size)
+        self.device = torch.device(config.device)
+        with self.device:  # the cache lives where the model runs
+            self.cache = prepared.make_cache(cfg, num_blocks, config.block_size)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.blocks, self.max_model_len)
-        self.runner = ModelRunner(prepared.model, cfg, self.cache, prepared.make_context)
+        self.runner = ModelRunner(prepared.model, cfg, self.cache, prepared.make_context, self.device)
         self.sample = prepared.sample
         self.requests: dict[str, Request] = {}
         self.fingerprint_fn = fingerprint_fn  # (hidden (N, d), k) -> (N, k) float64

@@ -24,8 +24,9 @@ class StepOutput:
 
 
 class ModelRunner:
-    def __init__(self, model, cfg: ModelConfig, cache, make_context):
+    def __init__(self, model, cfg: ModelConfig, cache, make_context, device: torch.device | None = None):
         self.model = model
+        self.device = device or torch.device("cpu")  # step tensors are made here; results come back on CPU
         self.cfg = cfg
         self.cache = cache
         self.make_context = make_context  # from the numerics mode: float or integer paged attention
@@ -69,6 +70,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> StepOutput:
+        with self.device:  # every tensor the step creates (metadata, masks, partials) on the model's device
+            out = self._run(batch)
+        if self.device.type == "cpu":
+            return out
+        cpu = [
+            None if t is None else t.cpu()
+            for t in (out.sample_logits, out.sample_hidden, out.score_logits, out.score_hidden)
+        ]
+        return StepOutput(out.sample_items, cpu[0], cpu[1], out.score_items, cpu[2], cpu[3])
+
+    def _run(self, batch: Batch) -> StepOutput:
         self.cache.copy_blocks(batch.copies)
         ids, positions, ctx = self._metadata(batch)
         hidden = self.model(ids, positions, ctx)  # (T, hidden)

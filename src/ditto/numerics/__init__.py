@@ -7,6 +7,7 @@ to sample a token — so that the engine never branches on the mode either.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -65,22 +66,33 @@ class Prepared:
 
 
 def prepare(loaded, config) -> Prepared:
-    """Apply `config.numerics` (and the determinism level's kernels) to a loaded model."""
+    """Apply `config.numerics` (and the determinism level's kernels) to a loaded model on `config.device`."""
     if config.determinism == "exact" and config.numerics != "integer":
         raise ValueError("determinism 'exact' needs numerics 'integer' (integer-only arithmetic end to end)")
+    device = torch.device(config.device)
     if config.numerics == "integer":
+        if device.type != "cpu":
+            raise ValueError("numerics 'integer' (determinism 'exact') runs on CPU only: its fused kernels are C")
         from ditto.numerics.integer_engine import prepare_integer
 
         return prepare_integer(loaded, config)
     from ditto.numerics.base import get_mode
 
     mode = get_mode(config.numerics)
-    model = mode.apply(loaded.model)
+    model = mode.apply(loaded.model).to(device)
+    context = None
     if config.determinism == "batch_invariant":
-        from ditto.numerics.kernels.padded import make_invariant
+        if device.type == "cpu" and not os.environ.get("DITTO_TILED_INVARIANT"):
+            from ditto.numerics.kernels.padded import make_invariant
 
-        model = make_invariant(model, mode.act_dtype)
+            model = make_invariant(model, mode.act_dtype)
+        else:
+            from ditto.engine.attention_tiled import tiled_context
+            from ditto.numerics.kernels.tiled import make_invariant_tiled
+
+            model = make_invariant_tiled(model, mode.act_dtype)
+            context = tiled_context
     kv_name = config.kv_dtype or mode.kv_dtype
     if kv_name not in _KV:
         raise ValueError(f"unknown KV-cache dtype {kv_name!r}; choose fp32, bf16, fp16 or int8")
-    return Prepared(model, mode.act_dtype, _KV[kv_name], mode)
+    return Prepared(model, mode.act_dtype, _KV[kv_name], mode, make_context=context)

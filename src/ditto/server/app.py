@@ -86,7 +86,7 @@ class ServerState:
         self.loop = EngineLoop(llm, max_queue=max_queue, metrics=self.metrics)
         self.model_digest = llm.model_digest
         self.tokenizer_digest = getattr(llm.tokenizer, "digest", "") or ""
-        self.hardware = hardware_info()
+        self.hardware = hardware_info(str(getattr(llm, "device", "cpu")))
         self.max_model_len = llm.engine.max_model_len
         self.vocab_size = llm.loaded.config.vocab_size
         self.created = int(time.time())
