@@ -49,6 +49,15 @@ def test_needle_in_a_batch(tiny_dirs, numerics, chunk):
     _needle(str(tiny_dirs["qwen3"]), numerics, chunk, "cpu")
 
 
+@pytest.mark.parametrize("numerics", ["fp32", "bf16"])
+def test_needle_in_a_batch_torch_attention(tiny_dirs, monkeypatch, numerics):
+    """The same contract on the torch paged-attention path (no C compiler, or the kernel disabled)."""
+    from ditto.engine import attention_c
+
+    monkeypatch.setattr(attention_c, "supports", lambda k: False)
+    _needle(str(tiny_dirs["gemma3"]), numerics, 64, "cpu")
+
+
 @pytest.mark.parametrize(("family", "numerics", "chunk"), [("qwen3", "fp32", 16), ("gemma3", "bf16", 64)])
 def test_needle_in_a_batch_gpu_kernels_on_cpu(tiny_dirs, monkeypatch, family, numerics, chunk):
     """The GPU path (fixed-tile layers, one-path tiled attention) forced on CPU: same contract, and
@@ -58,7 +67,8 @@ def test_needle_in_a_batch_gpu_kernels_on_cpu(tiny_dirs, monkeypatch, family, nu
     monkeypatch.setenv("DITTO_TILED_INVARIANT", "1")
     tiled = _needle(path, numerics, chunk, "cpu")
     assert tiled.token_ids == cpu_path.token_ids
-    assert torch.allclose(torch.tensor(tiled.logprobs), torch.tensor(cpu_path.logprobs), atol=1e-3)
+    atol = 2e-2 if numerics == "bf16" else 1e-4  # bf16 activations: the two attention orders round apart
+    assert torch.allclose(torch.tensor(tiled.logprobs), torch.tensor(cpu_path.logprobs), atol=atol)
 
 
 @CUDA

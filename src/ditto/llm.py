@@ -113,6 +113,7 @@ class LLM:
             "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(),
             "device": describe_device(self.device),
+            "attention_kernel": _attention_kernel(self.device),
             "sampler": "ditto counter-based Gumbel-max (splitmix64-gumbel-v1)",
         }
 
@@ -312,3 +313,12 @@ def _version() -> str:
     from ditto import __version__
 
     return __version__
+
+
+def _attention_kernel(device: torch.device) -> str:
+    """Which float attention runs: the fused C kernel on CPU when it builds, else the torch path."""
+    if device.type != "cpu":
+        return "torch"
+    from ditto.engine import attention_c
+
+    return "c" if attention_c.kernel_available() else f"torch ({attention_c.kernel_status()})"

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ditto.engine import attention_c
+
 MIN_ROWS = 4  # matmuls with fewer rows take a different kernel (another summation order): pad up
 
 
@@ -98,6 +100,31 @@ class DecodeRows:
     block_first_pos: torch.Tensor  # (NB,) position of each block's first slot
 
 
+def kernel_rows(decode: DecodeRows | None, prefills: list[PrefillChunk]) -> tuple[torch.Tensor, ...]:
+    """(tokens, positions, table, table_row) of every query row for attention_c: one table row per
+    decode row (its blocks) and one per prefill chunk (shared by the chunk's tokens)."""
+    tokens, positions, rows = [], [], []
+    r = 0
+    width = max([len(c.blocks) for c in prefills], default=1)
+    if decode is not None:
+        r = len(decode.tok_index)
+        count = torch.bincount(decode.block_row, minlength=r)
+        width = max(width, int(count.max()))
+    table = torch.zeros(r + len(prefills), width, dtype=torch.long)
+    if decode is not None:
+        first = torch.cumsum(count, 0) - count
+        table[decode.block_row, torch.arange(len(decode.blocks)) - first[decode.block_row]] = decode.blocks
+        tokens.append(decode.tok_index)
+        positions.append(decode.positions)
+        rows.append(torch.arange(r))
+    for i, chunk in enumerate(prefills):
+        table[r + i, : len(chunk.blocks)] = chunk.blocks
+        tokens.append(chunk.tok_start + torch.arange(chunk.num_tokens))
+        positions.append(chunk.start_pos + torch.arange(chunk.num_tokens))
+        rows.append(torch.full((chunk.num_tokens,), r + i))
+    return torch.cat(tokens), torch.cat(positions), table, torch.cat(rows)
+
+
 def _row_partials(s: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-block softmax partials. s (NB, Hkv, M, bs) masked scores minus the row max,
     v (NB, Hkv, bs, D) -> (sum_j p_j v_j (NB, Hkv, M, D), sum_j p_j (NB, Hkv, M, 1))."""
@@ -123,11 +150,20 @@ class PagedAttention:
         self.prefills = prefills
         self.scale = scale
         self.h = num_heads
+        self._kernel_rows: tuple | None = None
 
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None):
         self.cache.write(layer, self.slots, k, v)  # write before reading: every path reads the cache
         qf = q.float() * self.scale
         out = torch.empty(q.shape, dtype=torch.float32)
+        if self._kernel_rows is None:  # decided once per step: the C kernel when it can read this cache
+            use = not self.cache.quantized and attention_c.supports(self.cache.k[0])
+            self._kernel_rows = kernel_rows(self.decode, self.prefills) if use else ()
+        if self._kernel_rows:
+            attention_c.attend(
+                qf.contiguous(), self.cache.k[layer], self.cache.v[layer], *self._kernel_rows, window, out
+            )
+            return out.to(q.dtype)
         if self.decode is not None:
             out[self.decode.tok_index] = self._decode(qf[self.decode.tok_index], layer, window)
         for chunk in self.prefills:
