@@ -49,6 +49,11 @@ def test_needle_in_a_batch(tiny_dirs, numerics, chunk):
     _needle(str(tiny_dirs["qwen3"]), numerics, chunk, "cpu")
 
 
+def test_needle_in_a_batch_layercast(tiny_dirs):
+    """layercast's linears run on the C kernel without padding: rows must still never move."""
+    _needle(str(tiny_dirs["qwen3"]), "layercast", 64, "cpu")
+
+
 @pytest.mark.parametrize("numerics", ["fp32", "bf16"])
 def test_needle_in_a_batch_torch_attention(tiny_dirs, monkeypatch, numerics):
     """The same contract on the torch paged-attention path (no C compiler, or the kernel disabled)."""

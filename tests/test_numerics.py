@@ -16,7 +16,8 @@ from ditto.models import layers as layers_module
 from ditto.models.decoder import Decoder
 from ditto.numerics import kv, quant
 from ditto.numerics.base import CastEmbedding, NumericsMode, get_mode, list_modes, register
-from ditto.numerics.layercast import LayerCastLinear
+from ditto.numerics.kernels.batch_invariant import kernel_available
+from ditto.numerics.layercast import LayerCastLinear, PackedLayerCastLinear
 from ditto.numerics.llm_int8 import LLMInt8Linear, llm_int8_matmul
 from ditto.numerics.mxint8 import MXInt8Linear
 from ditto.numerics.w4 import W4Linear
@@ -404,7 +405,7 @@ def test_mode_on_tiny_model(family, name):
         "fp32": nn.Linear,
         "bf16": nn.Linear,
         "fp16": nn.Linear,
-        "layercast": LayerCastLinear,
+        "layercast": PackedLayerCastLinear if kernel_available() else LayerCastLinear,
         "int8": LLMInt8Linear,
         "w8a8": Int8Linear,
         "mxint8": MXInt8Linear,
@@ -415,6 +416,8 @@ def test_mode_on_tiny_model(family, name):
         assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == mode.act_dtype
         if cfg.tie_embeddings:
             assert model.lm_head.weight is model.embed.weight
+    elif name == "layercast" and cfg.tie_embeddings:  # the tied head shares the bf16 table: per-call upcast
+        assert type(model.lm_head) is LayerCastLinear
     else:
         assert type(model.lm_head) is lin_type
     # embeddings / norms / tying
@@ -423,7 +426,7 @@ def test_mode_on_tiny_model(family, name):
         assert model.embed.weight.dtype == mode.act_dtype
         assert model.norm.weight.dtype == mode.act_dtype
     elif name == "layercast":
-        assert model.lm_head.weight is model.embed.weight
+        assert (model.lm_head.weight is model.embed.weight) == cfg.tie_embeddings
         assert model.embed.weight.dtype == torch.bfloat16 and isinstance(model.embed, CastEmbedding)
         assert model.norm.weight.dtype == torch.bfloat16
         assert model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16

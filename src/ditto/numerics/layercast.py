@@ -8,6 +8,7 @@ up to the one-time bf16 rounding of the weights.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -42,10 +43,64 @@ class LayerCastLinear(nn.Module):
         )
 
 
+class PackedLayerCastLinear(nn.Module):
+    """LayerCast on the CPU C kernel: the bf16 weight is kept only as the kernel's (K, 64) panels (the
+    same bytes), widened to fp32 in registers, and every output is one fmaf chain over k. No per-call
+    fp32 copy of the weight (2-3x faster for decode), and each row's bits are independent of the
+    batch and the thread count, so `batch_invariant` needs no padding around it."""
+
+    batch_invariant_kernel = True  # padded.make_invariant leaves it as it is
+
+    def __init__(self, linear: LayerCastLinear):
+        from ditto.numerics.kernels.batch_invariant import pack_weight
+
+        super().__init__()
+        packed = pack_weight(linear.weight)
+        self.register_buffer("panels", packed.data)  # (ceil(N / 64), K, 64) bf16
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The (N, K) bf16 weight, unpacked (a copy, for introspection only)."""
+        return self.panels.permute(0, 2, 1).reshape(-1, self.in_features)[: self.out_features]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ditto.numerics.kernels.batch_invariant import PackedWeight, _kernel_linear
+
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        y = _kernel_linear(x2, PackedWeight(self.panels, self.out_features, self.in_features), self.bias)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight=bf16 panels, compute=float32"
+
+
 @dataclass(frozen=True)
 class LayerCastMode(NumericsMode):
     def convert_linear(self, linear: nn.Linear) -> nn.Module:
         return LayerCastLinear(linear, torch.bfloat16)
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """As every mode, then on CPU with the C kernel available, untied linears move to the kernel
+        (a linear tied to the embedding keeps the shared table and the per-call upcast)."""
+        model = super().apply(model)
+        from ditto.numerics.kernels import batch_invariant as bi
+
+        if os.environ.get("DITTO_LAYERCAST_UPCAST") or not bi.kernel_available():
+            return model
+        shared = {id(m.weight) for m in model.modules() if "Embedding" in type(m).__name__}
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if (
+                    isinstance(child, LayerCastLinear)
+                    and id(child.weight) not in shared
+                    and child.weight.device.type == "cpu"
+                    and child.weight.dtype == torch.bfloat16
+                ):
+                    setattr(parent, name, PackedLayerCastLinear(child))
+        return model
 
 
 LAYERCAST = register(

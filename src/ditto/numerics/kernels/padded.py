@@ -89,6 +89,8 @@ def make_invariant(model: nn.Module, act_dtype: torch.dtype = torch.float32) -> 
                 "numerics int8 (LLM.int8) picks its outlier columns from the whole batch, so it cannot be "
                 "batch-invariant; use w8a8 (per-token int8) or a float mode with --determinism batch_invariant"
             )
+        if getattr(mod, "batch_invariant_kernel", False):
+            continue  # a kernel whose rows never depend on the batch (e.g. layercast on the C kernel)
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         attr = name.split(".")[-1]
         if regime_is_invariant(mod, act_dtype):
