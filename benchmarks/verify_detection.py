@@ -4,7 +4,8 @@ Usage: .venv/bin/python benchmarks/verify_detection.py [--prompts 200] [--tokens
            [--model smollm2-135m-instruct] [--other-model gemma3-270m] [--determinism fast] [--out FILE.json]
            [--cache DIR]
 
-Advertised configuration (what every receipt claims): --model at fp32 numerics, --determinism, temperature
+Advertised configuration (what every receipt claims): --model at fp32 numerics (integer under
+--determinism exact), --determinism, temperature
 T, top_p 1.0, seed = 1000 + prompt index, fingerprint_k 8. Every run is verified against one fp32 reference
 (ditto.verify.replay.verify_receipts: one teacher-forced pass per run).
 
@@ -106,7 +107,12 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=200)
     ap.add_argument("--tokens", type=int, default=300)
     ap.add_argument("--temperature", type=float, default=0.7)
-    ap.add_argument("--determinism", default="fast", choices=["fast", "batch_invariant"])
+    ap.add_argument(
+        "--determinism",
+        default="fast",
+        choices=["fast", "batch_invariant", "exact"],
+        help="advertised level; exact advertises numerics integer (honest runs must verify 'exact')",
+    )
     ap.add_argument("--fingerprint-k", type=int, default=8, choices=[8, 16, 32])
     ap.add_argument("--batch", type=int, default=0, help="big-batch size (0: all prompts at once)")
     ap.add_argument("--skip", default="", help="comma-separated conditions to skip")
@@ -122,9 +128,14 @@ def main() -> None:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
 
+    claimed_numerics = "integer" if args.determinism == "exact" else "fp32"
+
     def llm_for(**kw):
-        kw.setdefault("numerics", "fp32")
-        return LLM(args.model, determinism=args.determinism, progress=False, **kw)
+        kw.setdefault("numerics", claimed_numerics)
+        det = args.determinism
+        if det == "exact" and kw["numerics"] != "integer":
+            det = "batch_invariant"  # a dishonest float run served under an integer claim
+        return LLM(args.model, determinism=det, progress=False, **kw)
 
     ref = llm_for()
     ref_digest = model_digest(ref)
@@ -134,14 +145,14 @@ def main() -> None:
         SamplingParams(temperature=T, seed=1000 + i, max_tokens=L, ignore_eos=True, fingerprint_k=args.fingerprint_k)
         for i in range(n)
     ]
-    log(f"model {args.model}: {n} prompts x {L} tokens, T={T}, determinism={args.determinism}")
+    log(f"model {args.model}: {n} prompts x {L} tokens, T={T}, {claimed_numerics}, determinism={args.determinism}")
     results: dict[str, dict] = {}
 
     def verify(name: str, llm, outs, used_params, honest: bool, edit=None) -> None:
         receipts = []
         for o, used, adv in zip(outs, used_params, claimed):
             r = receipt_for(llm, o, o.outputs[0], used)
-            r = dataclasses.replace(r, sampling=adv.record(), numerics="fp32", model_digest=ref_digest)
+            r = dataclasses.replace(r, sampling=adv.record(), numerics=claimed_numerics, model_digest=ref_digest)
             if edit is not None:
                 r = edit(r)
             receipts.append(r.seal())
@@ -179,12 +190,12 @@ def main() -> None:
         if "outs" not in honest_big:
             outs, gen_s = generate(ref, prompt_ids, claimed, big)
             honest_big.update(outs=outs, gen_s=gen_s, tokens=sum(len(o.outputs[0].token_ids) for o in outs))
-            log(f"honest_fp32_b{big}: generated {honest_big['tokens']} tokens in {gen_s:.1f}s")
+            log(f"honest_{claimed_numerics}_b{big}: generated {honest_big['tokens']} tokens in {gen_s:.1f}s")
         return honest_big["outs"]
 
     def run_honest_big():
-        verify(f"honest_fp32_b{big}", ref, honest_outputs(), claimed, True)
-        results[f"honest_fp32_b{big}"]["generate_s"] = honest_big["gen_s"]
+        verify(f"honest_{claimed_numerics}_b{big}", ref, honest_outputs(), claimed, True)
+        results[f"honest_{claimed_numerics}_b{big}"]["generate_s"] = honest_big["gen_s"]
 
     def run_with(name: str, llm_kw: dict, params, honest: bool, batch=big, threads=None, key: str = ""):
         def run():
@@ -196,15 +207,17 @@ def main() -> None:
             condition(name, run)
 
     # -- honest ------------------------------------------------------------------------------
-    condition(f"honest_fp32_b{big}", run_honest_big)
+    condition(f"honest_{claimed_numerics}_b{big}", run_honest_big)
     if big != 8:
-        run_with("honest_fp32_b8", {}, claimed, True, batch=8, key="honest_b8")
-    run_with(f"honest_fp32_b{big}_t1", {}, claimed, True, threads=1, key="honest_t1")
-    run_with("honest_bf16", {"numerics": "bf16"}, claimed, True)
+        run_with(f"honest_{claimed_numerics}_b8", {}, claimed, True, batch=8, key="honest_b8")
+    run_with(f"honest_{claimed_numerics}_b{big}_t1", {}, claimed, True, threads=1, key="honest_t1")
+    if claimed_numerics == "fp32":
+        run_with("honest_bf16", {"numerics": "bf16"}, claimed, True)
 
     # -- dishonest -----------------------------------------------------------------------------
-    run_with("w4_as_fp32", {"numerics": "w4"}, claimed, False, key="w4")
-    run_with("kv_int8", {"kv_dtype": "int8"}, claimed, False)
+    run_with(f"w4_as_{claimed_numerics}", {"numerics": "w4"}, claimed, False, key="w4")
+    if claimed_numerics == "fp32":  # the integer mode's KV cache is int8 already
+        run_with("kv_int8", {"kv_dtype": "int8"}, claimed, False)
     run_with("wrong_temp", {}, [p.replace(temperature=1.0 if T != 1.0 else T + 0.3) for p in claimed], False)
     run_with("wrong_top_p", {}, [p.replace(top_p=0.9) for p in claimed], False)
     run_with("wrong_seed", {}, [p.replace(seed=p.seed + 1) for p in claimed], False)
@@ -223,7 +236,8 @@ def main() -> None:
     if args.other_model and "other_model" not in skip:
 
         def run_other():
-            other = LLM(args.other_model, numerics="fp32", determinism=args.determinism, progress=False)
+            det = "fast" if args.determinism == "exact" else args.determinism
+            other = LLM(args.other_model, numerics="fp32", determinism=det, progress=False)
             oo, _ = generate(other, chat_ids(other, texts), claimed, big)
             claims = []
             for i, o in enumerate(oo):
@@ -245,7 +259,7 @@ def main() -> None:
         condition("other_model", run_other)
 
     # -- cost: verify vs generate (big batch, and one request at a time) ---------------------------
-    hb = results[f"honest_fp32_b{big}"]
+    hb = results[f"honest_{claimed_numerics}_b{big}"]
     k1 = min(args.single_stream_prompts, n)
     _, single_s = generate(ref, prompt_ids[:k1], claimed[:k1], 1)
     cost = {
@@ -302,7 +316,7 @@ def main() -> None:
         for name, row in table.items():
             print(f"| {name} | " + " | ".join(fmt(row.get(f"{method}@{k}")) for k in ns) + " |")
         print()
-    print("**Honest runs vs the fp32 reference**\n")
+    print(f"**Honest runs vs the {claimed_numerics} reference**\n")
     print("| honest condition | exact runs | exact tokens | max token score | max activation score |")
     print("|---|---|---|---|---|")
     for name, s in honest_summary.items():
