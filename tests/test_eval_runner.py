@@ -150,6 +150,8 @@ def test_run_writes_manifest_results_report(backend, tmp_path):
     summary = run_eval(backend, _cfg(), out, progress=False)
     assert summary["problems"] == 6 and summary["samples_per_problem"] == 2
     man = json.loads((out / "manifest.json").read_text())
+    assert summary["wall_seconds"] > 0
+    assert summary["wall_seconds"] == pytest.approx(sum(s["seconds"] for s in man["sessions"]))
     for key in (
         "backend",
         "sampling",

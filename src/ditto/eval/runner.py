@@ -268,7 +268,7 @@ def run_eval(
                 "samples_per_problem": config.n,
             },
         )
-    session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "limit": config.limit}
+    session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "started_unix": time.time(), "limit": config.limit}
     manifest.setdefault("sessions", []).append(session)
     write_json_atomic(manifest_path, manifest)
 
@@ -365,6 +365,10 @@ def finish_run(out, task_name, records, seed, session, manifest, manifest_path, 
     summary["task"] = task_name
     summary["run"] = str(out)
     summary.update(extra or {})
+    if "started_unix" in session:
+        session["seconds"] = round(time.time() - session["started_unix"], 1)
+    # wall time of the run: every session that did work (a resumed run adds its sessions up)
+    summary["wall_seconds"] = round(sum(s.get("seconds", 0.0) for s in manifest.get("sessions", [])), 1)
     write_json_atomic(out / "summary.json", summary)
     session["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     session["problems_done"] = len(records)
