@@ -109,3 +109,15 @@ def test_cuda_device_without_gpu_is_a_clear_error(tiny_llama):
         LLM(str(tiny_llama), device="cuda", progress=False)
     with pytest.raises(ValueError, match="unknown device"):
         LLM(str(tiny_llama), device="tpu", progress=False)
+
+
+def test_transformers_backend_takes_the_numerics_it_can_run(tiny_llama):
+    import argparse
+
+    from ditto.cli import make_backend
+
+    args = argparse.Namespace(backend="transformers", model=str(tiny_llama), numerics="bf16", threads=None)
+    backend = make_backend(args)
+    assert backend.dtype == "bf16" and next(backend.model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(SystemExit, match="fp32, bf16 or fp16"):
+        make_backend(argparse.Namespace(backend="transformers", model=str(tiny_llama), numerics="w4", threads=None))

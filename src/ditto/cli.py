@@ -104,7 +104,10 @@ def make_backend(args):
         from ditto.backends.transformers import TransformersBackend
         from ditto.loader.registry import resolve_model
 
-        return TransformersBackend(str(resolve_model(args.model)))
+        numerics = getattr(args, "numerics", "fp32")
+        if numerics not in ("fp32", "bf16", "fp16"):
+            raise SystemExit(f"--backend transformers runs fp32, bf16 or fp16 weights, not --numerics {numerics}")
+        return TransformersBackend(str(resolve_model(args.model)), dtype=numerics)
     if backend == "llama_cpp":
         from ditto.backends.llama_cpp import LlamaCppBackend
         from ditto.loader.registry import resolve_model
