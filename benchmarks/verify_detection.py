@@ -73,6 +73,21 @@ TEMPLATES = [
 ]
 
 
+def code_digest() -> str:
+    """sha256 of the sources that decide generated tokens and verification scores: a cached condition
+    is reused only while they are unchanged."""
+    src = Path(__file__).resolve().parents[1] / "src" / "ditto"
+    files = sorted(
+        p
+        for part in ("engine", "models", "numerics", "verify", "sampling.py", "llm.py")
+        for p in ([src / part] if part.endswith(".py") else (src / part).rglob("*.py"))
+    )
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.relative_to(src).as_posix().encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def make_prompts(n: int) -> list[str]:
     out = []
     for i in range(n):
@@ -174,14 +189,21 @@ def main() -> None:
     ident = [args.model, n, L, T, args.determinism, args.fingerprint_k, big, ref_digest]
     cache_key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
 
+    code = code_digest()
+
     def condition(name: str, run) -> None:
-        """results[name] from the cache, or run(), which fills results[name], then saved."""
+        """results[name] from the cache (when the code that makes the numbers is unchanged), or run(),
+        which fills results[name], then saved."""
         path = cache / f"{cache_key}-{name}.json"
         if path.exists():
-            results[name] = json.loads(path.read_text())
-            log(f"{name}: from cache {path}")
-            return
+            cached = json.loads(path.read_text())
+            if cached.get("code_digest", code) == code:  # (entries from before digests were kept: accepted)
+                results[name] = cached
+                log(f"{name}: from cache {path}")
+                return
+            log(f"{name}: cached with other engine/numerics code; recomputing")
         run()
+        results[name]["code_digest"] = code
         path.write_text(json.dumps(results[name]))
 
     honest_big: dict = {}
