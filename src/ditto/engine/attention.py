@@ -100,6 +100,18 @@ class DecodeRows:
     block_first_pos: torch.Tensor  # (NB,) position of each block's first slot
 
 
+def group_queries(q: torch.Tensor, hkv: int) -> tuple[torch.Tensor, int, int]:
+    """q (R, H, D) -> (R, Hkv, M, D): the G = H / Hkv query heads of each kv head as the rows of one
+    matmul, zero-padded to M = max(G, MIN_ROWS) rows (fewer rows would take another kernel)."""
+    r, h, d = q.shape
+    g = h // hkv
+    m = max(g, MIN_ROWS)
+    qg = q.view(r, hkv, g, d)  # (R, Hkv, G, D)
+    if m > g:
+        qg = torch.cat([qg, qg.new_zeros(r, hkv, m - g, d)], dim=2)  # (R, Hkv, M, D)
+    return qg, g, m
+
+
 def kernel_rows(decode: DecodeRows | None, prefills: list[PrefillChunk]) -> tuple[torch.Tensor, ...]:
     """(tokens, positions, table, table_row) of every query row for attention_c: one table row per
     decode row (its blocks) and one per prefill chunk (shared by the chunk's tokens)."""
@@ -176,11 +188,7 @@ class PagedAttention:
         rows = self.decode
         r, h, d = q.shape
         bs, hkv = self.cache.block_size, self.cache.k[layer].shape[1]
-        g = h // hkv
-        m = max(g, MIN_ROWS)
-        qg = q.view(r, hkv, g, d)  # (R, Hkv, G, D)
-        if m > g:
-            qg = torch.cat([qg, qg.new_zeros(r, hkv, m - g, d)], dim=2)  # (R, Hkv, M, D)
+        qg, g, m = group_queries(q, hkv)  # (R, Hkv, M, D)
         qb = qg[rows.block_row]  # (NB, Hkv, M, D)
         kb, vb = self.cache.read(layer, rows.blocks)  # (NB, Hkv, D, bs), (NB, Hkv, bs, D)
         s = torch.matmul(qb, kb)  # (NB, Hkv, M, bs)

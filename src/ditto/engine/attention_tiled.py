@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ditto.engine.attention import MIN_ROWS, DecodeRows, PagedAttention, PrefillChunk
+from ditto.engine.attention import DecodeRows, PagedAttention, PrefillChunk, group_queries
 
 CHUNK = 256  # (row, block) pairs per matmul call
 
@@ -84,11 +84,7 @@ class TiledPagedAttention(PagedAttention):
         rows = self.rows
         r, h, d = q.shape
         bs, hkv = self.cache.block_size, self.cache.k[layer].shape[1]
-        g = h // hkv
-        m = max(g, MIN_ROWS)
-        qg = q.view(r, hkv, g, d)  # (R, Hkv, G, D)
-        if m > g:
-            qg = torch.cat([qg, qg.new_zeros(r, hkv, m - g, d)], dim=2)  # (R, Hkv, M, D)
+        qg, g, m = group_queries(q, hkv)  # (R, Hkv, M, D)
         nb = len(rows.blocks)
         starts = range(0, nb, CHUNK)
 

@@ -29,8 +29,8 @@ def _pad_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat([x, x.new_zeros(MIN_ROWS - m, *x.shape[1:])]), m
 
 
-class PaddedLinear(nn.Module):
-    """Wraps any linear-like module (fp32, bf16, layercast, quantised) and pads its rows to 16."""
+class RowsWrapper(nn.Module):
+    """A module around a row-wise module (..., K) -> (..., N) that changes only how rows reach it."""
 
     def __init__(self, inner: nn.Module):
         super().__init__()
@@ -39,6 +39,10 @@ class PaddedLinear(nn.Module):
     @property
     def weight(self):  # tied-weight bookkeeping and introspection still work
         return self.inner.weight
+
+
+class PaddedLinear(RowsWrapper):
+    """Wraps any linear-like module (fp32, bf16, layercast, quantised) and pads its rows to 16."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

@@ -20,24 +20,19 @@ import torch
 from torch import nn
 
 from ditto.models.layers import RMSNorm
-from ditto.numerics.kernels.padded import LINEAR_NAMES
+from ditto.numerics.kernels.padded import LINEAR_NAMES, RowsWrapper
 
 TILE = 64
 _CHECK_SIZES = (1, 3, 64, 65, 130, 300)
 _verdicts: dict[tuple, bool] = {}
 
 
-class FixedTileRows(nn.Module):
+class FixedTileRows(RowsWrapper):
     """Wraps a module mapping rows (..., K) -> (..., N) and runs it on (TILE, K) tiles only."""
 
     def __init__(self, inner: nn.Module, tile: int = TILE):
-        super().__init__()
-        self.inner = inner
+        super().__init__(inner)
         self.tile = tile
-
-    @property
-    def weight(self):  # tied-weight bookkeeping and introspection still work
-        return self.inner.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
