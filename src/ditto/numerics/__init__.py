@@ -79,7 +79,7 @@ def prepare(loaded, config) -> Prepared:
     from ditto.numerics.base import get_mode
 
     mode = get_mode(config.numerics)
-    model = mode.apply(loaded.model).to(device)
+    model = mode.apply(loaded.model.to(device))  # converted where it runs (CPU-only kernels stay off GPUs)
     context = None
     if config.determinism == "batch_invariant":
         if device.type == "cpu" and not os.environ.get("DITTO_TILED_INVARIANT"):
