@@ -226,14 +226,28 @@ class IntLinear(nn.Module):
         return self.forward_int(x).to(torch.int32)
 
 
+_TABLES32: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _int32_table(t: torch.Tensor) -> torch.Tensor:
+    """`t` widened to contiguous int32, made once per source tensor (every layer shares it)."""
+    hit = _TABLES32.get(id(t))
+    if hit is None or hit[0] is not t:
+        hit = _TABLES32[id(t)] = (t, t.to(torch.int32).contiguous())  # keeps t alive: ids stay unique
+    return hit[1]
+
+
 class FusedIntLinear(nn.Module):
-    """Several IntLinear sharing one input: one quantize_rows and one int8 GEMM, per-part epilogues."""
+    """Several IntLinear sharing one input: one quantize_rows and one int8 GEMM, per-part epilogues.
+    The parts' weights become views of the fused one (stored once)."""
 
     def __init__(self, parts: list[IntLinear]):
         super().__init__()
         self.parts = parts
         self.w8 = torch.cat([p.w8 for p in parts])
         self.sizes = [p.w8.shape[0] for p in parts]
+        for p, w in zip(parts, self.w8.split(self.sizes)):
+            p.w8 = w  # (size, K) rows of the fused weight: a contiguous view
         ok = all(p.kparams is not None for p in parts)
         parts_args = [(p.m, p.bias, p.shift, p.limit) for p in parts]
         self.kparams = _kernel_params(iew.EpilogueParams.build, parts_args) if ok else None
@@ -346,8 +360,8 @@ class IntAttention(nn.Module):
             and all(n.kparams is not None for n in norms)
             and tables_fit
         )
-        # int32 RoPE tables for the kernel: the calibration's own tensors (already int32, shared by layers)
-        self.cos32, self.sin32 = (t.to(torch.int32).contiguous() if tables_fit else t for t in (self.cos, self.sin))
+        # int32 RoPE tables for the kernel: one widened copy per calibration table, shared by the layers
+        self.cos32, self.sin32 = (_int32_table(t) if tables_fit else t for t in (self.cos, self.sin))
         self.o_m_flat, self.o_e_flat = self.o_m.reshape(-1).contiguous(), self.o_e.reshape(-1).contiguous()  # (H*D,)
 
     def _check_positions(self, positions: torch.Tensor) -> None:
