@@ -25,6 +25,8 @@ CONFIGS = {
     "fp32-batch_invariant": ("fp32", "batch_invariant"),
     "bf16-fast": ("bf16", "fast"),
     "bf16-batch_invariant": ("bf16", "batch_invariant"),
+    "layercast-fast": ("layercast", "fast"),
+    "layercast-batch_invariant": ("layercast", "batch_invariant"),
     "integer-exact": ("integer", "exact"),
 }
 
