@@ -156,3 +156,45 @@ def test_problems_in_flight_share_one_batch_and_match_one_at_a_time(tiny_llama, 
     _check_costs(list(four.values()), 96)
     manifest = json.loads((tmp_path / "four" / "manifest.json").read_text())
     assert manifest["batch_limits"]["problems_in_flight"] == 4
+
+
+def test_task_prompt_renders_the_eval_template_into_strategies(tiny_llama, tmp_path):
+    """prompt=task: the policy sees the eval's chat-fewshot prompt (exemplars as earlier turns); the
+    manifest records that template; tool strategies keep their own protocol; a plain format is refused."""
+    from ditto.eval.prompts import EXEMPLARS
+    from ditto.eval.runner import EvalConfig
+    from ditto.eval.strategy_runner import task_renderer
+    from ditto.strategies.base import format_prompt
+
+    template, render = task_renderer(EvalConfig(task="arith-easy", prompt="chat-fewshot"), "arith-easy")
+    s = build_strategy(StrategySpec("self_consistency", args={"prompt": "task", "n": 2}), 16, renderer=render)
+
+    class Chat:  # the tiny models' chat template, as text
+        def chat_prompt(self, messages, add_generation_prompt=True):
+            return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+    text = s.prompt(Chat(), "What is 2 + 3?")
+    assert text.count("<user>") == len(EXEMPLARS["default"]) + 1 and text.endswith("What is 2 + 3?<assistant>")
+    tir = build_strategy(StrategySpec("tool_integrated", args={"prompt": "task"}), 16, renderer=render)
+    assert tir.prompt(Chat(), "q") == format_prompt(Chat(), "q", tir.instruction)
+    with pytest.raises(ValueError, match="chat-fewshot"):
+        task_renderer(EvalConfig(task="arith-easy", prompt="fewshot"), "arith-easy")
+
+    out = tmp_path / "sc"
+    args = [
+        "--limit",
+        "2",
+        "--prompt",
+        "chat-fewshot",
+        "--shots",
+        "1",
+        "--strategy",
+        "self_consistency",
+        "--budget",
+        "32",
+    ]
+    assert _eval(tiny_llama, out, *args, "--strategy-arg", "n=2", "--strategy-arg", "prompt=task") == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["prompt_template"]["format"] == "chat-fewshot"
+    assert manifest["prompt_template"]["shots"] == 1 and len(manifest["prompt_template"]["exemplars"]) == 1
+    _check_costs(load_results(out / "results.jsonl"), 32)

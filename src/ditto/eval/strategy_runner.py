@@ -19,6 +19,8 @@ issues small calls still keeps the engine's batch full. Records are written as p
 Strategy arguments come from ``--strategy-arg k=v`` (values parsed as JSON, else kept as strings):
 ``n=auto`` means ``budget // max_tokens`` samples; ``instruction=eval`` swaps the strategy's
 \\boxed{} instruction for the plain runner's chat instruction (or give a template with {problem});
+``prompt=task`` renders the policy's prompt with the eval's ``--prompt`` format instead (``chat`` or
+``chat-fewshot``: the task's exemplars as earlier chat turns; tool strategies keep their protocol);
 ``scorer=second`` scores with the second model (``--second-model``), ``scorer=self`` with the policy.
 chunk_guided and glimp_router get the second model as their large model. Strategies that take a
 ``seed`` get the per-problem seed of the plain runner unless ``seed`` is given.
@@ -49,6 +51,7 @@ from ditto.eval.runner import (
     load_results,
     problem_seed,
 )
+from ditto.eval.tasks.base import Problem
 
 log = logging.getLogger("ditto.eval")
 
@@ -128,8 +131,9 @@ class RecordingBackend:
         return getattr(self._backend, name)
 
 
-def build_strategy(spec: StrategySpec, max_tokens: int, seed: int | None = None, second=None):
-    """The Strategy for one problem: `spec.args` resolved (n=auto, scorer=..., large model, seed)."""
+def build_strategy(spec: StrategySpec, max_tokens: int, seed: int | None = None, second=None, renderer=None):
+    """The Strategy for one problem: `spec.args` resolved (n=auto, scorer=..., large model, seed);
+    `renderer` (backend, problem) -> prompt when the spec asks for prompt=task."""
     from ditto.strategies import LikelihoodScorer, get_strategy
     from ditto.strategies.base import _REGISTRY
 
@@ -154,13 +158,34 @@ def build_strategy(spec: StrategySpec, max_tokens: int, seed: int | None = None,
             raise ValueError(f"strategy {spec.name} needs --second-model (its larger model)")
         kw.setdefault("large", second)
     instruction = kw.pop("instruction", None)
+    prompt = kw.pop("prompt", None)
+    if prompt not in (None, "task"):
+        raise ValueError(f"prompt={prompt!r}: only prompt=task (the eval's --prompt format) is known")
     params = inspect.signature(_REGISTRY[spec.name].__init__).parameters
     if "seed" in params and "seed" not in kw and seed is not None:
         kw["seed"] = seed
     strategy = get_strategy(spec.name, **kw)
     if instruction is not None:
         strategy.instruction = resolve_instruction(instruction)
+    if prompt == "task":
+        if renderer is None:
+            raise ValueError("prompt=task needs the eval's prompt template")
+        strategy.prompt_renderer = renderer
     return strategy
+
+
+def task_renderer(config: EvalConfig, task_name: str):
+    """(backend, problem text) -> the eval's prompt for it, in a chat format strategies can extend."""
+    template = config.template()
+    if template.format not in ("chat", "chat-fewshot"):
+        raise ValueError(
+            f"prompt=task needs --prompt chat or chat-fewshot (strategies continue chat turns), not {template.format}"
+        )
+
+    def render(backend, problem: str) -> str:
+        return template.render(Problem(id="", question=problem, answer=""), task_name, backend)
+
+    return template, render
 
 
 def resolve_instruction(value: str) -> str:
@@ -224,14 +249,20 @@ def run_strategy_eval(
         max_tokens=config.max_tokens,
         max_model_calls=spec.max_model_calls,
     )
-    example = build_strategy(spec, config.max_tokens, seed=config.seed, second=second)
+    renderer = None
+    if spec.args.get("prompt") == "task":
+        template, renderer = task_renderer(config, task.name)
+    example = build_strategy(spec, config.max_tokens, seed=config.seed, second=second, renderer=renderer)
     instruction = example.instruction
-    prompt_rec = {
-        "format": "strategy",
-        "instruction": instruction,
-        "sha256": hashlib.sha256(instruction.encode()).hexdigest(),
-        "note": "strategies format their own prompts (chat template + instruction); --prompt is unused",
-    }
+    if renderer is not None and example.uses_task_prompt:
+        prompt_rec = template.record(task.name) | {"note": "strategy prompts rendered with the eval's template"}
+    else:
+        prompt_rec = {
+            "format": "strategy",
+            "instruction": instruction,
+            "sha256": hashlib.sha256(instruction.encode()).hexdigest(),
+            "note": "strategies format their own prompts (chat template + instruction); --prompt is unused",
+        }
     binfo = backend.info()
     cfg = asdict(config) | {"strategy": spec.record()}
     strat_rec = {
@@ -293,7 +324,7 @@ def run_strategy_eval(
         policy = RecordingBackend(backend, "policy", calls, cancel)
         second_rec = RecordingBackend(second, "second", calls, cancel) if second is not None else None
         seed = problem_seed(config.seed, p.id)
-        strategy = build_strategy(spec, config.max_tokens, seed=seed, second=second_rec)
+        strategy = build_strategy(spec, config.max_tokens, seed=seed, second=second_rec, renderer=renderer)
         return p, seed, strategy.run(p.question, policy, budget), calls
 
     pool_ex = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="strategy")

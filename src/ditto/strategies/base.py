@@ -184,6 +184,16 @@ class Strategy:
 
     name = "strategy"
     instruction: str = DEFAULT_INSTRUCTION
+    # (backend, problem) -> prompt text: set by the eval to render the task's own prompt format (e.g.
+    # few-shot chat turns) instead of `instruction`; strategies with a tool protocol keep theirs
+    prompt_renderer: Callable[[Backend, str], str] | None = None
+    uses_task_prompt = True
+
+    def prompt(self, backend: Backend, problem: str) -> str:
+        """The prompt the policy model sees for `problem`."""
+        if self.prompt_renderer is not None and self.uses_task_prompt:
+            return self.prompt_renderer(backend, problem)
+        return format_prompt(backend, problem, self.instruction)
 
     def run(self, problem: str, backend: Backend, budget: Budget | None = None) -> Result:
         meter = Meter(budget or Budget(), backend)

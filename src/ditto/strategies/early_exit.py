@@ -14,7 +14,6 @@ from ditto.strategies.base import (
     Strategy,
     derive_seed,
     extract_answer,
-    format_prompt,
     is_equivalent,
     register,
 )
@@ -53,7 +52,7 @@ class EarlyExit(Strategy):
         self.seed = seed
 
     def _run(self, problem: str, meter: Meter, trace: dict):
-        prompt = format_prompt(meter.policy, problem, self.instruction)
+        prompt = self.prompt(meter.policy, problem)
         text, tokens, streak, last = "", 0, 0, None
         trace["probes"] = []
         trace["exited_early"] = False

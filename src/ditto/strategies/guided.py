@@ -59,8 +59,8 @@ class ChunkGuided(Strategy):
         self.seed = seed
 
     def _run(self, problem: str, meter: Meter, trace: dict):
-        small_prompt = format_prompt(meter.policy, problem, self.instruction)
-        large_prompt = format_prompt(self.large, problem, self.instruction)
+        small_prompt = self.prompt(meter.policy, problem)
+        large_prompt = self.prompt(self.large, problem)
         k = meter.samples(self.k)
         text, tokens = "", 0
         trace["chunks"] = []
@@ -126,8 +126,8 @@ class GlimpRouter(Strategy):
     def _run(self, problem: str, meter: Meter, trace: dict):
         small = meter.policy
         prompts = {
-            "small": format_prompt(small, problem, self.instruction),
-            "large": format_prompt(self.large, problem, self.instruction),
+            "small": self.prompt(small, problem),
+            "large": self.prompt(self.large, problem),
         }
         text = ""
         tokens = 0

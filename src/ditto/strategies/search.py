@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import heapq
 
-from ditto.strategies.base import STEP_STOP, BudgetExhausted, Meter, Strategy, derive_seed, format_prompt, register
+from ditto.strategies.base import STEP_STOP, BudgetExhausted, Meter, Strategy, derive_seed, register
 from ditto.strategies.scorers import LikelihoodScorer, Scorer
 from ditto.strategies.steps import Partial, best, grow, lengthen, propose, solution, step_params
 
@@ -37,7 +37,7 @@ class StepBeamSearch(Strategy):
         self.seed = seed
 
     def _run(self, problem: str, meter: Meter, trace: dict):
-        prompt = format_prompt(meter.policy, problem, self.instruction)
+        prompt = self.prompt(meter.policy, problem)
         width = meter.samples(self.beam_width)
         expand = max(1, meter.samples(width * self.expand) // width)
         beams = [Partial()]
@@ -97,7 +97,7 @@ class AStarDecoding(Strategy):
         self.seed = seed
 
     def _run(self, problem: str, meter: Meter, trace: dict):
-        prompt = format_prompt(meter.policy, problem, self.instruction)
+        prompt = self.prompt(meter.policy, problem)
         k = meter.samples(self.k)
         counter = 0
         heap: list[tuple[float, int, Partial]] = [(1.0, counter, Partial())]
@@ -157,7 +157,7 @@ class EarlyRejection(Strategy):
         self.seed = seed
 
     def _run(self, problem: str, meter: Meter, trace: dict):
-        prompt = format_prompt(meter.policy, problem, self.instruction)
+        prompt = self.prompt(meter.policy, problem)
         keep = meter.samples(self.keep)
         per_beam = max(1, meter.samples(self.m) // keep)
         beams = [Partial()]

@@ -131,6 +131,7 @@ class ToolSession:
 @register("tool_integrated")
 class ToolIntegrated(Strategy):
     instruction = TIR_INSTRUCTION
+    uses_task_prompt = False  # the tool protocol's own instruction
 
     def __init__(
         self,
@@ -212,6 +213,7 @@ class ProgramOfThought(Strategy):
     """The model writes one program; its last printed line is the answer (majority over n)."""
 
     instruction = POT_INSTRUCTION
+    uses_task_prompt = False  # the tool protocol's own instruction
 
     def __init__(self, n: int = 1, temperature: float = 0.0, seed: int = 0, limits: SandboxLimits | None = None):
         self.n = n
@@ -270,6 +272,7 @@ class CodeSelfVerification(Strategy):
     and vote with weights w_true > w_uncertain > w_false."""
 
     instruction = TIR_INSTRUCTION
+    uses_task_prompt = False  # the tool protocol's own instruction
 
     def __init__(
         self,

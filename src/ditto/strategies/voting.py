@@ -7,7 +7,6 @@ from ditto.strategies.base import (
     Meter,
     Strategy,
     extract_answer,
-    format_prompt,
     majority_vote,
     register,
     split_steps,
@@ -21,7 +20,7 @@ class Greedy(Strategy):
         self.max_tokens = max_tokens
 
     def _run(self, problem: str, meter: Meter, trace: dict):
-        prompt = format_prompt(meter.policy, problem, self.instruction)
+        prompt = self.prompt(meter.policy, problem)
         params = SamplingParams(temperature=0.0, max_tokens=self.max_tokens or meter.budget.max_tokens, seed=0)
         (c,) = meter.generate([prompt], params)[0]
         answer = extract_answer(c.text)
@@ -42,7 +41,7 @@ class _Sampled(Strategy):
 
     def sample(self, problem: str, meter: Meter, trace: dict):
         n = meter.samples(self.n)
-        prompt = format_prompt(meter.policy, problem, self.instruction)
+        prompt = self.prompt(meter.policy, problem)
         params = SamplingParams(
             n=n,
             temperature=self.temperature,
