@@ -1,0 +1,43 @@
+#!/bin/bash
+# The strategy issue's comparison: every strategy at two token budgets on 200 arith problems (d1s1, where
+# greedy scores 20-60% with the few-shot chat prompt) and 200 GSM8K-train problems, SmolLM2 bf16 policy,
+# gemma-3-270m as the second model where a strategy needs one. Resumable: finished runs are skipped, a
+# killed run continues. Then: ditto eval compare RUNS/<task>-* --baseline RUNS/<task>-self_consistency-b<B>
+# RUNS=folder (default runs/strategies-smollm2); TASKS="arith gsm8k" to choose.
+cd "$(dirname "$0")/.." && source .venv/bin/activate
+R=${RUNS:-runs/strategies-smollm2}
+mkdir -p "$R"
+E="ditto eval --threads 2 --no-progress --json --limit 200 --numerics bf16 --batch-problems 32 --max-num-seqs 128"
+run() {  # run NAME ARGS...
+  local name=$1; shift
+  [ -f "$R/$name/summary.json" ] || $E "$@" --out "$R/$name" > "$R/$name.json"
+}
+for task in ${TASKS:-arith gsm8k}; do
+  if [ "$task" = arith ]; then
+    T="--task arith --arith-digits 1 --arith-steps 1 --prompt chat-fewshot --max-tokens 96"; BUDGETS="384 1536"; STEP=16
+  else
+    T="--task gsm8k --prompt chat --max-tokens 256"; BUDGETS="512 1024"; STEP=48
+  fi
+  P="--strategy-arg prompt=task"
+  SAMPLE="--strategy-arg n=auto --strategy-arg temperature=0.7"
+  SECOND="--second-model gemma3-270m"
+  run $task-greedy $T $P --strategy greedy
+  for B in $BUDGETS; do
+    S="$T $P --budget $B"
+    run $task-self_consistency-b$B $S --strategy self_consistency $SAMPLE
+    run $task-best_of_n-self-b$B $S --strategy best_of_n $SAMPLE --strategy-arg scorer=self
+    run $task-best_of_n-second-b$B $S --strategy best_of_n $SAMPLE --strategy-arg scorer=second $SECOND
+    run $task-weighted_majority-b$B $S --strategy weighted_majority $SAMPLE --strategy-arg scorer=self
+    run $task-beam_search-b$B $S --strategy beam_search --strategy-arg step_rule=$STEP --strategy-arg step_tokens=$STEP
+    run $task-astar-b$B $S --strategy astar --strategy-arg step_rule=$STEP --strategy-arg step_tokens=$STEP
+    run $task-early_rejection-b$B $S --strategy early_rejection --strategy-arg step_tokens=$STEP
+    run $task-chunk_guided-cgs-b$B $S --strategy chunk_guided --strategy-arg mode=cgs $SECOND
+    run $task-chunk_guided-lgs-b$B $S --strategy chunk_guided --strategy-arg mode=lgs $SECOND
+    run $task-glimp_router-b$B $S --strategy glimp_router $SECOND
+    run $task-early_exit-b$B $S --strategy early_exit
+    run $task-tool_integrated-b$B $S --strategy tool_integrated
+    run $task-program_of_thought-b$B $S --strategy program_of_thought --strategy-arg n=auto
+    run $task-code_self_verification-b$B $S --strategy code_self_verification
+  done
+done
+echo ALLDONE
