@@ -24,8 +24,10 @@ TEXT = (
 )
 MODELS = ("smollm2-135m-instruct", "gemma3-270m")
 # top-1 agreement with fp32 on TEXT (measured: float modes and int8-weight modes 0.95-1.0, w4 0.7-0.9,
-# integer ~0.9); a broken mode lands near 0
-MODE_FLOOR = {"w4": 0.6, "w4-g128": 0.6, "w4-asym": 0.6, "w4-g128-asym": 0.6, "integer": 0.7}
+# integer ~0.9; w8a8 0.84-0.93 on SmolLM2: its per-token int8 rounding turns 1e-7 changes in attention
+# into flipped quanta, so on 67 tokens it moves by a few tokens — on 2k tokens it is 92-93% either way);
+# a broken mode lands near 0
+MODE_FLOOR = {"w4": 0.6, "w4-g128": 0.6, "w4-asym": 0.6, "w4-g128-asym": 0.6, "integer": 0.7, "w8a8": 0.75}
 KL_CEILING = {"fp32": 0.0, "bf16": 0.02, "fp16": 0.01, "layercast": 0.002}
 
 
