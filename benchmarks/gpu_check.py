@@ -8,8 +8,8 @@
 3. throughput, batch of 64 x 128 new tokens (EOS ignored): ditto fast, ditto batch_invariant and HF
    transformers `generate`, same device, same dtype, side by side.
 
-Usage on the GPU machine (python3 there has torch + transformers; carry the wheels ditto needs
-that it lacks, e.g. gguf, as /work/.library/device/README.md says):
+Usage on the GPU machine (its python3 has torch, transformers, tokenizers, numpy, jinja2 and tqdm,
+which is all `ditto.LLM` needs for an HF folder; no wheels to carry):
     PYTHONPATH=src python3 benchmarks/gpu_check.py --out $OUT/gpu_check.json
 """
 
