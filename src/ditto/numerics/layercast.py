@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ditto.numerics.base import NumericsMode, _cast_param_, register
+from ditto.numerics.kernels import batch_invariant as bi
 from ditto.numerics.quant import chunked_linear
 
 
@@ -52,10 +53,8 @@ class PackedLayerCastLinear(nn.Module):
     batch_invariant_kernel = True  # padded.make_invariant leaves it as it is
 
     def __init__(self, linear: LayerCastLinear):
-        from ditto.numerics.kernels.batch_invariant import pack_weight
-
         super().__init__()
-        packed = pack_weight(linear.weight)
+        packed = bi.pack_weight(linear.weight)
         self.register_buffer("panels", packed.data)  # (ceil(N / 64), K, 64) bf16
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -66,11 +65,9 @@ class PackedLayerCastLinear(nn.Module):
         return self.panels.permute(0, 2, 1).reshape(-1, self.in_features)[: self.out_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ditto.numerics.kernels.batch_invariant import PackedWeight, _kernel_linear
-
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        y = _kernel_linear(x2, PackedWeight(self.panels, self.out_features, self.in_features), self.bias)
+        y = bi._kernel_linear(x2, bi.PackedWeight(self.panels, self.out_features, self.in_features), self.bias)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -86,8 +83,6 @@ class LayerCastMode(NumericsMode):
         """As every mode, then on CPU with the C kernel available, untied linears move to the kernel
         (a linear tied to the embedding keeps the shared table and the per-call upcast)."""
         model = super().apply(model)
-        from ditto.numerics.kernels import batch_invariant as bi
-
         if os.environ.get("DITTO_LAYERCAST_UPCAST") or not bi.kernel_available():
             return model
         shared = {id(m.weight) for m in model.modules() if "Embedding" in type(m).__name__}

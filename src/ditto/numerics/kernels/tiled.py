@@ -67,9 +67,7 @@ def tiles_are_invariant(module: nn.Module, dtype: torch.dtype, device: torch.dev
         ref = wrapped(x[:3])
         ok = True
         for m in _CHECK_SIZES:
-            for offset in (0, 5, 62):
-                if offset + 3 > m + 3:
-                    continue
+            for offset in (o for o in (0, 5, 62) if o <= m):
                 rows = torch.cat([x[3 : 3 + offset], x[:3], x[3 + offset : 3 + m]])  # the 3 rows at `offset`
                 out = wrapped(rows)
                 ok &= torch.equal(out[offset : offset + 3], ref)
