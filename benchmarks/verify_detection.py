@@ -133,6 +133,7 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma-separated conditions to skip")
     ap.add_argument("--out", default="benchmarks/results/verify_detection.json")
     ap.add_argument("--cache", default="", help="folder of per-condition results (default: next to --out)")
+    ap.add_argument("--cost-prompts", type=int, default=32, help="prompts generated in one batch and verified (cost)")
     ap.add_argument("--single-stream-prompts", type=int, default=4, help="prompts timed one at a time (cost)")
     args = ap.parse_args()
     t_start = time.perf_counter()
@@ -258,8 +259,8 @@ def main() -> None:
     if args.other_model and "other_model" not in skip:
 
         def run_other():
-            det = "fast" if args.determinism == "exact" else args.determinism
-            other = LLM(args.other_model, numerics="fp32", determinism=det, progress=False)
+            # a dishonest provider's own numerics do not matter to the check: bf16, fast (the cheapest)
+            other = LLM(args.other_model, numerics="bf16", determinism="fast", progress=False)
             oo, _ = generate(other, chat_ids(other, texts), claimed, big)
             claims = []
             for i, o in enumerate(oo):
@@ -280,18 +281,29 @@ def main() -> None:
 
         condition("other_model", run_other)
 
-    # -- cost: verify vs generate (big batch, and one request at a time) ---------------------------
-    hb = results[f"honest_{claimed_numerics}_b{big}"]
+    # -- cost: verify vs generate, timed side by side now on the same prompts (the conditions above may
+    # have run on a loaded machine): one batch of --cost-prompts, the same receipts verified, and
+    # --single-stream-prompts generated one request at a time --------------------------------------
+    kc = min(args.cost_prompts, n)
+    c_outs, c_gen_s = generate(ref, prompt_ids[:kc], claimed[:kc], kc)
+    c_receipts = [receipt_for(ref, o, o.outputs[0], p).seal() for o, p in zip(c_outs, claimed[:kc])]
+    t0 = time.perf_counter()
+    c_vs = verify_receipts(ref, c_receipts, threshold=math.inf)
+    c_ver_s = time.perf_counter() - t0
+    c_tokens = sum(v.n_tokens for v in c_vs)
     k1 = min(args.single_stream_prompts, n)
     _, single_s = generate(ref, prompt_ids[:k1], claimed[:k1], 1)
     cost = {
-        "generate_s_per_token": hb["generate_s"] / hb["tokens"],
+        "generate_s_per_token": c_gen_s / c_tokens,
         "generate_single_stream_s_per_token": single_s / (k1 * L),
-        "verify_s_per_token": hb["verify_s"] / hb["tokens"],
-        "generate_batch": big,
+        "verify_s_per_token": c_ver_s / c_tokens,
+        "generate_batch": kc,
+        "threads": torch.get_num_threads(),
+        "exact_runs": sum(v.status == "exact" for v in c_vs),
     }
     cost["verify_over_generate"] = cost["verify_s_per_token"] / cost["generate_s_per_token"]
     cost["verify_over_generate_single"] = cost["verify_s_per_token"] / cost["generate_single_stream_s_per_token"]
+    log(f"cost: {cost}")
 
     # -- statistics ------------------------------------------------------------------------------
     ns = [x for x in NS if x <= L]
@@ -347,7 +359,7 @@ def main() -> None:
             f"{s['max_token_score']:.4g} | {s['max_activation_score']:.4g} |"
         )
     print(
-        f"\n**Cost**: generate {cost['generate_s_per_token'] * 1e3:.2f} ms/token (batch {big}) or "
+        f"\n**Cost**: generate {cost['generate_s_per_token'] * 1e3:.2f} ms/token (batch {cost['generate_batch']}) or "
         f"{cost['generate_single_stream_s_per_token'] * 1e3:.2f} ms/token (one request at a time), verify "
         f"{cost['verify_s_per_token'] * 1e3:.2f} ms/token -> verify/generate = {cost['verify_over_generate']:.2f} "
         f"(batched), {cost['verify_over_generate_single']:.3f} (single stream)"

@@ -80,6 +80,33 @@ def test_honest_batch_receipts_verify_exact_alone(ref, honest):
         assert v.first_divergence is None and v.logprob_max_abs_diff == 0.0
 
 
+def test_exact_mode_receipts_verify_exact(model_dir):
+    """`exact` (integer numerics): receipts of a sampled batch made on 2 threads verify `exact` when
+    replayed one at a time on 1 thread, and a receipt claiming another seed does not."""
+    import torch
+
+    llm = LLM(str(model_dir), numerics="integer", determinism="exact", progress=False)
+    params = [
+        SamplingParams(temperature=0.8, seed=40 + i, max_tokens=12, ignore_eos=True, fingerprint_k=8)
+        for i in range(len(PROMPTS))
+    ]
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        outs = llm.generate(PROMPTS, params)
+        receipts = [receipt_for(llm, o, o.outputs[0], p) for o, p in zip(outs, params)]
+        torch.set_num_threads(1)
+        verdicts = verify_receipts(llm, receipts, chunk=1)
+    finally:
+        torch.set_num_threads(saved)
+    assert {r.determinism for r in receipts} == {"exact"} and {r.numerics for r in receipts} == {"integer"}
+    for v in verdicts:
+        assert v.status == "exact", v.summary()
+        assert all(m == 0.0 for m in v.margins) and v.activation["exact"]
+    wrong = _edit(receipts[0], sampling=_sampling(receipts[0], seed=999))
+    assert verify_receipt(llm, wrong).status == "inconsistent"
+
+
 def test_greedy_receipt_exact(ref):
     sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     o = ref.generate([PROMPTS[0], PROMPTS[1]], sp)[1]
