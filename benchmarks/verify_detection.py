@@ -115,6 +115,86 @@ def generate(llm, prompt_ids, params, batch: int, threads: int | None = None):
         torch.set_num_threads(saved)
 
 
+CLIP = 0.5
+
+
+def _tok_scores(runs, k):
+    return [clipped_mean(r["margins"], CLIP, k) for r in runs if len(r["margins"]) >= k]
+
+
+def _act_scores(runs, k):
+    return [float(np.mean(r["distances"][:k])) for r in runs if len(r["distances"]) >= k]
+
+
+def detection_table(results: dict, ns: list[int], honest_names: list[str]) -> dict[str, dict]:
+    """AUC and TPR at 1% FPR of every dishonest condition against the honest runs of `honest_names`."""
+    honest_runs = [r for name in honest_names for r in results[name]["runs"]]
+    table: dict[str, dict] = {}
+    for name, res in results.items():
+        if res["honest"]:
+            continue
+        row = {}
+        for method, fn in (("token", _tok_scores), ("activation", _act_scores)):
+            for k in ns:
+                neg, pos = fn(honest_runs, k), fn(res["runs"], k)
+                if neg and pos:
+                    row[f"{method}@{k}"] = {"auc": auc(neg, pos), "tpr1": tpr_at_fpr(neg, pos, 0.01)}
+        table[name] = row
+    return table
+
+
+def print_report(results: dict, cost: dict, args, claimed_numerics: str, L: int) -> dict:
+    """Markdown tables on stdout: detection against the same-mode honest runs (the claim is exact
+    reproduction) and against all honest runs (bf16 included: a tolerant verifier), honest summary, cost."""
+    ns = [x for x in NS if x <= L]
+
+    def fmt(cell):
+        return "—" if cell is None else f"{cell['auc']:.3f} / {cell['tpr1']:.2f}"
+
+    honest_all = [name for name, res in results.items() if res["honest"]]
+    honest_same = [name for name in honest_all if name.startswith(f"honest_{claimed_numerics}")]
+    tables = {"same_mode": detection_table(results, ns, honest_same)}
+    if honest_all != honest_same:
+        tables["with_bf16"] = detection_table(results, ns, honest_all)
+    head = f"{args.model}, {args.prompts} prompts x {L} tokens, T={args.temperature}, {args.determinism}"
+    for key, table in tables.items():
+        negs = ", ".join(honest_same if key == "same_mode" else honest_all)
+        print(f"\n### Detection ({head}) vs honest runs {negs}: AUC / TPR@1%FPR\n")
+        for method in ("token", "activation"):
+            print(f"**{'Token-DiFR' if method == 'token' else 'Activation-DiFR'}**\n")
+            print("| condition | " + " | ".join(f"n={k}" for k in ns) + " |")
+            print("|---|" + "---|" * len(ns))
+            for name, row in table.items():
+                print(f"| {name} | " + " | ".join(fmt(row.get(f"{method}@{k}")) for k in ns) + " |")
+            print()
+    honest_summary = {
+        name: {
+            "exact_runs": res["exact_runs"],
+            "runs": len(res["runs"]),
+            "token_exact_frac": float(np.mean([m == 0 for r in res["runs"] for m in r["margins"]])),
+            "max_token_score": max(_tok_scores(res["runs"], L) or [0.0]),
+            "max_activation_score": max(_act_scores(res["runs"], L) or [0.0]),
+        }
+        for name, res in results.items()
+        if res["honest"]
+    }
+    print(f"**Honest runs vs the {claimed_numerics} reference**\n")
+    print("| honest condition | exact runs | exact tokens | max token score | max activation score |")
+    print("|---|---|---|---|---|")
+    for name, hs in honest_summary.items():
+        print(
+            f"| {name} | {hs['exact_runs']}/{hs['runs']} | {hs['token_exact_frac']:.4f} | "
+            f"{hs['max_token_score']:.4g} | {hs['max_activation_score']:.4g} |"
+        )
+    print(
+        f"\n**Cost** ({cost['threads']} threads): generate {cost['generate_s_per_token'] * 1e3:.2f} ms/token "
+        f"(batch {cost['generate_batch']}) or {cost['generate_single_stream_s_per_token'] * 1e3:.2f} ms/token "
+        f"(one request at a time), verify {cost['verify_s_per_token'] * 1e3:.2f} ms/token -> verify/generate = "
+        f"{cost['verify_over_generate']:.2f} (batched), {cost['verify_over_generate_single']:.3f} (single stream)"
+    )
+    return {"table": tables["same_mode"], "tables": tables, "honest": honest_summary}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -133,9 +213,16 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma-separated conditions to skip")
     ap.add_argument("--out", default="benchmarks/results/verify_detection.json")
     ap.add_argument("--cache", default="", help="folder of per-condition results (default: next to --out)")
+    ap.add_argument("--report-only", action="store_true", help="print the tables of an earlier --out JSON")
     ap.add_argument("--cost-prompts", type=int, default=32, help="prompts generated in one batch and verified (cost)")
     ap.add_argument("--single-stream-prompts", type=int, default=4, help="prompts timed one at a time (cost)")
     args = ap.parse_args()
+    if args.report_only:
+        doc = json.loads(Path(args.out).read_text())
+        saved = argparse.Namespace(**doc["args"])
+        claimed = "integer" if saved.determinism == "exact" else "fp32"
+        print_report(doc["results"], doc["cost"], saved, claimed, saved.tokens)
+        return
     t_start = time.perf_counter()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     n, L, T = args.prompts, args.tokens, args.temperature
@@ -305,69 +392,10 @@ def main() -> None:
     cost["verify_over_generate_single"] = cost["verify_s_per_token"] / cost["generate_single_stream_s_per_token"]
     log(f"cost: {cost}")
 
-    # -- statistics ------------------------------------------------------------------------------
-    ns = [x for x in NS if x <= L]
-    clip = 0.5
-
-    def tok_scores(runs, k):
-        return [clipped_mean(r["margins"], clip, k) for r in runs if len(r["margins"]) >= k]
-
-    def act_scores(runs, k):
-        return [float(np.mean(r["distances"][:k])) for r in runs if len(r["distances"]) >= k]
-
-    honest_runs = [r for res in results.values() if res["honest"] for r in res["runs"]]
-    table: dict[str, dict] = {}
-    for name, res in results.items():
-        if res["honest"]:
-            continue
-        row = {}
-        for method, fn in (("token", tok_scores), ("activation", act_scores)):
-            for k in ns:
-                neg, pos = fn(honest_runs, k), fn(res["runs"], k)
-                if neg and pos:
-                    row[f"{method}@{k}"] = {"auc": auc(neg, pos), "tpr1": tpr_at_fpr(neg, pos, 0.01)}
-        table[name] = row
-    honest_summary = {
-        name: {
-            "exact_runs": res["exact_runs"],
-            "runs": len(res["runs"]),
-            "token_exact_frac": float(np.mean([m == 0 for r in res["runs"] for m in r["margins"]])),
-            "max_token_score": max(tok_scores(res["runs"], L) or [0.0]),
-            "max_activation_score": max(act_scores(res["runs"], L) or [0.0]),
-        }
-        for name, res in results.items()
-        if res["honest"]
-    }
-
-    def fmt(cell):
-        return "—" if cell is None else f"{cell['auc']:.3f} / {cell['tpr1']:.2f}"
-
-    print(f"\n### Detection ({args.model}, {n} prompts x {L} tokens, T={T}, {args.determinism}): AUC / TPR@1%FPR\n")
-    for method in ("token", "activation"):
-        print(f"**{'Token-DiFR' if method == 'token' else 'Activation-DiFR'}**\n")
-        print("| condition | " + " | ".join(f"n={k}" for k in ns) + " |")
-        print("|---|" + "---|" * len(ns))
-        for name, row in table.items():
-            print(f"| {name} | " + " | ".join(fmt(row.get(f"{method}@{k}")) for k in ns) + " |")
-        print()
-    print(f"**Honest runs vs the {claimed_numerics} reference**\n")
-    print("| honest condition | exact runs | exact tokens | max token score | max activation score |")
-    print("|---|---|---|---|---|")
-    for name, s in honest_summary.items():
-        print(
-            f"| {name} | {s['exact_runs']}/{s['runs']} | {s['token_exact_frac']:.4f} | "
-            f"{s['max_token_score']:.4g} | {s['max_activation_score']:.4g} |"
-        )
-    print(
-        f"\n**Cost**: generate {cost['generate_s_per_token'] * 1e3:.2f} ms/token (batch {cost['generate_batch']}) or "
-        f"{cost['generate_single_stream_s_per_token'] * 1e3:.2f} ms/token (one request at a time), verify "
-        f"{cost['verify_s_per_token'] * 1e3:.2f} ms/token -> verify/generate = {cost['verify_over_generate']:.2f} "
-        f"(batched), {cost['verify_over_generate_single']:.3f} (single stream)"
-    )
+    report = print_report(results, cost, args, claimed_numerics, L)
     doc = {
         "args": vars(args),
-        "table": table,
-        "honest": honest_summary,
+        **report,
         "cost": cost,
         "wall_s": time.perf_counter() - t_start,
         "results": results,
