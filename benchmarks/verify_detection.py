@@ -22,15 +22,16 @@ Dishonest runs (positives), each claimed as the advertised configuration:
               differ); Token-DiFR only (no fingerprints of the claimed model exist)
 For each number of tokens n in (1, 3, 10, 30, 100, 300) up to --tokens: Token-DiFR score = mean of the
 first n margins clipped at 0.5; Activation-DiFR score = mean of the first n fingerprint distances; AUC and
-TPR at 1% FPR (threshold calibrated on all honest runs) per dishonest condition. Also the cost: seconds per
-token to generate (big batch) vs to verify (teacher-forced scoring + margins), and their ratio.
+TPR at 1% FPR per dishonest condition, against the same-mode honest runs (the exact-reproduction claim) and
+against all honest runs (bf16 counted honest: a tolerant verifier).
 Prints markdown tables; writes everything (including per-run scores) as JSON to --out.
 
 The whole benchmark is CPU-hours at 200 x 300; ``--cache DIR`` (default: next to --out) keeps each
 condition's verified scores in DIR/<condition>.json as soon as it is done, so an interrupted run picks
 up where it stopped (the cache is keyed by model, prompts, tokens, temperature, determinism and k).
-The cost line compares verifying with generating both in one big batch and one request at a time
-(``--single-stream-prompts`` prompts, default 4).
+The cost line is timed side by side at the end: ``--cost-prompts`` fresh generations in one batch, the
+same receipts verified, and ``--single-stream-prompts`` generated one request at a time.
+``--report-only`` prints the tables of a saved --out JSON again.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from ditto.verify.build import model_digest, receipt_for
 from ditto.verify.claims import parse_claim
 from ditto.verify.replay import verify_claims, verify_receipts
 from ditto.verify.stats import auc, tpr_at_fpr
-from ditto.verify.token_difr import clipped_mean
+from ditto.verify.token_difr import DEFAULT_CLIP, clipped_mean
 
 NS = (1, 3, 10, 30, 100, 300)
 TOPICS = [
@@ -115,11 +116,13 @@ def generate(llm, prompt_ids, params, batch: int, threads: int | None = None):
         torch.set_num_threads(saved)
 
 
-CLIP = 0.5
+def claimed_numerics_for(determinism: str) -> str:
+    """What every receipt claims: integer numerics under `exact`, fp32 otherwise."""
+    return "integer" if determinism == "exact" else "fp32"
 
 
 def _tok_scores(runs, k):
-    return [clipped_mean(r["margins"], CLIP, k) for r in runs if len(r["margins"]) >= k]
+    return [clipped_mean(r["margins"], DEFAULT_CLIP, k) for r in runs if len(r["margins"]) >= k]
 
 
 def _act_scores(runs, k):
@@ -143,9 +146,10 @@ def detection_table(results: dict, ns: list[int], honest_names: list[str]) -> di
     return table
 
 
-def print_report(results: dict, cost: dict, args, claimed_numerics: str, L: int) -> dict:
+def print_report(results: dict, cost: dict, args) -> dict:
     """Markdown tables on stdout: detection against the same-mode honest runs (the claim is exact
     reproduction) and against all honest runs (bf16 included: a tolerant verifier), honest summary, cost."""
+    claimed_numerics, L = claimed_numerics_for(args.determinism), args.tokens
     ns = [x for x in NS if x <= L]
 
     def fmt(cell):
@@ -219,9 +223,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.report_only:
         doc = json.loads(Path(args.out).read_text())
-        saved = argparse.Namespace(**doc["args"])
-        claimed = "integer" if saved.determinism == "exact" else "fp32"
-        print_report(doc["results"], doc["cost"], saved, claimed, saved.tokens)
+        print_report(doc["results"], doc["cost"], argparse.Namespace(**doc["args"]))
         return
     t_start = time.perf_counter()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -231,7 +233,7 @@ def main() -> None:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
 
-    claimed_numerics = "integer" if args.determinism == "exact" else "fp32"
+    claimed_numerics = claimed_numerics_for(args.determinism)
 
     def llm_for(**kw):
         kw.setdefault("numerics", claimed_numerics)
@@ -392,7 +394,7 @@ def main() -> None:
     cost["verify_over_generate_single"] = cost["verify_s_per_token"] / cost["generate_single_stream_s_per_token"]
     log(f"cost: {cost}")
 
-    report = print_report(results, cost, args, claimed_numerics, L)
+    report = print_report(results, cost, args)
     doc = {
         "args": vars(args),
         **report,

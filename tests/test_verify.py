@@ -7,6 +7,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from ditto import LLM, SamplingParams
 from ditto.verify.build import params_from_record, receipt_for
@@ -83,16 +84,13 @@ def test_honest_batch_receipts_verify_exact_alone(ref, honest):
 def test_exact_mode_receipts_verify_exact(model_dir):
     """`exact` (integer numerics): receipts of a sampled batch made on 2 threads verify `exact` when
     replayed one at a time on 1 thread, and a receipt claiming another seed does not."""
-    import torch
-
-    llm = LLM(str(model_dir), numerics="integer", determinism="exact", progress=False)
+    saved = torch.get_num_threads()
+    llm = LLM(str(model_dir), numerics="integer", determinism="exact", threads=2, progress=False)
     params = [
         SamplingParams(temperature=0.8, seed=40 + i, max_tokens=12, ignore_eos=True, fingerprint_k=8)
         for i in range(len(PROMPTS))
     ]
-    saved = torch.get_num_threads()
     try:
-        torch.set_num_threads(2)
         outs = llm.generate(PROMPTS, params)
         receipts = [receipt_for(llm, o, o.outputs[0], p) for o, p in zip(outs, params)]
         torch.set_num_threads(1)
