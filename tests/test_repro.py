@@ -90,6 +90,7 @@ def study(tiny_dirs, tmp_path_factory):
     model = str(tiny_dirs["llama"])
     out = tmp_path_factory.mktemp("repro")
     configs, skipped = expand_matrix(["ditto"], ["fp32"], ["fast", "batch_invariant"], [1, 4], [1])
+    configs.append(RunConfig("ditto", "fp32", "batch_invariant", 4, 2))
     configs.append(RunConfig("transformers", "fp32", "none", 2, 1))
     workload = Workload(model=model, task="arith-easy", limit=4, max_tokens=8, prompt="chat")
     res = run_study(workload, configs, out, skipped=skipped, reference="ditto-fp32-batch_invariant-b1-t1")
@@ -127,6 +128,11 @@ def test_batch_invariant_configs_agree_across_batch_sizes(study):
     m = json.loads((out / "metrics.json").read_text())
     inv = {g["group"]: g["identical"] for g in m["batch_invariance"]}
     assert inv["ditto-fp32-batch_invariant-t1"] is True
+    by_threads = {g["group"]: (g["threads"], g["identical"]) for g in m["threads_invariance"]}
+    assert by_threads["ditto-fp32-batch_invariant-b4"] == ("1,2", True)
+    both = {g["group"]: (g["variants"], g["identical"]) for g in m["both_invariance"]}
+    assert both["ditto-fp32-batch_invariant"] == ("b1-t1,b4-t1,b4-t2", True)
+    assert "## Thread-count invariance" in (out / "report.md").read_text()
 
 
 def test_study_resumes_and_refuses_other_workload(study, capsys):

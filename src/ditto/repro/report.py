@@ -117,11 +117,13 @@ def render_markdown(study: dict, m: dict, manifests: dict, plots: list[tuple[str
             f"{_f(c['exact_match_vs_ref'], True)} | {_f(c['answer_match_vs_ref'], True)} | {c['diverged_vs_ref']} | "
             f"{_f(c['median_divergence_vs_ref'])} | {_f(tps)} |"
         )
-    groups = _invariance_groups(m)
-    if groups:
-        lines += ["", "## Batch invariance (same backend, numerics, determinism, threads; batch sizes differ)", ""]
-        lines += ["| group | batch sizes | identical outputs on every prompt |", "|---|---|---|"]
-        lines += [f"| {g} | {bs} | {'yes' if ok else 'NO'} |" for g, bs, ok in groups]
+    for axis, title, other, what in _AXES:
+        groups = _invariance_groups(m, axis)
+        if groups:
+            fixed = "backend, numerics, determinism" + (f", {other}" if other else "")
+            lines += ["", f"## {title} invariance (same {fixed}; {what} differ)", ""]
+            lines += [f"| group | {what} | identical outputs on every prompt |", "|---|---|---|"]
+            lines += [f"| {g} | {vs} | {'yes' if ok else 'NO'} |" for g, vs, ok in groups]
     if study.get("skipped"):
         lines += ["", "## Skipped configs", "", "| config | reason |", "|---|---|"]
         for s in study["skipped"]:
@@ -143,21 +145,32 @@ def render_markdown(study: dict, m: dict, manifests: dict, plots: list[tuple[str
     return "\n".join(lines)
 
 
-def _invariance_groups(m: dict) -> list[tuple[str, str, bool]]:
-    """For configs differing only in batch size: did they produce identical outputs?"""
+# (axis, section title, what is held fixed, what varies): configs are named backend-numerics-det-b{B}-t{T}.
+_AXES = (
+    ("batch", "Batch", "threads", "batch sizes"),
+    ("threads", "Thread-count", "batch size", "thread counts"),
+    ("both", "Batch-and-thread", "", "batch sizes and thread counts"),
+)
+
+
+def _invariance_groups(m: dict, axis: str) -> list[tuple[str, str, bool]]:
+    """For configs differing only along `axis` (batch, threads or both): did they produce identical outputs?"""
     names = m["configs"]
     groups: dict[str, list[int]] = {}
+    values: dict[int, str] = {}
     for i, n in enumerate(names):
         head, _, rest = n.rpartition("-b")
         bs, _, thr = rest.partition("-t")
-        groups.setdefault(f"{head}-t{thr}", []).append(i)
+        key, values[i] = {"batch": (f"{head}-t{thr}", bs), "threads": (f"{head}-b{bs}", thr)}.get(
+            axis, (head, f"b{bs}-t{thr}")
+        )
+        groups.setdefault(key, []).append(i)
     out = []
     for g, idx in groups.items():
         if len(idx) < 2:
             continue
         ok = all(m["pairwise_exact"][i][j] == 1.0 for i in idx for j in idx)
-        bs = ",".join(names[i].rpartition("-b")[2].partition("-t")[0] for i in idx)
-        out.append((g, bs, ok))
+        out.append((g, ",".join(values[i] for i in idx), ok))
     return out
 
 
@@ -168,7 +181,9 @@ def write_report(out_dir: str | Path, reference: str | None = None) -> Path:
     if not results:
         raise ValueError(f"{out} has no complete configs")
     m = study_metrics(results, reference or study.get("reference"))
-    m["batch_invariance"] = [{"group": g, "batch_sizes": b, "identical": ok} for g, b, ok in _invariance_groups(m)]
+    for axis, key in (("batch", "batch_sizes"), ("threads", "threads"), ("both", "variants")):
+        groups = _invariance_groups(m, axis)
+        m[f"{axis}_invariance"] = [{"group": g, key: v, "identical": ok} for g, v, ok in groups]
     (out / "metrics.json").write_text(json.dumps(m, indent=1), encoding="utf-8")
     plots = _plots(m, out / "plots")
     md = render_markdown(study, m, manifests, plots, out)
