@@ -33,7 +33,7 @@ for task in ${TASKS:-arith gsm8k}; do
     run $task-early_rejection-b$B $S --strategy early_rejection --strategy-arg step_tokens=$STEP
     run $task-chunk_guided-cgs-b$B $S --strategy chunk_guided --strategy-arg mode=cgs $SECOND
     run $task-chunk_guided-lgs-b$B $S --strategy chunk_guided --strategy-arg mode=lgs $SECOND
-    run $task-glimp_router-b$B $S --strategy glimp_router $SECOND
+    run $task-glimp_router-b$B $S --strategy glimp_router --strategy-arg threshold=calibrate --strategy-arg step_tokens=$STEP $SECOND
     run $task-early_exit-b$B $S --strategy early_exit
     run $task-tool_integrated-b$B $S --strategy tool_integrated
     run $task-program_of_thought-b$B $S --strategy program_of_thought --strategy-arg n=auto

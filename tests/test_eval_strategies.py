@@ -52,6 +52,9 @@ def test_strategy_args_and_build():
     assert (s.n, s.seed) == (4, 7)
     s = build_strategy(StrategySpec("self_consistency", budget=512, args={"seed": 3}), max_tokens=128, seed=7)
     assert s.seed == 3  # an explicit seed wins over the per-problem one
+    with pytest.raises(ValueError, match="no argument beam_width"):
+        build_strategy(StrategySpec("best_of_n", args={"beam_width": 2}), max_tokens=16)
+    assert build_strategy(StrategySpec("best_of_n", args={"n": 3}), max_tokens=16).n == 3  # via **kw
     with pytest.raises(ValueError, match="second-model"):
         build_strategy(StrategySpec("chunk_guided", budget=64), max_tokens=16)
     with pytest.raises(ValueError, match="second-model"):
@@ -124,6 +127,32 @@ def test_two_model_strategy_with_second_model(tiny_llama, tmp_path):
     assert manifest["strategy"]["second_backend"]["model_digest"] == manifest["backend"]["model_digest"]
     # without the second model the run is refused up front
     assert _eval(tiny_llama, tmp_path / "x", "--limit", "1", "--strategy", "chunk_guided", "--budget", "48") == 2
+
+
+def test_glimp_router_threshold_calibrated_on_held_out_problems(tiny_llama, tmp_path):
+    """threshold=calibrate: computed once from problems the run does not evaluate, recorded in the
+    manifest, used by every problem, and reused (not recomputed) when the run resumes."""
+    out = tmp_path / "glimp"
+    args = ["--strategy", "glimp_router", "--budget", "48", "--second-model", str(tiny_llama)]
+    args += ["--strategy-arg", "threshold=calibrate", "--strategy-arg", "calibration_problems=3"]
+    args += ["--strategy-arg", "step_tokens=6", "--strategy-arg", "max_steps=3"]
+    assert _eval(tiny_llama, out, "--limit", "2", *args) == 0
+    cal = json.loads((out / "manifest.json").read_text())["strategy"]["calibration"]
+    recs = load_results(out / "results.jsonl")
+    assert len(cal["problems"]) == 3 and not set(cal["problems"]) & {r["id"] for r in recs}
+    assert isinstance(cal["threshold"], float) and cal["large_fraction"] == 0.25
+    assert all(r["trace"]["threshold"] == pytest.approx(cal["threshold"], abs=1e-6) for r in recs)
+    _check_costs(recs, 48)
+    assert _eval(tiny_llama, out, "--limit", "3", *args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["strategy"]["calibration"] == cal and len(manifest["sessions"]) == 2
+    assert all(
+        r["trace"]["threshold"] == pytest.approx(cal["threshold"], abs=1e-6)
+        for r in load_results(out / "results.jsonl")
+    )
+    # calibration is glimp_router's knob only
+    bad = ["--limit", "1", "--strategy", "greedy", "--budget", "16", "--strategy-arg", "threshold=calibrate"]
+    assert _eval(tiny_llama, tmp_path / "bad", *bad) == 2
 
 
 def test_program_answer_reads_prose_output():

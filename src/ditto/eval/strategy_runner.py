@@ -22,7 +22,10 @@ Strategy arguments come from ``--strategy-arg k=v`` (values parsed as JSON, else
 ``prompt=task`` renders the policy's prompt with the eval's ``--prompt`` format instead (``chat`` or
 ``chat-fewshot``: the task's exemplars as earlier chat turns; tool strategies keep their protocol);
 ``scorer=second`` scores with the second model (``--second-model``), ``scorer=self`` with the policy.
-chunk_guided and glimp_router get the second model as their large model. Strategies that take a
+chunk_guided and glimp_router get the second model as their large model; glimp_router's
+``threshold=calibrate`` sets its entropy threshold once per run from held-out problems of the same task
+(``calibration_problems=20`` problems after the evaluated ones, ``large_fraction=0.25`` of steps to the
+large model), recorded in the manifest and reused on resume. Strategies that take a
 ``seed`` get the per-problem seed of the plain runner unless ``seed`` is given.
 """
 
@@ -37,7 +40,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ditto.eval import grading
@@ -58,6 +61,7 @@ log = logging.getLogger("ditto.eval")
 TWO_MODEL = ("chunk_guided", "glimp_router")  # take the second model as `large`
 SCORED = ("best_of_n", "weighted_majority", "beam_search", "astar", "early_rejection")  # take `scorer`
 SEED_RULE = "strategy seed = per-problem seed (sha256(f'{seed}:{problem_id}')[:8] mod 2**31) unless --strategy-arg seed"
+CALIBRATION_ARGS = ("calibration_problems", "large_fraction")  # knobs of threshold=calibrate, not of the strategy
 MAX_STR = 300
 MAX_LIST = 64
 
@@ -139,7 +143,7 @@ def build_strategy(spec: StrategySpec, max_tokens: int, seed: int | None = None,
 
     if spec.name not in _REGISTRY:
         get_strategy(spec.name)  # raises KeyError listing the known names
-    kw = dict(spec.args)
+    kw = {k: v for k, v in spec.args.items() if k not in CALIBRATION_ARGS}
     if kw.get("n") == "auto":
         if spec.budget is None:
             raise ValueError("n=auto needs --budget")
@@ -161,7 +165,13 @@ def build_strategy(spec: StrategySpec, max_tokens: int, seed: int | None = None,
     prompt = kw.pop("prompt", None)
     if prompt not in (None, "task"):
         raise ValueError(f"prompt={prompt!r}: only prompt=task (the eval's --prompt format) is known")
-    params = inspect.signature(_REGISTRY[spec.name].__init__).parameters
+    params = _init_params(_REGISTRY[spec.name])
+    if kw.get("threshold") == "calibrate" and spec.name != "glimp_router":
+        raise ValueError("threshold=calibrate is glimp_router's (entropy threshold from held-out problems)")
+    unknown = sorted(set(kw) - set(params))
+    if unknown:
+        known = ", ".join(k for k in params if k not in ("large", "scorer")) or "none"
+        raise ValueError(f"strategy {spec.name} has no argument {', '.join(unknown)} (it takes: {known})")
     if "seed" in params and "seed" not in kw and seed is not None:
         kw["seed"] = seed
     strategy = get_strategy(spec.name, **kw)
@@ -172,6 +182,19 @@ def build_strategy(spec: StrategySpec, max_tokens: int, seed: int | None = None,
             raise ValueError("prompt=task needs the eval's prompt template")
         strategy.prompt_renderer = renderer
     return strategy
+
+
+def _init_params(cls) -> list[str]:
+    """Keyword arguments a strategy class takes, following **kw up to its base classes."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        sig = inspect.signature(klass.__init__).parameters.values()
+        names += [p.name for p in sig if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        if not any(p.kind == p.VAR_KEYWORD for p in sig):
+            break
+    return names
 
 
 def task_renderer(config: EvalConfig, task_name: str):
@@ -304,6 +327,12 @@ def run_strategy_eval(
         )
         manifest["resume_key"] = key
         manifest["strategy"] = strat_rec
+    if spec.args.get("threshold") == "calibrate":
+        cal = manifest["strategy"].get("calibration") or calibrate_threshold(
+            spec, config, [p.id for p in problems], backend, second, renderer
+        )
+        manifest["strategy"]["calibration"] = cal
+        spec = replace(spec, args=spec.args | {"threshold": cal["threshold"]})
     session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "limit": config.limit}
     manifest.setdefault("sessions", []).append(session)
     write_json_atomic(manifest_path, manifest)
@@ -352,6 +381,31 @@ def run_strategy_eval(
     records = [done[p.id] for p in problems if p.id in done]
     extra = {"strategy": {"name": spec.name, "budget": spec.budget, "args": spec.args}, "cost": mean_cost(records)}
     return finish_run(out, task.name, records, config.seed, session, manifest, manifest_path, report, extra)
+
+
+def calibrate_threshold(spec: StrategySpec, config: EvalConfig, used_ids: list[str], backend, second, renderer) -> dict:
+    """GlimpRouter's threshold from held-out problems of the same task: the first
+    `calibration_problems` problems after the evaluated ones (generated tasks get more problems per
+    level; the evaluated ones keep their ids). Returns the manifest's calibration record."""
+    from ditto.strategies import calibrate_glimp_threshold
+
+    n = int(spec.args.get("calibration_problems", 20))
+    frac = float(spec.args.get("large_fraction", 0.25))
+    wider = replace(config, arith_count=config.arith_count + n)  # tasks other than arith ignore it
+    used = set(used_ids)
+    held = [p for p in wider.make_task().load(limit=len(used_ids) + n, offset=config.offset) if p.id not in used][:n]
+    if not held:
+        raise ValueError("threshold=calibrate: the task has no problems beyond the evaluated ones")
+    probe = build_strategy(spec, config.max_tokens, second=second, renderer=renderer)  # its prompt and step length
+    threshold = calibrate_glimp_threshold(
+        backend,
+        [p.question for p in held],
+        large_fraction=frac,
+        step_tokens=probe.step_tokens,
+        prompt_fn=probe.prompt,
+        workers=concurrency(config.batch_problems, backend),
+    )
+    return {"threshold": threshold, "large_fraction": frac, "problems": [p.id for p in held]}
 
 
 def concurrency(requested: int, backend, second=None) -> int:

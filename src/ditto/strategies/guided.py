@@ -8,7 +8,8 @@ shared solution text.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from ditto.backends.base import Backend
 from ditto.sampling import SamplingParams
@@ -131,6 +132,7 @@ class GlimpRouter(Strategy):
         }
         text = ""
         tokens = 0
+        trace["threshold"] = self.threshold
         trace["steps"] = []
         for s in range(self.max_steps):
             try:
@@ -163,6 +165,23 @@ class GlimpRouter(Strategy):
         return extract_answer(text), text
 
 
+def glimp_step_entropies(small: Backend, prompt: str, max_steps: int = 8, step_tokens: int = 64) -> list[float]:
+    """First-token entropy of every step of the small model's own greedy solution to `prompt`."""
+    meter = Meter(Budget(max_tokens=max_steps * step_tokens), small)
+    entropies: list[float] = []
+    text = ""
+    for s in range(max_steps):
+        _, h = _glimpse(meter, small, prompt + text, s)
+        entropies.append(h)
+        params = step_params("blank_line", step_tokens, n=1, temperature=0.0, seed=0)
+        (c,) = meter.generate([prompt + text], params)[0]
+        ended_step = ends_step(c)
+        text += c.text + (STEP_STOP if ended_step else "")
+        if c.finish_reason == "stop" and not ended_step:
+            break
+    return entropies
+
+
 def calibrate_glimp_threshold(
     small: Backend,
     problems: Sequence[str],
@@ -170,31 +189,29 @@ def calibrate_glimp_threshold(
     max_steps: int = 8,
     step_tokens: int = 64,
     instruction: str | None = None,
+    prompt_fn: Callable[[Backend, str], str] | None = None,
+    workers: int = 1,
 ) -> float:
     """Threshold so that about `large_fraction` of steps on held-out `problems` go to the large model.
 
     Runs the small model alone (greedy, step by step), collects the first-token entropy of every
-    step and returns the (1 - large_fraction) quantile.
+    step and returns the (1 - large_fraction) quantile. Prompts come from `prompt_fn(small, problem)`
+    (e.g. the eval's template), else the strategies' chat format with `instruction`; `workers`
+    problems run at once (their requests share the engine's batch on a thread-safe backend).
     """
     if not 0.0 <= large_fraction <= 1.0:
         raise ValueError("large_fraction must be in [0, 1]")
-    entropies: list[float] = []
-    for p in problems:
-        meter = Meter(Budget(max_tokens=max_steps * step_tokens), small)
-        prompt = format_prompt(small, p) if instruction is None else format_prompt(small, p, instruction)
-        text = ""
-        for s in range(max_steps):
-            probe, h = _glimpse(meter, small, prompt + text, s)
-            entropies.append(h)
-            params = step_params("blank_line", step_tokens, n=1, temperature=0.0, seed=0)
-            (c,) = meter.generate([prompt + text], params)[0]
-            ended_step = ends_step(c)
-            text += c.text + (STEP_STOP if ended_step else "")
-            if c.finish_reason == "stop" and not ended_step:
-                break
+
+    def prompt_of(p: str) -> str:
+        if prompt_fn is not None:
+            return prompt_fn(small, p)
+        return format_prompt(small, p) if instruction is None else format_prompt(small, p, instruction)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        per_problem = pool.map(lambda p: glimp_step_entropies(small, prompt_of(p), max_steps, step_tokens), problems)
+        entropies = sorted(h for hs in per_problem for h in hs)
     if not entropies:
         raise ValueError("no steps to calibrate on")
-    entropies.sort()
     if large_fraction <= 0.0:
         return entropies[-1]  # nothing exceeds the maximum
     q = 1.0 - large_fraction
