@@ -401,6 +401,7 @@ def calibrate_threshold(spec: StrategySpec, config: EvalConfig, used_ids: list[s
         backend,
         [p.question for p in held],
         large_fraction=frac,
+        max_steps=probe.max_steps,
         step_tokens=probe.step_tokens,
         prompt_fn=probe.prompt,
         workers=concurrency(config.batch_problems, backend),
