@@ -115,7 +115,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="K=V",
         help="strategy knob (repeatable; JSON values): n=8, n=auto (budget // max-tokens), temperature=0.7, "
-        "scorer=self|second, mode=cgs, threshold=1.0 ...",
+        "scorer=self|second, mode=cgs, threshold=1.0 or threshold=calibrate (glimp_router: from 20 held-out "
+        "problems, large_fraction=0.25), prompt=task ... (a knob the strategy does not take is refused with its list)",
     )
     g.add_argument("--second-model", default=None, help="second model (same numerics) for two-model strategies")
     g.add_argument("--baseline", default=None, help="compare: baseline run folder (default: self_consistency run)")
