@@ -329,7 +329,7 @@ def run_strategy_eval(
         manifest["strategy"] = strat_rec
     if spec.args.get("threshold") == "calibrate":
         cal = manifest["strategy"].get("calibration") or calibrate_threshold(
-            spec, config, [p.id for p in problems], backend, second, renderer
+            spec, config, [p.id for p in problems], backend, example
         )
         manifest["strategy"]["calibration"] = cal
         spec = replace(spec, args=spec.args | {"threshold": cal["threshold"]})
@@ -383,10 +383,11 @@ def run_strategy_eval(
     return finish_run(out, task.name, records, config.seed, session, manifest, manifest_path, report, extra)
 
 
-def calibrate_threshold(spec: StrategySpec, config: EvalConfig, used_ids: list[str], backend, second, renderer) -> dict:
+def calibrate_threshold(spec: StrategySpec, config: EvalConfig, used_ids: list[str], backend, router) -> dict:
     """GlimpRouter's threshold from held-out problems of the same task: the first
     `calibration_problems` problems after the evaluated ones (generated tasks get more problems per
-    level; the evaluated ones keep their ids). Returns the manifest's calibration record."""
+    level; the evaluated ones keep their ids), solved with `router`'s prompt and step length.
+    Returns the manifest's calibration record."""
     from ditto.strategies import calibrate_glimp_threshold
 
     n = int(spec.args.get("calibration_problems", 20))
@@ -396,14 +397,13 @@ def calibrate_threshold(spec: StrategySpec, config: EvalConfig, used_ids: list[s
     held = [p for p in wider.make_task().load(limit=len(used_ids) + n, offset=config.offset) if p.id not in used][:n]
     if not held:
         raise ValueError("threshold=calibrate: the task has no problems beyond the evaluated ones")
-    probe = build_strategy(spec, config.max_tokens, second=second, renderer=renderer)  # its prompt and step length
     threshold = calibrate_glimp_threshold(
         backend,
         [p.question for p in held],
         large_fraction=frac,
-        max_steps=probe.max_steps,
-        step_tokens=probe.step_tokens,
-        prompt_fn=probe.prompt,
+        max_steps=router.max_steps,
+        step_tokens=router.step_tokens,
+        prompt_fn=router.prompt,
         workers=concurrency(config.batch_problems, backend),
     )
     return {"threshold": threshold, "large_fraction": frac, "problems": [p.id for p in held]}

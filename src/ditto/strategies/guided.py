@@ -188,27 +188,22 @@ def calibrate_glimp_threshold(
     large_fraction: float = 0.25,
     max_steps: int = 8,
     step_tokens: int = 64,
-    instruction: str | None = None,
-    prompt_fn: Callable[[Backend, str], str] | None = None,
+    prompt_fn: Callable[[Backend, str], str] = format_prompt,
     workers: int = 1,
 ) -> float:
     """Threshold so that about `large_fraction` of steps on held-out `problems` go to the large model.
 
     Runs the small model alone (greedy, step by step), collects the first-token entropy of every
     step and returns the (1 - large_fraction) quantile. Prompts come from `prompt_fn(small, problem)`
-    (e.g. the eval's template), else the strategies' chat format with `instruction`; `workers`
-    problems run at once (their requests share the engine's batch on a thread-safe backend).
+    (the router's own `prompt`, or the strategies' default chat format); `workers` problems run at
+    once (their requests share the engine's batch on a thread-safe backend).
     """
     if not 0.0 <= large_fraction <= 1.0:
         raise ValueError("large_fraction must be in [0, 1]")
-
-    def prompt_of(p: str) -> str:
-        if prompt_fn is not None:
-            return prompt_fn(small, p)
-        return format_prompt(small, p) if instruction is None else format_prompt(small, p, instruction)
-
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        per_problem = pool.map(lambda p: glimp_step_entropies(small, prompt_of(p), max_steps, step_tokens), problems)
+        per_problem = pool.map(
+            lambda p: glimp_step_entropies(small, prompt_fn(small, p), max_steps, step_tokens), problems
+        )
         entropies = sorted(h for hs in per_problem for h in hs)
     if not entropies:
         raise ValueError("no steps to calibrate on")
