@@ -78,6 +78,7 @@ def test_strategy_runs_resume_and_compare(tiny_llama, tmp_path):
     assert len((sc / "results.jsonl").read_text().splitlines()) == 3
     manifest = json.loads((sc / "manifest.json").read_text())
     assert [s["resumed_with"] for s in manifest["sessions"]] == [0, 2]
+    assert all(s["seconds"] > 0 for s in manifest["sessions"])
     assert manifest["strategy"]["name"] == "self_consistency"
     assert manifest["strategy"]["config"]["n"] == 4
     assert manifest["strategy"]["budget"]["max_generated_tokens"] == 64
@@ -93,6 +94,7 @@ def test_strategy_runs_resume_and_compare(tiny_llama, tmp_path):
     _check_costs(g, 64)
     assert all(len(r["calls"]) == 1 and len(r["calls"][0]["tokens"]) == 1 for r in g)
     summary = json.loads((sc / "summary.json").read_text())
+    assert summary["wall_seconds"] == pytest.approx(sum(s["seconds"] for s in manifest["sessions"]))
     assert summary["cost"]["mean"]["generated_tokens"] == pytest.approx(
         sum(r["cost"]["generated_tokens"] for r in recs) / 3
     )

@@ -333,7 +333,7 @@ def run_strategy_eval(
         )
         manifest["strategy"]["calibration"] = cal
         spec = replace(spec, args=spec.args | {"threshold": cal["threshold"]})
-    session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "limit": config.limit}
+    session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "started_unix": time.time(), "limit": config.limit}
     manifest.setdefault("sessions", []).append(session)
     write_json_atomic(manifest_path, manifest)
 
