@@ -14,7 +14,7 @@ run() {  # run NAME ARGS...
 }
 for task in ${TASKS:-arith gsm8k}; do
   if [ "$task" = arith ]; then
-    T="--task arith --arith-digits 1 --arith-steps 1 --prompt chat-fewshot --max-tokens 96"; BUDGETS="384 1536"; STEP=16
+    T="--task arith --arith-digits 1 --arith-steps 1 --prompt chat-fewshot --max-tokens 96"; BUDGETS="384 768"; STEP=16
   else
     T="--task gsm8k --prompt chat --max-tokens 256"; BUDGETS="512 1024"; STEP=48
   fi

@@ -10,7 +10,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ditto.sampling import SamplingParams, gumbel_noise, kept_mask, processed_scores, sample_row
+from ditto.numerics.kernels import noise_c
+from ditto.sampling import (
+    SamplingParams,
+    _srl,
+    gumbel_argmax,
+    gumbel_noise,
+    kept_mask,
+    noise_bits,
+    noise_bits_at,
+    processed_scores,
+    row_key,
+    sample_row,
+)
 
 
 def test_noise_is_a_pure_function_of_its_coordinates():
@@ -27,6 +39,64 @@ def test_noise_same_across_processes():
     code = "from ditto.sampling import gumbel_noise; print(gumbel_noise(123, 4, 56, 64).tolist())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert eval(out) == gumbel_noise(123, 4, 56, 64).tolist()
+
+
+def test_noise_kernel_bits_equal_the_torch_definition():
+    if noise_c.bits(1, 8) is None:
+        pytest.skip(f"noise kernel: {noise_c.kernel_status()}")
+    for vocab in (1, 7, 1000, 49152):
+        for coords in [(0, 0, 0), (7, 2, 11), (2**62, 1023, 4095)]:
+            key = row_key(*coords)
+            torch_bits = noise_bits_at(key, torch.arange(vocab))
+            assert torch.equal(noise_bits(*coords, vocab), torch_bits)
+            assert torch.equal(noise_c.bits(key, vocab), torch_bits)
+            for m_min in (0, 2**52, 2**53 - 2**40):
+                want = torch.nonzero(_srl(torch_bits, 11) >= m_min).flatten()
+                assert torch.equal(noise_c.select(key, vocab, m_min), want)
+
+
+def _full_gumbel_argmax(scaled, keep, seed, sample_index, token_index) -> int:
+    """Step 7 written out over the whole vocab: the definition gumbel_argmax must reproduce."""
+    g = gumbel_noise(seed, sample_index, token_index, scaled.numel())
+    return int(torch.argmax((scaled + g).masked_fill(~keep, float("-inf"))))
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_pruned_gumbel_argmax_picks_the_full_vocab_token(kernel, monkeypatch):
+    """Noise only for tokens that can win, yet the same token as the full computation: peaked and flat
+    rows, tiny and real vocabularies, filters, -inf (masked) logits, with and without the C scan."""
+    if not kernel:
+        monkeypatch.setattr(noise_c, "select", lambda *a: None)
+    gen = torch.Generator().manual_seed(0)
+    cases = 0
+    for vocab in (3, 64, 65, 1000, 49152):
+        for spread in (0.01, 1.0, 4.0, 30.0):
+            for temperature in (0.05, 0.7, 1.0, 3.0):
+                for filters in ({}, {"top_k": 5}, {"top_p": 0.9}, {"min_p": 0.05}):
+                    logits = torch.randn(vocab, generator=gen) * spread
+                    if vocab > 64:
+                        logits[::7] = float("-inf")  # e.g. stop tokens masked before min_tokens
+                    params = SamplingParams(temperature=temperature, seed=cases, **filters)
+                    scaled, keep = processed_scores(logits, params, [], [])
+                    for token_index in range(2):
+                        got = gumbel_argmax(scaled, keep, params.seed, 3, token_index)
+                        assert got == _full_gumbel_argmax(scaled, keep, params.seed, 3, token_index)
+                        cases += 1
+    assert cases == 5 * 4 * 4 * 4 * 2
+
+
+def test_pruned_gumbel_argmax_ties_go_to_the_lowest_id():
+    """Equal logits and equal noise cannot be made, so tie the noisy scores directly: a token whose
+    scaled logit is its rival's value minus its own noise difference."""
+    key_coords = (5, 0, 0)
+    vocab = 300
+    g = gumbel_noise(*key_coords, vocab)
+    scaled = torch.full((vocab,), -50.0, dtype=torch.float64)
+    scaled[10], scaled[250] = 5.0 - g[10], 5.0 - g[250]
+    keep = torch.ones(vocab, dtype=torch.bool)
+    full = _full_gumbel_argmax(scaled, keep, *key_coords)
+    assert gumbel_argmax(scaled, keep, *key_coords) == full
+    assert full == 10  # a real tie: both reach exactly 5.0
 
 
 def test_temperature_zero_is_argmax():

@@ -67,17 +67,66 @@ def row_key(seed: int, sample_index: int, token_index: int) -> int:
     return _mix_int(k ^ (token_index * _GOLDEN + 3))
 
 
+def noise_bits_at(key: int, ids: torch.Tensor) -> torch.Tensor:
+    """The 64-bit hash (int64) of vocab ids `ids` (0-based) under a row key: mix((id + 1) * golden + key)."""
+    return _mix((ids + 1) * _signed(_GOLDEN) + _signed(key))
+
+
 def noise_bits(seed: int, sample_index: int, token_index: int, vocab_size: int) -> torch.Tensor:
     """Uniform 64-bit hash per vocab id (int64 tensor of shape (V,))."""
-    key = _signed(row_key(seed, sample_index, token_index))
-    ids = torch.arange(1, vocab_size + 1, dtype=torch.int64)
-    return _mix(ids * _signed(_GOLDEN) + key)
+    from ditto.numerics.kernels import noise_c  # lazy: ditto.numerics imports this module
+
+    key = row_key(seed, sample_index, token_index)
+    fast = noise_c.bits(key, vocab_size)  # the same integers in one C pass, when a compiler is there
+    return fast if fast is not None else noise_bits_at(key, torch.arange(vocab_size, dtype=torch.int64))
+
+
+def gumbel_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) variates (float64) from 64-bit hashes: g = -log(-log(u)), u = (bits >>> 11 + 0.5) / 2^53.
+
+    Elementwise: a token's value does not depend on which other tokens are computed with it."""
+    u = (_srl(bits, 11).double() + 0.5) * 2.0**-53
+    return -torch.log(-torch.log(u))
 
 
 def gumbel_noise(seed: int, sample_index: int, token_index: int, vocab_size: int) -> torch.Tensor:
     """Gumbel(0, 1) noise g of shape (V,), float64: g = -log(-log(u)), u uniform in (0, 1)."""
-    u = (_srl(noise_bits(seed, sample_index, token_index, vocab_size), 11).double() + 0.5) * 2.0**-53
-    return -torch.log(-torch.log(u))
+    return gumbel_from_bits(noise_bits(seed, sample_index, token_index, vocab_size))
+
+
+_PROBE = 64  # tokens (highest scaled logits) whose noise is always computed in gumbel_argmax
+
+
+def gumbel_argmax(scaled: torch.Tensor, keep: torch.Tensor, seed: int, sample_index: int, token_index: int) -> int:
+    """Step 7: argmax over kept tokens of scaled + gumbel_noise(seed, sample_index, token_index, V).
+
+    The same token as computing all V noises (ties go to the lowest id, as torch.argmax), with the
+    noise computed only for tokens that can still win. The noise of the `_PROBE` best-scaled kept
+    tokens sets a value L that the winner reaches; every other token has scaled <= s (the probe's
+    lowest), so it can win only if its noise exceeds t = L - s, i.e. only if its uniform
+    u >= exp(-exp(-t)): an integer threshold on its hash, taken with a margin so rounding can only add
+    candidates, never drop the winner. The hash of the rest is scanned in C where a compiler exists.
+    """
+    from ditto.numerics.kernels import noise_c  # lazy: ditto.numerics imports this module
+
+    vocab = scaled.numel()
+    key = row_key(seed, sample_index, token_index)
+    masked = scaled.masked_fill(~keep, float("-inf"))
+    top = torch.topk(masked, min(_PROBE, vocab))  # values descending
+    probe_best = float((top.values + gumbel_from_bits(noise_bits_at(key, top.indices))).max())
+    s_rest = float(top.values[-1])
+    if s_rest == float("-inf") or top.indices.numel() == vocab:
+        cand = top.indices.sort().values  # every kept token is in the probe; ascending ids for ties
+    else:
+        t = probe_best - s_rest - 1e-6 * max(1.0, abs(probe_best), abs(s_rest))  # an outside token needs g > t
+        u_min = math.exp(-math.exp(-t)) if t > -30.0 else 0.0
+        m_min = max(0, math.floor(u_min * 2.0**53) - 1)  # u = (m + 0.5) / 2^53 < u_min for every m < m_min
+        outside = noise_c.select(key, vocab, m_min)
+        if outside is None:
+            outside = torch.nonzero(_srl(noise_bits_at(key, torch.arange(vocab)), 11) >= m_min).flatten()
+        cand = torch.cat([top.indices, outside]).unique()  # sorted ascending: ties resolve as in a full argmax
+    vals = masked[cand] + gumbel_from_bits(noise_bits_at(key, cand))
+    return int(cand[torch.argmax(vals)])
 
 
 @dataclass(frozen=True)
@@ -226,5 +275,4 @@ def sample_row(
     if params.greedy:
         return int(torch.argmax(scaled))
     assert params.seed is not None, "seed must be resolved before sampling"
-    g = gumbel_noise(params.seed, sample_index, token_index, scaled.numel())
-    return int(torch.argmax((scaled + g).masked_fill(~keep, float("-inf"))))
+    return gumbel_argmax(scaled, keep, params.seed, sample_index, token_index)
