@@ -29,6 +29,7 @@ from ditto.strategies import (
     get_strategy,
     majority_vote,
     split_steps,
+    tools,
 )
 from ditto.strategies.base import extract_answer, is_equivalent
 from ditto.strategies.early_exit import probe_answer
@@ -417,6 +418,33 @@ def test_prune_tir_resamples_when_stuck_and_suspends():
     assert s.suspended and "no longer available" in s.context()
     assert s.add_turn("```python\nprint(1)\n```\n", True) == "final"  # not executed any more
     assert s.runs == 3
+
+
+class _Transcript:
+    def chat_prompt(self, messages, add_generation_prompt=True):
+        return messages
+
+
+def test_tool_protocols_show_one_true_worked_example_unless_shots_0():
+    """Each protocol's demonstration is a real run: its code prints what the demo claims."""
+    from ditto.strategies.sandbox import run_code
+
+    tir = run_code(extract_code(tools.TIR_DEMO), FAST)
+    assert tir.ok and tir.stdout.strip() == tools.DEMO_ANSWER
+    assert f"```output\n{tools.DEMO_ANSWER}\n```" in tools.TIR_DEMO
+    assert "\\boxed{" + tools.DEMO_ANSWER + "}" in tools.TIR_DEMO
+    assert run_code(extract_code(tools.POT_DEMO), FAST).stdout.strip() == tools.DEMO_ANSWER
+    assert parse_verdict(run_code(extract_code(tools.VERIFY_DEMO), FAST)) == "true"
+
+    msgs = tools.protocol_prompt(_Transcript(), tools.VERIFY_INSTRUCTION, tools.VERIFY_DEMO, problem="P?", answer="3")
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user"]
+    assert tools.DEMO_PROBLEM in msgs[0]["content"] and "Proposed answer: 75" in msgs[0]["content"]
+    assert msgs[2]["content"] == tools.VERIFY_INSTRUCTION.format(problem="P?", answer="3")
+    assert tools.protocol_prompt(_Transcript(), tools.POT_INSTRUCTION, None, problem="P?") == [
+        {"role": "user", "content": tools.POT_INSTRUCTION.format(problem="P?")}
+    ]
+    with pytest.raises(ValueError, match="shots"):
+        tools.ToolIntegrated(shots=2)
 
 
 def test_code_helpers():

@@ -20,7 +20,6 @@ from ditto.strategies.base import (
     Strategy,
     derive_seed,
     extract_answer,
-    format_prompt,
     majority_vote,
     register,
 )
@@ -38,9 +37,33 @@ VERIFY_INSTRUCTION = (
     "Problem: {problem}\nProposed answer: {answer}\nWrite Python code in a ```python block that checks whether the "
     "proposed answer is correct and prints True or False."
 )
+# One worked example of each protocol, shown as an earlier chat turn (shots=1, the default): small
+# models rarely write a code block from the instruction alone. A made-up problem, in no eval set.
+DEMO_PROBLEM = "A baker fills 7 trays with 12 rolls each and sells 9 rolls. How many rolls are left?"
+DEMO_ANSWER = "75"
+TIR_DEMO = (
+    "I will compute it with Python.\n```python\nrolls = 7 * 12 - 9\nprint(rolls)\n```\n```output\n75\n```\n"
+    "The baker has 75 rolls left. The final answer is \\boxed{75}."
+)
+POT_DEMO = "```python\ntrays = 7\nrolls_per_tray = 12\nsold = 9\nprint(trays * rolls_per_tray - sold)\n```"
+VERIFY_DEMO = "```python\nprint(7 * 12 - 9 == 75)\n```"
 SUSPEND_NOTE = "\n(The Python tool is no longer available; continue reasoning without code.)\n"
 
 _CODE_RE = re.compile(r"```python[ \t]*\n(.*?)(?:```|\Z)", re.S)
+
+
+def protocol_prompt(backend, instruction: str, demo: str | None, **fields) -> str:
+    """The chat prompt of a tool protocol: `instruction` filled with `fields`, after one worked example
+    (the demo problem and `demo` as the assistant's turn) unless demo is None."""
+    messages = []
+    if demo is not None:
+        demo_fields = {k: DEMO_ANSWER if k == "answer" else DEMO_PROBLEM for k in fields}
+        messages += [
+            {"role": "user", "content": instruction.format(**demo_fields)},
+            {"role": "assistant", "content": demo},
+        ]
+    messages.append({"role": "user", "content": instruction.format(**fields)})
+    return backend.chat_prompt(messages)
 
 
 def extract_code(text: str, allow_bare: bool = False) -> str | None:
@@ -142,6 +165,7 @@ class ToolIntegrated(Strategy):
         temperature: float = 0.0,
         seed: int = 0,
         limits: SandboxLimits | None = None,
+        shots: int = 1,
     ):
         self.max_turns = max_turns
         self.stuck_k = stuck_k
@@ -150,9 +174,10 @@ class ToolIntegrated(Strategy):
         self.temperature = temperature
         self.seed = seed
         self.limits = limits or SandboxLimits(timeout_s=5.0, cpu_s=5)
+        self.shots = _shots(shots)
 
     def solve(self, problem: str, meter: Meter, trace: dict, sample: int = 0) -> str:
-        prompt = format_prompt(meter.policy, problem, self.instruction)
+        prompt = protocol_prompt(meter.policy, self.instruction, TIR_DEMO if self.shots else None, problem=problem)
         session = ToolSession(self.stuck_k, self.suspend_r, self.limits, self.prune)
         turns = []
         for turn in range(self.max_turns):
@@ -194,6 +219,12 @@ class ToolIntegrated(Strategy):
         return extract_answer(text), text
 
 
+def _shots(shots: int) -> int:
+    if shots not in (0, 1):
+        raise ValueError(f"shots must be 0 (instruction only) or 1 (one worked example first), got {shots!r}")
+    return shots
+
+
 def answer_from_stdout(stdout: str) -> str | None:
     lines = [ln.strip() for ln in stdout.strip().splitlines() if ln.strip()]
     return lines[-1] if lines else None
@@ -215,15 +246,23 @@ class ProgramOfThought(Strategy):
     instruction = POT_INSTRUCTION
     uses_task_prompt = False  # the tool protocol's own instruction
 
-    def __init__(self, n: int = 1, temperature: float = 0.0, seed: int = 0, limits: SandboxLimits | None = None):
+    def __init__(
+        self,
+        n: int = 1,
+        temperature: float = 0.0,
+        seed: int = 0,
+        limits: SandboxLimits | None = None,
+        shots: int = 1,
+    ):
         self.n = n
         self.temperature = temperature
         self.seed = seed
         self.limits = limits or SandboxLimits(timeout_s=5.0, cpu_s=5)
+        self.shots = _shots(shots)
 
     def _run(self, problem: str, meter: Meter, trace: dict):
         n = meter.samples(self.n)
-        prompt = format_prompt(meter.policy, problem, self.instruction)
+        prompt = protocol_prompt(meter.policy, self.instruction, POT_DEMO if self.shots else None, problem=problem)
         params = SamplingParams(
             n=n,
             temperature=self.temperature if n == 1 else max(self.temperature, 0.7),
@@ -282,8 +321,10 @@ class CodeSelfVerification(Strategy):
         max_turns: int = 3,
         weights: dict | None = None,
         limits: SandboxLimits | None = None,
+        shots: int = 1,
     ):
         self.n = n
+        self.shots = _shots(shots)
         self.temperature = temperature
         self.seed = seed
         self.max_turns = max_turns
@@ -293,7 +334,9 @@ class CodeSelfVerification(Strategy):
         self.limits = limits or SandboxLimits(timeout_s=5.0, cpu_s=5)
 
     def _run(self, problem: str, meter: Meter, trace: dict):
-        tir = ToolIntegrated(max_turns=self.max_turns, temperature=self.temperature, seed=self.seed, limits=self.limits)
+        tir = ToolIntegrated(
+            max_turns=self.max_turns, temperature=self.temperature, seed=self.seed, limits=self.limits, shots=self.shots
+        )
         texts, answers = [], []
         for i in range(meter.samples(self.n)):
             try:
@@ -306,9 +349,8 @@ class CodeSelfVerification(Strategy):
         for a in answers:
             if a is None or a in verdicts:
                 continue
-            prompt = meter.policy.chat_prompt(
-                [{"role": "user", "content": VERIFY_INSTRUCTION.format(problem=problem, answer=a)}]
-            )
+            demo = VERIFY_DEMO if self.shots else None
+            prompt = protocol_prompt(meter.policy, VERIFY_INSTRUCTION, demo, problem=problem, answer=a)
             try:
                 verify = SamplingParams(temperature=0.0, seed=0, max_tokens=meter.budget.max_tokens)
                 (c,) = meter.generate([prompt], verify)[0]
