@@ -15,6 +15,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from ditto.cli import main  # noqa: E402
+from ditto.eval.report_compare import _run_label
 from ditto.eval.runner import load_results  # noqa: E402
 from ditto.eval.strategy_runner import StrategySpec, build_strategy, parse_strategy_args  # noqa: E402
 
@@ -110,6 +111,8 @@ def test_strategy_runs_resume_and_compare(tiny_llama, tmp_path):
     rows = {r["label"]: r for r in numbers["runs"]}
     assert rows["greedy@64"]["baseline"] == "self_consistency@64"  # the default baseline
     assert "mcnemar_p" in rows["greedy@64"]
+    unbudgeted = {"strategy": {"name": "greedy", "budget": {"max_generated_tokens": None}}}
+    assert _run_label(unbudgeted, greedy) == ("greedy", "greedy", None)  # no "greedy@None"
     tokens = sum(r["cost"]["generated_tokens"] for r in recs)
     assert rows["self_consistency@64"]["total_cost"]["generated_tokens"] == tokens
     assert (cmp_dir / "compare.png").stat().st_size > 1000

@@ -88,7 +88,7 @@ def _run_label(manifest: dict, run: Path) -> tuple[str, str, int | None]:
         name = f"sample(n={cfg.get('n')}, T={cfg.get('temperature')})"
         return name, name, None
     budget = (st.get("budget") or {}).get("max_generated_tokens")
-    return st.get("name"), f"{st.get('name')}@{budget}", budget
+    return st.get("name"), st.get("name") if budget is None else f"{st.get('name')}@{budget}", budget
 
 
 def compare_strategies(
