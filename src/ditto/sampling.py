@@ -72,13 +72,17 @@ def noise_bits_at(key: int, ids: torch.Tensor) -> torch.Tensor:
     return _mix((ids + 1) * _signed(_GOLDEN) + _signed(key))
 
 
-def noise_bits(seed: int, sample_index: int, token_index: int, vocab_size: int) -> torch.Tensor:
-    """Uniform 64-bit hash per vocab id (int64 tensor of shape (V,))."""
+def _all_bits(key: int, vocab_size: int) -> torch.Tensor:
+    """noise_bits_at for every vocab id: in one C pass when a compiler is there, else with torch."""
     from ditto.numerics.kernels import noise_c  # lazy: ditto.numerics imports this module
 
-    key = row_key(seed, sample_index, token_index)
-    fast = noise_c.bits(key, vocab_size)  # the same integers in one C pass, when a compiler is there
+    fast = noise_c.bits(key, vocab_size)
     return fast if fast is not None else noise_bits_at(key, torch.arange(vocab_size, dtype=torch.int64))
+
+
+def noise_bits(seed: int, sample_index: int, token_index: int, vocab_size: int) -> torch.Tensor:
+    """Uniform 64-bit hash per vocab id (int64 tensor of shape (V,))."""
+    return _all_bits(row_key(seed, sample_index, token_index), vocab_size)
 
 
 def gumbel_from_bits(bits: torch.Tensor) -> torch.Tensor:
@@ -123,7 +127,7 @@ def gumbel_argmax(scaled: torch.Tensor, keep: torch.Tensor, seed: int, sample_in
         m_min = max(0, math.floor(u_min * 2.0**53) - 1)  # u = (m + 0.5) / 2^53 < u_min for every m < m_min
         outside = noise_c.select(key, vocab, m_min)
         if outside is None:
-            outside = torch.nonzero(_srl(noise_bits_at(key, torch.arange(vocab)), 11) >= m_min).flatten()
+            outside = torch.nonzero(_srl(_all_bits(key, vocab), 11) >= m_min).flatten()
         cand = torch.cat([top.indices, outside]).unique()  # sorted ascending: ties resolve as in a full argmax
     vals = masked[cand] + gumbel_from_bits(noise_bits_at(key, cand))
     return int(cand[torch.argmax(vals)])

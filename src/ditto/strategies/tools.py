@@ -324,7 +324,6 @@ class CodeSelfVerification(Strategy):
         shots: int = 1,
     ):
         self.n = n
-        self.shots = _shots(shots)
         self.temperature = temperature
         self.seed = seed
         self.max_turns = max_turns
@@ -332,6 +331,7 @@ class CodeSelfVerification(Strategy):
         if not self.weights["true"] > self.weights["uncertain"] > self.weights["false"] >= 0:
             raise ValueError("weights must satisfy w_true > w_uncertain > w_false >= 0")
         self.limits = limits or SandboxLimits(timeout_s=5.0, cpu_s=5)
+        self.shots = _shots(shots)
 
     def _run(self, problem: str, meter: Meter, trace: dict):
         tir = ToolIntegrated(
