@@ -2,7 +2,8 @@
 # The strategy issue's comparison: every strategy at two token budgets on 200 arith problems (d1s1, where
 # greedy scores 20-60% with the few-shot chat prompt) and 200 GSM8K-train problems, SmolLM2 bf16 policy,
 # gemma-3-270m as the second model where a strategy needs one. Resumable: finished runs are skipped, a
-# killed run continues. Then: ditto eval compare RUNS/<task>-* --baseline RUNS/<task>-self_consistency-b<B>
+# killed run continues. Self-consistency also runs at smaller budgets (1-2 samples), so majority voting has a
+# curve of accuracy against tokens for strategies that spend less than their cap. Then: ditto eval compare RUNS/<task>-* --baseline RUNS/<task>-self_consistency-b<B>
 # RUNS=folder (default runs/strategies-smollm2); TASKS="arith gsm8k" to choose; THREADS (default 2). On a
 # 2-core box two 1-thread jobs side by side (TASKS=arith and TASKS=gsm8k) finish sooner than one 2-thread job
 # (measured: 2 x 352 tok/s vs 529 tok/s sampling 128 sequences, 1.33x). Several jobs may share one task: each
@@ -20,9 +21,9 @@ run() {  # run NAME ARGS...
 }
 for task in ${TASKS:-arith gsm8k}; do
   if [ "$task" = arith ]; then
-    T="--task arith --arith-digits 1 --arith-steps 1 --prompt chat-fewshot --max-tokens 96"; BUDGETS="384 768"; STEP=16
+    T="--task arith --arith-digits 1 --arith-steps 1 --prompt chat-fewshot --max-tokens 96"; BUDGETS="384 768"; STEP=16; CURVE="96 192"
   else
-    T="--task gsm8k --prompt chat --max-tokens 256"; BUDGETS="512 1024"; STEP=48
+    T="--task gsm8k --prompt chat --max-tokens 256"; BUDGETS="512 1024"; STEP=48; CURVE="256"
   fi
   P="--strategy-arg prompt=task"
   SAMPLE="--strategy-arg n=auto --strategy-arg temperature=0.7"
@@ -44,6 +45,9 @@ for task in ${TASKS:-arith gsm8k}; do
     run $task-tool_integrated-b$B $S --strategy tool_integrated
     run $task-program_of_thought-b$B $S --strategy program_of_thought --strategy-arg n=auto
     run $task-code_self_verification-b$B $S --strategy code_self_verification
+  done
+  for B in $CURVE; do  # majority voting with fewer samples: its accuracy at the token counts other strategies used
+    run $task-self_consistency-b$B $T $P --budget $B --strategy self_consistency $SAMPLE
   done
 done
 echo ALLDONE
