@@ -8,6 +8,7 @@ the budget cap, resumption, refusal to mix configs, a two-model strategy with --
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -15,7 +16,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from ditto.cli import main  # noqa: E402
-from ditto.eval.report_compare import _run_label
+from ditto.eval.report_compare import _run_label, _variants  # noqa: E402
 from ditto.eval.runner import load_results  # noqa: E402
 from ditto.eval.strategy_runner import StrategySpec, build_strategy, parse_strategy_args  # noqa: E402
 
@@ -116,6 +117,45 @@ def test_strategy_runs_resume_and_compare(tiny_llama, tmp_path):
     tokens = sum(r["cost"]["generated_tokens"] for r in recs)
     assert rows["self_consistency@64"]["total_cost"]["generated_tokens"] == tokens
     assert (cmp_dir / "compare.png").stat().st_size > 1000
+
+    # one sample of 16 tokens: with --pair-by tokens each run pairs with the voting run nearest in what it spent
+    sc1 = tmp_path / "sc1"
+    assert _eval(tiny_llama, sc1, "--limit", "3", "--strategy", "self_consistency", "--budget", "16") == 0
+    tok_dir = tmp_path / "cmp-tok"
+    argv = ["eval", "compare", str(greedy), str(sc), str(sc1), "--pair-by", "tokens", "--out", str(tok_dir)]
+    assert main(argv) == 0
+    rows = {r["label"]: r for r in json.loads((tok_dir / "compare.json").read_text())["runs"]}
+    spent = {
+        label: rows[label]["mean_cost"]["generated_tokens"] for label in ("self_consistency@64", "self_consistency@16")
+    }
+    g = rows["greedy@64"]["mean_cost"]["generated_tokens"]
+    nearest = min(spent, key=lambda label: abs(math.log(spent[label] / g)))
+    assert rows["greedy@64"]["baseline"] == nearest
+    assert {rows[label]["variant"] for label in spent} == {"self_consistency"}  # one curve in the plot
+    assert "closest in mean generated tokens" in (tok_dir / "compare.md").read_text()
+    with pytest.raises(SystemExit):  # argparse refuses an unknown pairing
+        main(["eval", "compare", str(greedy), str(sc), "--pair-by", "cost"])
+
+
+def test_variants_name_the_knobs_that_differ():
+    def run(name, budget, **args):
+        return {"strategy": name, "budget": budget, "manifest": {"strategy": {"name": name, "args": args}}}
+
+    xs = [
+        run("best_of_n", 384, scorer="self", temperature=0.7),
+        run("best_of_n", 384, scorer="second", temperature=0.7),
+        run("self_consistency", 384, n=4),
+        run("self_consistency", 768, n=8),
+        run("greedy", None),
+    ]
+    _variants(xs)
+    assert [x["label"] for x in xs] == [
+        "best_of_n[scorer=self]@384",
+        "best_of_n[scorer=second]@384",
+        "self_consistency@384",
+        "self_consistency@768",
+        "greedy",
+    ]
 
 
 def test_two_model_strategy_with_second_model(tiny_llama, tmp_path):

@@ -45,6 +45,8 @@ examples:
 
   # accuracy [CI] vs cost of several strategy runs, each paired against self-consistency (compare.md/.png)
   ditto eval compare runs/greedy runs/sc-1024 runs/cgs --out runs/cmp
+  # ... paired instead with the self-consistency run that spent about as many tokens (give it several)
+  ditto eval compare runs/greedy runs/sc-256 runs/sc-1024 runs/cgs --pair-by tokens --out runs/cmp-tok
 
 data: gsm8k/math500 JSONL files are looked up in --data (a file or a folder), then $DITTO_DATA,
 then <repo>/../shared/data.
@@ -120,6 +122,13 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--second-model", default=None, help="second model (same numerics) for two-model strategies")
     g.add_argument("--baseline", default=None, help="compare: baseline run folder (default: self_consistency run)")
+    g.add_argument(
+        "--pair-by",
+        choices=("budget", "tokens"),
+        default="budget",
+        help="compare: pair each run with the self-consistency run of the closest budget (cap), or the one closest "
+        "in mean generated tokens (what it spent)",
+    )
 
 
 def add_parser(subparsers, parents: list[argparse.ArgumentParser] | None = None) -> argparse.ArgumentParser:
@@ -157,7 +166,11 @@ def run(args, make_backend) -> int:
                 text, numbers = compare(action[1], action[2], seed=args.seed)
             else:
                 text, numbers = compare_strategies(
-                    action[1:], baseline=getattr(args, "baseline", None), out=args.out, seed=args.seed
+                    action[1:],
+                    baseline=getattr(args, "baseline", None),
+                    pair_by=getattr(args, "pair_by", "budget"),
+                    out=args.out,
+                    seed=args.seed,
                 )
         except (ValueError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)

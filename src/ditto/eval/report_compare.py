@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from ditto.eval.metrics import compare_runs, summarize, wilson_interval
@@ -91,15 +92,43 @@ def _run_label(manifest: dict, run: Path) -> tuple[str, str, int | None]:
     return st.get("name"), st.get("name") if budget is None else f"{st.get('name')}@{budget}", budget
 
 
+def _variants(loaded: list[dict]) -> None:
+    """Name each run's variant: its strategy plus the knobs that tell it apart from same-named runs.
+
+    best_of_n with scorer=self and scorer=second become `best_of_n[scorer=self]` and `best_of_n[scorer=second]`;
+    self-consistency at several budgets stays one variant, so the plot draws it as one curve: the sample
+    count n is the cost axis, not a variant, and is left out.
+    """
+    by_name: dict[str, list[dict]] = {}
+    for x in loaded:
+        by_name.setdefault(x["strategy"], []).append(x)
+    for xs in by_name.values():
+        args = [(x["manifest"].get("strategy") or {}).get("args") or {} for x in xs]
+        keys = sorted({k for a in args for k in a if k != "n" and len({json.dumps(b.get(k)) for b in args}) > 1})
+        for x, a in zip(xs, args):
+            knobs = ",".join(f"{k}={a[k]}" for k in keys if k in a)
+            x["variant"] = f"{x['strategy']}[{knobs}]" if knobs else x["strategy"]
+            x["label"] = x["variant"] if x["budget"] is None else f"{x['variant']}@{x['budget']}"
+
+
 def compare_strategies(
-    runs: list[str | Path], *, baseline: str | Path | None = None, out: str | Path | None = None, seed: int = 0
+    runs: list[str | Path],
+    *,
+    baseline: str | Path | None = None,
+    pair_by: str = "budget",
+    out: str | Path | None = None,
+    seed: int = 0,
 ) -> tuple[str, dict]:
     """Accuracy [95% Wilson] vs mean cost of several runs on their shared problems, each paired against a baseline.
 
-    The baseline of a run is `baseline` when given, else the self-consistency run whose budget is closest to
-    the run's own (equal tokens), else the first folder. Writes compare.md, compare.json and compare.png into
-    `out` (default: the first folder). Returns (markdown, numbers).
+    The baseline of a run is `baseline` when given, else a self-consistency run: with pair_by="budget" the one
+    whose token budget (cap) is closest to the run's own; with pair_by="tokens" the one whose mean generated
+    tokens per problem are closest on a log scale (what the run actually spent, which matters for strategies
+    that stop below their cap). Without self-consistency runs, the first folder. Writes compare.md,
+    compare.json and compare.png into `out` (default: the first folder). Returns (markdown, numbers).
     """
+    if pair_by not in ("budget", "tokens"):
+        raise ValueError(f"pair_by must be 'budget' or 'tokens', not {pair_by!r}")
     paths = [Path(r) for r in runs]
     loaded = []
     for p in paths:
@@ -108,7 +137,8 @@ def compare_strategies(
             raise ValueError(f"{p} has no results")
         strategy, label, budget = _run_label(manifest, p)
         loaded.append({"path": p, "manifest": manifest, "records": records, "strategy": strategy, "budget": budget})
-        loaded[-1]["label"] = label
+        loaded[-1]["label"] = loaded[-1]["variant"] = label
+    _variants([x for x in loaded if x["manifest"].get("strategy")])
     labels = [x["label"] for x in loaded]
     for x in loaded:
         if labels.count(x["label"]) > 1:
@@ -145,17 +175,26 @@ def compare_strategies(
         cands = [y for y in loaded if y["strategy"] in BASELINE_STRATEGIES]
         if not cands:
             return loaded[0]
+        if pair_by == "tokens":
+            spent = max(1e-9, x["mean_cost"]["generated_tokens"])
+            return min(cands, key=lambda y: abs(math.log(max(1e-9, y["mean_cost"]["generated_tokens"]) / spent)))
         if x["budget"] is None:
             return cands[0]
         return min(cands, key=lambda y: abs((y["budget"] or 0) - x["budget"]))
 
+    if baseline is not None:
+        pairing = f"{baseline}, as asked"
+    elif pair_by == "tokens":
+        pairing = "the self-consistency run closest in mean generated tokens"
+    else:
+        pairing = "the self-consistency run at the closest budget"
     lines = [
         "# compare: accuracy vs cost",
         "",
         f"{len(ids)} shared problems; accuracy with 95% Wilson interval; costs are means per problem "
         "(tokens generated / scored by every model, backend calls, wall seconds). Each run is paired with its "
-        "baseline (the self-consistency run at the closest budget unless --baseline): McNemar exact p and the "
-        "paired-bootstrap difference (run - baseline) with its 95% CI.",
+        f"baseline ({pairing}): McNemar exact p and the paired-bootstrap difference (run - baseline) with its "
+        "95% CI.",
         "",
         "| run | budget | accuracy [95% CI] | gen tokens | scored tokens | calls | seconds | total gen tokens "
         "| baseline | diff [95% CI] | McNemar p | verdict |",
@@ -168,6 +207,7 @@ def compare_strategies(
             "run": str(x["path"]),
             "label": x["label"],
             "strategy": x["strategy"],
+            "variant": x["variant"],
             "budget": x["budget"],
             "problems": len(ids),
             "accuracy": x["accuracy"],

@@ -83,7 +83,7 @@ def _cost_plot(loaded: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     groups: dict[str, list[dict]] = {}
     for x in loaded:
-        groups.setdefault(x["strategy"], []).append(x)
+        groups.setdefault(x.get("variant", x["strategy"]), []).append(x)
     colors = plt.get_cmap("tab20").colors
     for i, (name, xs) in enumerate(groups.items()):
         xs = sorted(xs, key=lambda x: x["mean_cost"]["generated_tokens"])
