@@ -4,7 +4,8 @@
 # gemma-3-270m as the second model where a strategy needs one. Resumable: finished runs are skipped, a
 # killed run continues. Self-consistency also runs at smaller budgets (1-2 samples), so majority voting has a
 # curve of accuracy against tokens for strategies that spend less than their cap.
-# Then: ditto eval compare RUNS/<task>-* --baseline RUNS/<task>-self_consistency-b<B>
+# Then: python benchmarks/strategy_table.py (the table, compare folders and plots), or by hand:
+# ditto eval compare RUNS/<task>-* --baseline RUNS/<task>-self_consistency-b<B>
 # RUNS=folder (default runs/strategies-smollm2); TASKS="arith gsm8k" to choose; THREADS (default 2). On a
 # 2-core box two 1-thread jobs side by side (TASKS=arith and TASKS=gsm8k) finish sooner than one 2-thread job
 # (measured: 2 x 352 tok/s vs 529 tok/s sampling 128 sequences, 1.33x). Several jobs may share one task: each
