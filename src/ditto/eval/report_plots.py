@@ -78,13 +78,17 @@ def _plots(records: list[dict], summary: dict, out: Path) -> list[tuple[str, Pat
     return made
 
 
-def _cost_plot(loaded: list[dict], path: Path) -> Path:
+def _cost_plot(loaded: list[dict], path: Path, baseline: str = "self_consistency") -> Path:
+    """Accuracy [95% CI] against mean generated tokens (log axis), one line per strategy variant.
+
+    The `baseline` strategy (majority voting) is drawn in black and thicker: the curve the others must beat.
+    """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 5))
     groups: dict[str, list[dict]] = {}
     for x in loaded:
         groups.setdefault(x.get("variant", x["strategy"]), []).append(x)
-    colors = plt.get_cmap("tab20").colors
+    colors = plt.get_cmap("tab10").colors  # with 11 markers: distinct (colour, marker) pairs for 110 variants
     for i, (name, xs) in enumerate(groups.items()):
         xs = sorted(xs, key=lambda x: x["mean_cost"]["generated_tokens"])
         tok = [max(1e-9, x["mean_cost"]["generated_tokens"]) for x in xs]
@@ -93,8 +97,10 @@ def _cost_plot(loaded: list[dict], path: Path) -> Path:
             [max(0.0, a - x["ci95"][0]) for a, x in zip(acc, xs)],
             [max(0.0, x["ci95"][1] - a) for a, x in zip(acc, xs)],
         ]
-        style = dict(fmt="osD^v<>ph*X"[i % 11] + "-", color=colors[(2 * i) % 20 + (i // 10) % 2])
-        ax.errorbar(tok, acc, yerr=err, capsize=3, label=name, alpha=0.85, **style)
+        style = dict(fmt="osD^v<>ph*X"[i % 11] + "-", color=colors[i % 10], alpha=0.85)
+        if xs[0]["strategy"] == baseline:
+            style |= dict(color="black", linewidth=2.2, alpha=1.0, zorder=3)
+        ax.errorbar(tok, acc, yerr=err, capsize=3, label=name, **style)
         for t, a, x in zip(tok, acc, xs):
             if x["budget"] is not None:
                 ax.annotate(str(x["budget"]), (t, a), textcoords="offset points", xytext=(4, 4), fontsize=7)
@@ -102,8 +108,8 @@ def _cost_plot(loaded: list[dict], path: Path) -> Path:
         ax.set_xscale("log")
     ax.set_xlabel("mean generated tokens per problem (all models)")
     ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, min(1.0, max(x["ci95"][1] for x in loaded) + 0.05))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    ax.set_title("Accuracy vs cost (labels: token budget)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    ax.set_title("Accuracy vs cost (labels: token budget; black: majority voting)")
     return _save(fig, path)
