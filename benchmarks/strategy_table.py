@@ -51,7 +51,12 @@ def _cell(row: dict) -> list[str]:
 def task_table(root: Path, task: str, out_root: Path) -> str:
     by_budget, unfinished = _runs(root, task)
     flat = by_budget.get(None, [])
-    main = sorted(b for b, ds in by_budget.items() if b is not None and any(BASELINE not in d.name for d in ds))
+    started = {
+        int(m.group(1))
+        for d in [*unfinished, *(d for ds in by_budget.values() for d in ds)]
+        if BASELINE not in d.name and (m := re.search(r"-b(\d+)$", d.name))
+    }
+    main = sorted(b for b in by_budget if b in started)  # budgets the other strategies use, not only voting
     curve = sorted(b for b in by_budget if b is not None and b not in main)
     cells: dict[str, dict[int | None, list[str]]] = {}  # variant -> budget -> cells
     order: list[str] = []
