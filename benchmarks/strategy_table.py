@@ -17,9 +17,15 @@ import argparse
 import re
 from pathlib import Path
 
-from ditto.eval.report_compare import compare_strategies
+from ditto.eval.report_compare import BASELINE_STRATEGIES, compare_strategies
 
-BASELINE = "self_consistency"
+BASELINE = BASELINE_STRATEGIES[0]  # self_consistency: what strategy_runs.sh runs as majority voting
+
+
+def _budget(run: Path) -> int | None:
+    """The budget in a run folder's name (`...-b768`), None for runs without one (greedy)."""
+    m = re.search(r"-b(\d+)$", run.name)
+    return int(m.group(1)) if m else None
 
 
 def _runs(root: Path, task: str) -> tuple[dict[int | None, list[Path]], list[Path]]:
@@ -30,8 +36,7 @@ def _runs(root: Path, task: str) -> tuple[dict[int | None, list[Path]], list[Pat
         if not (d / "summary.json").exists():
             unfinished.append(d)
             continue
-        m = re.search(r"-b(\d+)$", d.name)
-        by_budget.setdefault(int(m.group(1)) if m else None, []).append(d)
+        by_budget.setdefault(_budget(d), []).append(d)
     return by_budget, unfinished
 
 
@@ -51,12 +56,11 @@ def _cell(row: dict) -> list[str]:
 def task_table(root: Path, task: str, out_root: Path) -> str:
     by_budget, unfinished = _runs(root, task)
     flat = by_budget.get(None, [])
-    started = {
-        int(m.group(1))
-        for d in [*unfinished, *(d for ds in by_budget.values() for d in ds)]
-        if BASELINE not in d.name and (m := re.search(r"-b(\d+)$", d.name))
-    }
-    main = sorted(b for b in by_budget if b in started)  # budgets the other strategies use, not only voting
+    every = [d for ds in by_budget.values() for d in ds]
+    started = {_budget(d) for d in [*unfinished, *every] if BASELINE not in d.name}
+    main = sorted(
+        b for b in by_budget if b is not None and b in started
+    )  # budgets the other strategies use, not only voting
     curve = sorted(b for b in by_budget if b is not None and b not in main)
     cells: dict[str, dict[int | None, list[str]]] = {}  # variant -> budget -> cells
     order: list[str] = []
@@ -70,7 +74,6 @@ def task_table(root: Path, task: str, out_root: Path) -> str:
             if key not in order:
                 order.append(key)
             cells.setdefault(key, {})[row["budget"] if row["budget"] is not None else b] = _cell(row)
-    every = [d for ds in by_budget.values() for d in ds]
     _, tok_numbers = compare_strategies(every, pair_by="tokens", out=out_root / f"cmp-{task}-tokens")
     near = {(r["variant"], r["budget"]): r for r in tok_numbers["runs"]}
 

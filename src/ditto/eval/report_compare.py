@@ -89,7 +89,11 @@ def _run_label(manifest: dict, run: Path) -> tuple[str, str, int | None]:
         name = f"sample(n={cfg.get('n')}, T={cfg.get('temperature')})"
         return name, name, None
     budget = (st.get("budget") or {}).get("max_generated_tokens")
-    return st.get("name"), st.get("name") if budget is None else f"{st.get('name')}@{budget}", budget
+    return st.get("name"), _at_budget(st.get("name"), budget), budget
+
+
+def _at_budget(name: str, budget: int | None) -> str:
+    return name if budget is None else f"{name}@{budget}"
 
 
 def _variants(loaded: list[dict]) -> None:
@@ -108,7 +112,7 @@ def _variants(loaded: list[dict]) -> None:
         for x, a in zip(xs, args):
             knobs = ",".join(f"{k}={a[k]}" for k in keys if k in a)
             x["variant"] = f"{x['strategy']}[{knobs}]" if knobs else x["strategy"]
-            x["label"] = x["variant"] if x["budget"] is None else f"{x['variant']}@{x['budget']}"
+            x["label"] = _at_budget(x["variant"], x["budget"])
 
 
 def compare_strategies(
@@ -245,7 +249,7 @@ def compare_strategies(
         lines.append("| " + " | ".join(cells) + " |")
     out_dir = Path(out) if out else paths[0]
     out_dir.mkdir(parents=True, exist_ok=True)
-    png = _cost_plot(loaded, out_dir / "compare.png")
+    png = _cost_plot(loaded, out_dir / "compare.png", BASELINE_STRATEGIES)
     lines += ["", f"![accuracy vs cost]({png.name})", ""]
     text = "\n".join(lines)
     (out_dir / "compare.md").write_text(text, encoding="utf-8")

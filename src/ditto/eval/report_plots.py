@@ -78,10 +78,10 @@ def _plots(records: list[dict], summary: dict, out: Path) -> list[tuple[str, Pat
     return made
 
 
-def _cost_plot(loaded: list[dict], path: Path, baseline: str = "self_consistency") -> Path:
+def _cost_plot(loaded: list[dict], path: Path, baselines: tuple[str, ...] = ()) -> Path:
     """Accuracy [95% CI] against mean generated tokens (log axis), one line per strategy variant.
 
-    The `baseline` strategy (majority voting) is drawn in black and thicker: the curve the others must beat.
+    The `baselines` strategies (majority voting) are drawn in black and thicker: the curve the others must beat.
     """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 5))
@@ -98,7 +98,7 @@ def _cost_plot(loaded: list[dict], path: Path, baseline: str = "self_consistency
             [max(0.0, x["ci95"][1] - a) for a, x in zip(acc, xs)],
         ]
         style = dict(fmt="osD^v<>ph*X"[i % 11] + "-", color=colors[i % 10], alpha=0.85)
-        if xs[0]["strategy"] == baseline:
+        if xs[0]["strategy"] in baselines:
             style |= dict(color="black", linewidth=2.2, alpha=1.0, zorder=3)
         ax.errorbar(tok, acc, yerr=err, capsize=3, label=name, **style)
         for t, a, x in zip(tok, acc, xs):
