@@ -11,6 +11,8 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
+
 
 def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
     """95% (by default) Wilson score interval for a binomial proportion; (0, 1) when n == 0."""
@@ -109,23 +111,17 @@ def paired_bootstrap(a: list[float], b: list[float], *, iters: int = 10000, seed
     n = len(a)
     if n == 0:
         return {"diff": 0.0, "ci95": (0.0, 0.0), "p_value": 1.0, "iters": 0}
-    d = [y - x for x, y in zip(a, b)]
-    diff = sum(d) / n
-    rng = random.Random(seed)
-    stats = []
-    for _ in range(iters):
-        s = 0.0
-        for _ in range(n):
-            s += d[rng.randrange(n)]
-        stats.append(s / n)
-    stats.sort()
-    lo = stats[int(0.025 * iters)]
-    hi = stats[min(iters - 1, int(0.975 * iters))]
+    d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    diff = float(d.mean())
+    # every resample at once: (iters, n) indices drawn with replacement -> (iters,) sorted mean differences
+    stats = np.sort(d[np.random.default_rng(seed).integers(0, n, size=(iters, n))].mean(axis=1))
+    lo = float(stats[int(0.025 * iters)])
+    hi = float(stats[min(iters - 1, int(0.975 * iters))])
     # two-sided p: how often the resampled difference lands on the other side of zero (doubled)
     if diff > 0:
-        p = 2 * sum(1 for s in stats if s <= 0) / iters
+        p = 2 * float(np.count_nonzero(stats <= 0)) / iters
     elif diff < 0:
-        p = 2 * sum(1 for s in stats if s >= 0) / iters
+        p = 2 * float(np.count_nonzero(stats >= 0)) / iters
     else:
         p = 1.0
     return {"diff": diff, "ci95": (lo, hi), "p_value": min(1.0, p), "iters": iters}
