@@ -31,6 +31,9 @@ for task in ${TASKS:-arith gsm8k}; do
   SAMPLE="--strategy-arg n=auto --strategy-arg temperature=0.7"
   SECOND="--second-model gemma3-270m"
   run $task-greedy $T $P --strategy greedy
+  for B in $CURVE; do  # majority voting with fewer samples: its accuracy at the token counts other strategies used (cheap: first)
+    run $task-self_consistency-b$B $T $P --budget $B --strategy self_consistency $SAMPLE
+  done
   for B in $BUDGETS; do
     S="$T $P --budget $B"
     run $task-self_consistency-b$B $S --strategy self_consistency $SAMPLE
@@ -47,9 +50,6 @@ for task in ${TASKS:-arith gsm8k}; do
     run $task-tool_integrated-b$B $S --strategy tool_integrated
     run $task-program_of_thought-b$B $S --strategy program_of_thought --strategy-arg n=auto
     run $task-code_self_verification-b$B $S --strategy code_self_verification
-  done
-  for B in $CURVE; do  # majority voting with fewer samples: its accuracy at the token counts other strategies used
-    run $task-self_consistency-b$B $T $P --budget $B --strategy self_consistency $SAMPLE
   done
 done
 echo ALLDONE
