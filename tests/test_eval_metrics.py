@@ -72,6 +72,9 @@ def test_wilson_known_values():
     lo, hi = wilson_interval(50, 100)
     assert (round(lo, 4), round(hi, 4)) == (0.4038, 0.5962)
     assert wilson_interval(0, 0) == (0.0, 1.0)
+    # at the edges the bounds are exact for any n (the float formula alone leaves 1.7e-18 at 0 of 200)
+    for n in (1, 7, 200, 1000):
+        assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0
 
 
 def test_mcnemar_hand_case():
