@@ -62,7 +62,11 @@ def task_table(root: Path, task: str, out_root: Path) -> str:
         b for b in by_budget if b is not None and b in started
     )  # budgets the other strategies use, not only voting
     curve = sorted(b for b in by_budget if b is not None and b not in main)
-    cells: dict[str, dict[int | None, list[str]]] = {}  # variant -> budget -> cells
+    # the token-paired compare sees every finished run, so its variant names are the task's: a per-budget
+    # compare names variants among its own runs only (a lone chunk_guided there would lose its [mode=...])
+    _, tok_numbers = compare_strategies(every, pair_by="tokens", out=out_root / f"cmp-{task}-tokens")
+    near = {r["run"]: r for r in tok_numbers["runs"]}
+    cells: dict[str, dict[int, tuple[list[str], str]]] = {}  # variant -> budget -> (cells, run folder)
     order: list[str] = []
     for b in main:
         base = next((d for d in by_budget[b] if d.name.startswith(f"{task}-{BASELINE}-")), None)
@@ -70,12 +74,10 @@ def task_table(root: Path, task: str, out_root: Path) -> str:
             continue
         _, numbers = compare_strategies([*flat, *by_budget[b]], baseline=base, out=out_root / f"cmp-{task}-b{b}")
         for row in numbers["runs"]:
-            key = row["variant"]
+            key = near[row["run"]]["variant"]
             if key not in order:
                 order.append(key)
-            cells.setdefault(key, {})[row["budget"] if row["budget"] is not None else b] = _cell(row)
-    _, tok_numbers = compare_strategies(every, pair_by="tokens", out=out_root / f"cmp-{task}-tokens")
-    near = {(r["variant"], r["budget"]): r for r in tok_numbers["runs"]}
+            cells.setdefault(key, {})[b] = (_cell(row), row["run"])
 
     head = ["strategy"]
     for b in main:
@@ -84,14 +86,14 @@ def task_table(root: Path, task: str, out_root: Path) -> str:
     for key in order:
         row = [key]
         for b in main:
-            c = cells[key].get(b)
-            if c is None:
+            if b not in cells[key]:
                 row += ["-", "-", "-", "-"]
                 continue
-            r = near.get((key, b)) or near.get((key, None))
+            c, run = cells[key][b]
+            r = near[run]
             tok = (
                 "baseline"
-                if r is None or "diff" not in r
+                if "diff" not in r
                 else f"{100 * r['diff']:+.1f} vs {_short(r['baseline'])}, p={r['mcnemar_p']:.2g}"
             )
             row += [*c, tok]
