@@ -101,6 +101,24 @@ def test_score_is_teacher_forced_logprobs(llm):
     assert torch.allclose(torch.tensor(scored.logprobs), torch.tensor(out.logprobs), atol=1e-5)
 
 
+def test_score_keeps_only_logprobs_unless_asked(llm):
+    """Scoring reduces each position to (logprob, argmax) as it is computed; full logits only on request.
+
+    The continuation spans several 64-token prefill chunks, so rows arrive over several engine steps.
+    """
+    prompt = _prompts(llm, 1, seed=11)[0]
+    cont = [
+        int(t) for t in torch.randint(3, llm.engine.cfg.vocab_size, (200,), generator=torch.Generator().manual_seed(5))
+    ]
+    lean, full = llm.score(prompt, cont), llm.score(prompt, cont, keep_logits=True)
+    assert full.logits.shape == (200, llm.engine.cfg.vocab_size) and full.hidden.shape[0] == 200
+    assert not hasattr(lean, "logits") or lean.logits is None
+    logp = torch.log_softmax(full.logits, dim=-1)[torch.arange(200), torch.tensor(cont)]
+    assert torch.equal(torch.tensor(full.logprobs), logp) and full.top_ids == full.logits.argmax(-1).tolist()
+    # the second call finds the prompt in the prefix cache, which under `fast` may move low bits
+    assert torch.allclose(torch.tensor(lean.logprobs), logp, atol=1e-5)
+
+
 def test_request_output_shortcuts(llm):
     out = llm.generate(["The quick brown fox"], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
     assert out.text == out.outputs[0].text and out.token_ids == out.outputs[0].token_ids

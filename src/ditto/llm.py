@@ -234,18 +234,24 @@ class LLM:
     def score_batch(self, pairs: list[tuple[Prompt, Prompt]], *, keep_logits: bool = False) -> list[ScoreOutput]:
         reqs = []
         with self._lock:
-            self._add_score_requests(pairs, reqs)
+            self._add_score_requests(pairs, reqs, keep_logits)
         self._run_until_done(reqs, False, "scoring")
         return [self._score_output(req, keep_logits) for req in reqs]
 
-    def _add_score_requests(self, pairs: list[tuple[Prompt, Prompt]], reqs: list[Request]) -> None:
+    def _add_score_requests(
+        self, pairs: list[tuple[Prompt, Prompt]], reqs: list[Request], keep_logits: bool = False
+    ) -> None:
         for prompt, cont in pairs:
             _, p_ids = self._prompt_ids(prompt)
             c_ids = self.encode(cont, add_special_tokens=False) if isinstance(cont, str) else [int(t) for t in cont]
             if not c_ids:
                 raise ValueError("empty continuation: nothing to score")
             req = self.engine.add_request(
-                f"score-{next(self._ids)}", p_ids + c_ids, SamplingParams(temperature=0.0), score_from=len(p_ids)
+                f"score-{next(self._ids)}",
+                p_ids + c_ids,
+                SamplingParams(temperature=0.0),
+                score_from=len(p_ids),
+                keep_score_logits=keep_logits,
             )
             req.n_prompt = len(p_ids)
             reqs.append(req)
@@ -253,18 +259,15 @@ class LLM:
     @staticmethod
     def _score_output(req: Request, keep_logits: bool) -> ScoreOutput:
         seq = req.seqs[0]
-        c_ids = seq.prompt_ids[req.n_prompt :]
-        logits = torch.stack([row[0] for row in seq.score_rows])  # (C, V)
-        hidden = torch.stack([row[1] for row in seq.score_rows])  # (C, hidden)
-        logp = torch.log_softmax(logits, dim=-1)
         out = ScoreOutput(
             prompt_token_ids=seq.prompt_ids[: req.n_prompt],
-            token_ids=c_ids,
-            logprobs=logp[torch.arange(len(c_ids)), torch.tensor(c_ids)].tolist(),
-            top_ids=logits.argmax(-1).tolist(),
+            token_ids=seq.prompt_ids[req.n_prompt :],
+            logprobs=[row[0] for row in seq.score_rows],
+            top_ids=[row[1] for row in seq.score_rows],
         )
         if keep_logits:
-            out.logits, out.hidden = logits, hidden
+            out.logits = torch.stack([row[2] for row in seq.score_rows])  # (C, V)
+            out.hidden = torch.stack([row[3] for row in seq.score_rows])  # (C, hidden)
         return out
 
     # ---- outputs ------------------------------------------------------------------------------

@@ -67,6 +67,7 @@ class LLMEngine:
         params: SamplingParams,
         prompt: str | None = None,
         score_from: int | None = None,
+        keep_score_logits: bool = False,
     ) -> Request:
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
@@ -84,7 +85,15 @@ class LLMEngine:
             raise PromptTooLong(f"prompt + continuation have {len(prompt_ids)} tokens; the context window is {limit}")
         params = params.with_seed()
         req = Request(request_id, prompt, list(prompt_ids), params, score=score_from is not None)
-        seq = Sequence(request_id, list(prompt_ids), params, 0, fork_n=params.n, score_from=score_from)
+        seq = Sequence(
+            request_id,
+            list(prompt_ids),
+            params,
+            0,
+            fork_n=params.n,
+            score_from=score_from,
+            keep_score_logits=keep_score_logits,
+        )
         if params.n > 1 and score_from is None:
             req.seqs = [seq]
         else:
@@ -128,8 +137,19 @@ class LLMEngine:
             self.blocks.commit(item.seq, item.end)
         for item, first, count in out.score_items:
             seq = item.seq
+            # reduce each scored row to (logprob of its token, argmax) now: a (count, V) block kept per step for
+            # every request would hold vocab-size floats per scored token (1 MB each for gemma-3's 262k vocab)
+            logits = out.score_logits[first : first + count]  # (count, V)
+            logp = torch.log_softmax(logits, dim=-1)
+            k = len(seq.score_rows)
+            targets = torch.tensor(seq.prompt_ids[seq.score_from + k : seq.score_from + k + count])  # (count,)
+            picked = logp[torch.arange(count), targets].tolist()
+            top = logits.argmax(-1).tolist()
             for j in range(count):
-                seq.score_rows.append((out.score_logits[first + j], out.score_hidden[first + j]))
+                keep = seq.keep_score_logits
+                row_logits = logits[j].clone() if keep else None
+                row_hidden = out.score_hidden[first + j].clone() if keep else None
+                seq.score_rows.append((picked[j], top[j], row_logits, row_hidden))
             touched[seq.request_id] = self.requests[seq.request_id]
         for item in batch.items:
             seq = item.seq

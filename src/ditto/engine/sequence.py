@@ -26,6 +26,7 @@ class Sequence:
     sample_index: int = 0
     fork_n: int = 1  # >1: once the prompt is computed, fork into this many samples sharing its cache
     score_from: int | None = None  # teacher-forced scoring: collect logits for tokens[score_from:]
+    keep_score_logits: bool = False  # scoring: keep each position's full logits and hidden state, not only its logprob
     seq_id: int = field(default_factory=lambda: next(_ids))
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
