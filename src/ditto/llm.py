@@ -236,7 +236,7 @@ class LLM:
         with self._lock:
             self._add_score_requests(pairs, reqs, keep_logits)
         self._run_until_done(reqs, False, "scoring")
-        return [self._score_output(req, keep_logits) for req in reqs]
+        return [self._score_output(req) for req in reqs]
 
     def _add_score_requests(
         self, pairs: list[tuple[Prompt, Prompt]], reqs: list[Request], keep_logits: bool = False
@@ -257,7 +257,7 @@ class LLM:
             reqs.append(req)
 
     @staticmethod
-    def _score_output(req: Request, keep_logits: bool) -> ScoreOutput:
+    def _score_output(req: Request) -> ScoreOutput:
         seq = req.seqs[0]
         out = ScoreOutput(
             prompt_token_ids=seq.prompt_ids[: req.n_prompt],
@@ -265,7 +265,7 @@ class LLM:
             logprobs=[row[0] for row in seq.score_rows],
             top_ids=[row[1] for row in seq.score_rows],
         )
-        if keep_logits:
+        if seq.keep_score_logits:  # asked for at submission (score_batch's keep_logits)
             out.logits = torch.stack([row[2] for row in seq.score_rows])  # (C, V)
             out.hidden = torch.stack([row[3] for row in seq.score_rows])  # (C, hidden)
         return out

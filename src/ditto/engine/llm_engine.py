@@ -145,8 +145,8 @@ class LLMEngine:
             targets = torch.tensor(seq.prompt_ids[seq.score_from + k : seq.score_from + k + count])  # (count,)
             picked = logp[torch.arange(count), targets].tolist()
             top = logits.argmax(-1).tolist()
+            keep = seq.keep_score_logits
             for j in range(count):
-                keep = seq.keep_score_logits
                 row_logits = logits[j].clone() if keep else None
                 row_hidden = out.score_hidden[first + j].clone() if keep else None
                 seq.score_rows.append((picked[j], top[j], row_logits, row_hidden))
