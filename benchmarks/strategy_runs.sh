@@ -6,7 +6,8 @@
 # curve of accuracy against tokens for strategies that spend less than their cap.
 # Then: python benchmarks/strategy_table.py (the table, compare folders and plots), or by hand:
 # ditto eval compare RUNS/<task>-* --baseline RUNS/<task>-self_consistency-b<B>
-# RUNS=folder (default runs/strategies-smollm2); TASKS="arith gsm8k" to choose; THREADS (default 2). On a
+# RUNS=folder (default runs/strategies-smollm2); TASKS="arith gsm8k" to choose; BUDGETS="1024" to run one
+# budget; ONLY=regex to run just the runs whose folder name matches it; THREADS (default 2). On a
 # 2-core box two 1-thread jobs side by side (TASKS=arith and TASKS=gsm8k) finish sooner than one 2-thread job
 # (measured: 2 x 352 tok/s vs 529 tok/s sampling 128 sequences, 1.33x). Several jobs may share one task: each
 # run holds a lock (flock, released when its job dies), so a second job skips what the first is computing.
@@ -17,15 +18,16 @@ E="ditto eval --threads ${THREADS:-2} --no-progress --json --limit 200 --numeric
 run() {  # run NAME ARGS...
   local name=$1; shift
   [ -f "$R/$name/summary.json" ] && return
+  [[ -n "${ONLY:-}" && ! "$name" =~ $ONLY ]] && return
   exec {lock}> "$R/$name.lock"
   flock -n $lock && $E "$@" --out "$R/$name" > "$R/$name.json"
   exec {lock}>&-
 }
 for task in ${TASKS:-arith gsm8k}; do
   if [ "$task" = arith ]; then
-    T="--task arith --arith-digits 1 --arith-steps 1 --prompt chat-fewshot --max-tokens 96"; BUDGETS="384 768"; STEP=16; CURVE="96 192"
+    T="--task arith --arith-digits 1 --arith-steps 1 --prompt chat-fewshot --max-tokens 96"; budgets=${BUDGETS:-384 768}; STEP=16; CURVE="96 192"
   else
-    T="--task gsm8k --prompt chat --max-tokens 256"; BUDGETS="512 1024"; STEP=48; CURVE="256"
+    T="--task gsm8k --prompt chat --max-tokens 256"; budgets=${BUDGETS:-512 1024}; STEP=48; CURVE="256"
   fi
   P="--strategy-arg prompt=task"
   SAMPLE="--strategy-arg n=auto --strategy-arg temperature=0.7"
@@ -34,7 +36,7 @@ for task in ${TASKS:-arith gsm8k}; do
   for B in $CURVE; do  # majority voting with fewer samples: its accuracy at the token counts other strategies used (cheap: first)
     run $task-self_consistency-b$B $T $P --budget $B --strategy self_consistency $SAMPLE
   done
-  for B in $BUDGETS; do
+  for B in $budgets; do
     S="$T $P --budget $B"
     run $task-self_consistency-b$B $S --strategy self_consistency $SAMPLE
     run $task-best_of_n-self-b$B $S --strategy best_of_n $SAMPLE --strategy-arg scorer=self
