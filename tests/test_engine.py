@@ -73,6 +73,33 @@ def test_preemption_under_memory_pressure(tiny_llama):
     assert small.engine.blocks.num_free == 24
 
 
+def test_score_under_preemption_equals_score_alone(tiny_llama):
+    """Scoring requests preempted part-way through their prefill recompute their rows instead of appending
+    them a second time: every logprob lines up with its token."""
+    small = LLM(
+        str(tiny_llama),
+        progress=False,
+        num_kv_blocks=24,
+        block_size=8,
+        max_num_seqs=16,
+        prefill_chunk=16,
+        max_num_batched_tokens=64,
+        determinism="batch_invariant",
+    )
+    roomy = LLM(str(tiny_llama), progress=False, enable_prefix_caching=False, determinism="batch_invariant")
+    rng = random.Random(3)
+    vocab = small.loaded.config.vocab_size
+    pairs = [
+        ([rng.randrange(3, vocab) for _ in range(20)], [rng.randrange(3, vocab) for _ in range(60)]) for _ in range(6)
+    ]
+    outs = small.score_batch(pairs)
+    assert small.engine.stats["preemptions"] > 0
+    for (prompt, cont), out in zip(pairs, outs):
+        alone = roomy.score(prompt, cont)
+        assert len(out.logprobs) == len(cont) and out.top_ids == alone.top_ids
+        assert torch.equal(torch.tensor(out.logprobs), torch.tensor(alone.logprobs))
+
+
 def test_chunked_prefill_and_stop(llm):
     prompt = _prompts(llm, 1, seed=4)[0] * 3
     whole = LLM(str(llm.loaded.path), progress=False, prefill_chunk=512).generate([prompt], GREEDY)[0]

@@ -75,6 +75,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.free_seq(seq)
         seq.num_cached = 0
+        seq.score_rows.clear()  # recomputed from the scored start: the prefix cache never covers a scored row
         seq.status = Status.WAITING
         self.running.remove(seq)
         self.waiting.appendleft(seq)
