@@ -81,6 +81,11 @@ def test_strategy_runs_resume_and_compare(tiny_llama, tmp_path):
     manifest = json.loads((sc / "manifest.json").read_text())
     assert [s["resumed_with"] for s in manifest["sessions"]] == [0, 2]
     assert all(s["seconds"] > 0 for s in manifest["sessions"])
+    # what the numbers were computed under: the engine's counters, per session (a fresh engine each time)
+    for s in manifest["sessions"]:
+        stats = s["engine_stats"]["policy"]
+        assert stats["steps"] > 0 and stats["decode_tokens"] > 0 and stats["scoring_preemptions"] == 0
+        assert "second" not in s["engine_stats"]
     assert manifest["strategy"]["name"] == "self_consistency"
     assert manifest["strategy"]["config"]["n"] == 4
     assert manifest["strategy"]["budget"]["max_generated_tokens"] == 64

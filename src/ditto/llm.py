@@ -117,6 +117,13 @@ class LLM:
             "sampler": "ditto counter-based Gumbel-max (splitmix64-gumbel-v1)",
         }
 
+    def engine_stats(self) -> dict:
+        """Counters since the engine started: steps, prefill/decode tokens, preemptions (and of those, scoring
+        requests), prefix-cache hit tokens, copy-on-write copies. Under `fast`, preemptions and batch mix
+        move low bits; eval runs record these beside their results."""
+        with self._lock:
+            return dict(self.engine.stats) | dict(self.engine.blocks.stats)
+
     # ---- generation ---------------------------------------------------------------------------
     def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

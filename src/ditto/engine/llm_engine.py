@@ -57,7 +57,7 @@ class LLMEngine:
         self.fingerprint_fn = fingerprint_fn  # (hidden (N, d), k) -> (N, k) float64
         self.stop_ids = frozenset(getattr(tokenizer, "stop_ids", ()) or ()) | frozenset(cfg.eos_token_ids)
         self._arrivals = itertools.count()
-        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0}
+        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "scoring_preemptions": 0}
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(
@@ -130,6 +130,7 @@ class LLMEngine:
     def postprocess(self, batch: Batch, out: StepOutput) -> list[Request]:
         self.stats["steps"] += 1
         self.stats["preemptions"] += len(batch.preempted)
+        self.stats["scoring_preemptions"] += sum(seq.score_from is not None for seq in batch.preempted)
         touched: dict[str, Request] = {}
         for item in batch.items:
             prefill = item.seq.in_prefill or item.seq.score_from is not None or item.num_tokens > 1

@@ -352,11 +352,22 @@ def run_eval(
                     time.sleep(delay)
             session["grader_timeouts"] = pool.timeouts
     finally:
+        session["engine_stats"] = engine_stats(backend)
         writer.close()
         if prog:
             prog.stop()
     records = [done_recs[p.id] for p in problems if p.id in done_recs]
     return finish_run(out, task_name, records, config.seed, session, manifest, manifest_path, report)
+
+
+def engine_stats(backend, second=None) -> dict:
+    """The engines' counters (steps, tokens, preemptions, prefix hits) since they started, per model, for
+    backends that keep them (ditto's LLM); what a run's numbers were computed under."""
+    stats = {}
+    for label, b in (("policy", backend), ("second", second)):
+        if b is not None and callable(getattr(b, "engine_stats", None)):
+            stats[label] = b.engine_stats()
+    return stats
 
 
 def finish_run(out, task_name, records, seed, session, manifest, manifest_path, report, extra=None) -> dict:

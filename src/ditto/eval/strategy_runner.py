@@ -50,6 +50,7 @@ from ditto.eval.runner import (
     ResumeMismatch,
     _progress,
     _ResultsWriter,
+    engine_stats,
     finish_run,
     load_results,
     problem_seed,
@@ -375,6 +376,7 @@ def run_strategy_eval(
     finally:
         cancel.set()  # problems still in flight stop at their next backend call
         pool_ex.shutdown(wait=True, cancel_futures=True)
+        session["engine_stats"] = engine_stats(backend, second)
         writer.close()
         if prog:
             prog.stop()
