@@ -146,6 +146,54 @@ def test_score_keeps_only_logprobs_unless_asked(llm):
     assert torch.allclose(torch.tensor(lean.logprobs), logp, atol=1e-5)
 
 
+def test_score_reuses_rows_of_a_scored_prefix_bit_for_bit(tiny_llama):
+    """A longer continuation of an already-scored text computes only its new tokens, and its logprobs are
+    the ones a cold engine computes (batch_invariant: rows do not depend on prefix-cache state)."""
+    warm = LLM(str(tiny_llama), progress=False, determinism="batch_invariant", block_size=8, prefill_chunk=32)
+    cold = LLM(str(tiny_llama), progress=False, determinism="batch_invariant", enable_prefix_caching=False)
+    rng = random.Random(21)
+    vocab = warm.loaded.config.vocab_size
+    prompt = [rng.randrange(3, vocab) for _ in range(13)]
+    steps = [[rng.randrange(3, vocab) for _ in range(rng.randrange(5, 30))] for _ in range(5)]
+    text: list[int] = []
+    for step in steps:  # a beam's partial solution, one step longer each round
+        text = text + step
+        before = dict(warm.engine_stats())
+        out = warm.score(prompt, text)
+        stats = warm.engine_stats()
+        ref = cold.score(prompt, text)
+        assert out.top_ids == ref.top_ids and torch.equal(torch.tensor(out.logprobs), torch.tensor(ref.logprobs))
+        computed = stats["prefill_tokens"] - before["prefill_tokens"]
+        reused = stats["score_hit_tokens"] - before["score_hit_tokens"]
+        assert computed + stats["prefix_hit_tokens"] - before["prefix_hit_tokens"] == len(prompt) + len(text)
+        if len(text) > len(step) + 8:  # a full block of earlier text with known rows: not computed again
+            assert reused > 0 and computed < len(text)
+    assert warm.engine.blocks.scored
+    # scoring from an earlier point needs rows that were never scored: computed, still exact
+    out, ref = warm.score(prompt[:5], prompt[5:] + text), cold.score(prompt[:5], prompt[5:] + text)
+    assert torch.equal(torch.tensor(out.logprobs), torch.tensor(ref.logprobs))
+    # full logits are never remembered: a request that keeps them computes every scored row
+    full = warm.score(prompt, text, keep_logits=True)
+    assert full.logits.shape == (len(text), vocab) and torch.equal(
+        torch.tensor(full.logprobs), torch.tensor(ref.logprobs[-len(text) :])
+    )
+    warm.engine.blocks.check([])
+
+
+def test_score_rows_forgotten_with_their_blocks(tiny_llama):
+    """Remembered rows go when their block is evicted; scoring after that recomputes, same bits."""
+    small = LLM(str(tiny_llama), progress=False, determinism="batch_invariant", num_kv_blocks=12, block_size=8)
+    cold = LLM(str(tiny_llama), progress=False, determinism="batch_invariant", enable_prefix_caching=False)
+    rng = random.Random(4)
+    vocab = small.loaded.config.vocab_size
+    texts = [[rng.randrange(3, vocab) for _ in range(60)] for _ in range(4)]
+    for text in texts + texts:  # each text alone nearly fills the cache: the next one evicts it
+        out = small.score(text[:4], text[4:])
+        assert torch.equal(torch.tensor(out.logprobs), torch.tensor(cold.score(text[:4], text[4:]).logprobs))
+        small.engine.blocks.check([])
+    assert small.engine_stats()["score_hit_tokens"] == 0  # by its second turn each text had been evicted
+
+
 def test_request_output_shortcuts(llm):
     out = llm.generate(["The quick brown fox"], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
     assert out.text == out.outputs[0].text and out.token_ids == out.outputs[0].token_ids

@@ -3,6 +3,12 @@
 The manager owns no tensors; it hands the runner block ids and (src, dst) block copies to perform.
 A full block is registered under a hash of (hash of the previous block, its token ids), so a
 prefix that another sequence already computed is reused instead of recomputed.
+
+Scoring reuses more than K/V: a finished scoring request leaves, beside each full block, the
+(logprob, argmax) of the tokens its rows predicted, keyed by the token that follows the block. A
+later request that scores the same text plus more (a beam's partial solution one step longer)
+takes those rows and computes only the new tokens. Under `batch_invariant` and `exact` a row's bits
+do not depend on prefix-cache state, so the reused rows are the ones it would have computed.
 """
 
 from __future__ import annotations
@@ -30,10 +36,13 @@ class BlockManager:
         self.ref = [0] * num_blocks
         self.hash_of: list[int | None] = [None] * num_blocks
         self.cached: dict[int, int] = {}  # block hash -> block id (full blocks only)
+        # block hash -> {token after the block: per row of the block, (logprob, argmax) of the token it predicts,
+        # None for rows that were not scored}; dropped with the block's prefix-cache entry
+        self.scored: dict[int, dict[int, tuple[tuple[float, int] | None, ...]]] = {}
         # free blocks in eviction order (least recently freed first); values unused
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.pending_copies: list[tuple[int, int]] = []
-        self.stats = {"prefix_hit_tokens": 0, "cow_copies": 0}
+        self.stats = {"prefix_hit_tokens": 0, "cow_copies": 0, "score_hit_tokens": 0}
 
     # ---- accounting -------------------------------------------------------------------------
     @property
@@ -66,6 +75,7 @@ class BlockManager:
         if h is not None:  # evict its prefix-cache entry
             if self.cached.get(h) == block:
                 del self.cached[h]
+                self.scored.pop(h, None)
             self.hash_of[block] = None
         self.ref[block] = 1
         return block
@@ -78,27 +88,59 @@ class BlockManager:
             self.free[block] = None  # stays findable by hash until reused
 
     def match_prefix(self, seq: Sequence) -> None:
-        """Attach cached full blocks for the start of a new (or recomputed) sequence."""
-        assert not seq.block_table and seq.num_computed == 0
+        """Attach cached full blocks for the start of a new (or recomputed) sequence. A scoring sequence
+        also takes the remembered rows of those blocks: a block is attached only if every scored row in it
+        is known (full logits are never remembered, so a request that keeps them stops before its scored part)."""
+        assert not seq.block_table and seq.num_computed == 0 and not seq.score_rows
         if not self.prefix_caching:
             return
-        tokens = seq.tokens
-        # always leave >= 1 token to compute (for logits); scoring needs every scored position computed
-        last_needed = len(tokens) - 1 if seq.score_from is None else max(0, seq.score_from - 1)
-        limit = last_needed // self.block_size
+        tokens, bs, score_from = seq.tokens, self.block_size, seq.score_from
+        # always leave >= 1 token to compute (for logits); kept logits need every scored position computed
+        last_needed = max(0, score_from - 1) if seq.keep_score_logits else len(tokens) - 1
         prev = None
-        for i in range(limit):
-            h = block_hash(prev, tokens[i * self.block_size : (i + 1) * self.block_size])
+        rows: list[tuple[float, int, None, None]] = []
+        for i in range(last_needed // bs):
+            h = block_hash(prev, tokens[i * bs : (i + 1) * bs])
             block = self.cached.get(h)
             if block is None:
                 break
+            if score_from is not None and (i + 1) * bs >= score_from:  # its rows predict scored tokens
+                known = self.scored.get(h, {}).get(tokens[(i + 1) * bs])
+                first = max(0, score_from - 1 - i * bs)  # the first row whose next token is scored
+                if known is None or any(r is None for r in known[first:]):
+                    break
+                rows.extend((lp, top, None, None) for lp, top in known[first:])
             if self.ref[block] == 0:
                 del self.free[block]
             self.ref[block] += 1
             seq.block_table.append(block)
             prev = h
-        seq.num_computed = seq.num_cached = len(seq.block_table) * self.block_size
+        seq.num_computed = seq.num_cached = len(seq.block_table) * bs
+        seq.score_rows.extend(rows)
         self.stats["prefix_hit_tokens"] += seq.num_cached
+        self.stats["score_hit_tokens"] += len(rows)
+
+    def remember_scores(self, seq: Sequence) -> None:
+        """Keep a finished scoring sequence's (logprob, argmax) rows beside its full blocks' cache entries."""
+        score_from = seq.score_from
+        if not self.prefix_caching or score_from is None or seq.num_computed < len(seq):
+            return
+        tokens, bs = seq.tokens, self.block_size
+        for i in range((len(tokens) - 1) // bs):  # full blocks followed by a token
+            if (i + 1) * bs < score_from:
+                continue
+            h = self.hash_of[seq.block_table[i]]
+            if h is None or h not in self.cached:
+                continue
+            rows = tuple(
+                seq.score_rows[t - score_from][:2] if t >= score_from else None
+                for t in range(i * bs + 1, (i + 1) * bs + 1)  # the token each row of the block predicts
+            )
+            entry = self.scored.setdefault(h, {})
+            old = entry.get(tokens[(i + 1) * bs])
+            if old is not None:  # a request that scored from earlier on knows more rows
+                rows = tuple(a if a is not None else b for a, b in zip(rows, old))
+            entry[tokens[(i + 1) * bs]] = rows
 
     def allocate(self, seq: Sequence, num_new: int) -> None:
         """Make room for `num_new` more tokens of `seq` (caller checked can_allocate)."""
@@ -160,3 +202,4 @@ class BlockManager:
             assert (self.ref[b] == 0) == (b in self.free), f"block {b}: ref {self.ref[b]} vs free list"
         for h, b in self.cached.items():
             assert self.hash_of[b] == h
+        assert self.scored.keys() <= self.cached.keys(), "remembered score rows outlived their block"

@@ -155,6 +155,7 @@ class LLMEngine:
         for item in batch.items:
             seq = item.seq
             if seq.score_from is not None and item.completes:
+                self.blocks.remember_scores(seq)
                 seq.finish_reason = "score"
                 self.scheduler.finish(seq)
                 touched[seq.request_id] = self.requests[seq.request_id]
