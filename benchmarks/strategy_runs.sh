@@ -11,9 +11,22 @@
 # 2-core box two 1-thread jobs side by side (TASKS=arith and TASKS=gsm8k) finish sooner than one 2-thread job
 # (measured: 2 x 352 tok/s vs 529 tok/s sampling 128 sequences, 1.33x). Several jobs may share one task: each
 # run holds a lock (flock, released when its job dies), so a second job skips what the first is computing.
+# The matrix takes longer than one working session and runs/ is not kept: the run records (manifest, results,
+# summary; not reports) are kept in git under benchmarks/results/<folder>. `SNAPSHOT=1 bash ...` copies them
+# there; every start first copies in the kept records of runs the folder lacks, so unfinished runs resume.
 cd "$(dirname "$0")/.." && source .venv/bin/activate
 R=${RUNS:-runs/strategies-smollm2}
+K=benchmarks/results/$(basename "$R")
 mkdir -p "$R"
+if [ -n "${SNAPSHOT:-}" ]; then
+  for d in "$R"/*/; do
+    [ -f "$d/results.jsonl" ] || continue
+    mkdir -p "$K/$(basename "$d")" && cp "$d"/{manifest.json,results.jsonl} "$K/$(basename "$d")/"
+    if [ -f "$d/summary.json" ]; then cp "$d/summary.json" "$K/$(basename "$d")/"; fi
+  done
+  echo "kept in $K"; exit 0
+fi
+[ -d "$K" ] && cp -rn "$K"/. "$R"/
 E="ditto eval --threads ${THREADS:-2} --no-progress --json --limit 200 --numerics bf16 --batch-problems 32 --max-num-seqs 128"
 run() {  # run NAME ARGS...
   local name=$1; shift
