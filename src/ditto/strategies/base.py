@@ -38,7 +38,7 @@ class Budget:
 @dataclass(frozen=True)
 class Cost:
     generated_tokens: int = 0
-    scored_tokens: int = 0
+    scored_tokens: int = 0  # continuation tokens whose logprobs were asked for (an engine may serve some from cache)
     model_calls: int = 0
     scorer_calls: int = 0  # process-reward-model plug-in calls
     sandbox_runs: int = 0
