@@ -194,6 +194,27 @@ def test_score_rows_forgotten_with_their_blocks(tiny_llama):
     assert small.engine_stats()["score_hit_tokens"] == 0  # by its second turn each text had been evicted
 
 
+def test_score_rows_reduced_in_chunks_same_bits(tiny_llama, monkeypatch):
+    """The runner turns scoring rows into logits SCORE_CHUNK rows at a time and returns only (logprob,
+    argmax) unless full logits are kept; the chunk size changes no bit (batch_invariant)."""
+    from ditto.engine import runner
+
+    llm = LLM(str(tiny_llama), progress=False, determinism="batch_invariant", enable_prefix_caching=False)
+    rng = random.Random(8)
+    vocab = llm.loaded.config.vocab_size
+    pairs = [
+        ([rng.randrange(3, vocab) for _ in range(9)], [rng.randrange(3, vocab) for _ in range(300)]) for _ in range(3)
+    ]
+    whole = llm.score_batch(pairs, keep_logits=True)
+    monkeypatch.setattr(runner, "SCORE_CHUNK", 7)
+    lean, kept = llm.score_batch(pairs), llm.score_batch(pairs, keep_logits=True)
+    for (_, cont), w, a, b in zip(pairs, whole, lean, kept):
+        logp = torch.log_softmax(w.logits, dim=-1)[torch.arange(len(cont)), torch.tensor(cont)]
+        assert torch.equal(torch.tensor(w.logprobs), logp) and w.top_ids == w.logits.argmax(-1).tolist()
+        assert torch.equal(torch.tensor(a.logprobs), logp) and a.top_ids == w.top_ids
+        assert torch.equal(b.logits, w.logits) and torch.equal(b.hidden, w.hidden)
+
+
 def test_request_output_shortcuts(llm):
     out = llm.generate(["The quick brown fox"], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
     assert out.text == out.outputs[0].text and out.token_ids == out.outputs[0].token_ids

@@ -136,20 +136,14 @@ class LLMEngine:
             prefill = item.seq.in_prefill or item.seq.score_from is not None or item.num_tokens > 1
             self.stats["prefill_tokens" if prefill else "decode_tokens"] += item.num_tokens
             self.blocks.commit(item.seq, item.end)
-        for item, first, count in out.score_items:
+        for item, first, count, kept in out.score_items:
             seq = item.seq
-            # reduce each scored row to (logprob of its token, argmax) now: a (count, V) block kept per step for
-            # every request would hold vocab-size floats per scored token (1 MB each for gemma-3's 262k vocab)
-            logits = out.score_logits[first : first + count]  # (count, V)
-            logp = torch.log_softmax(logits, dim=-1)
-            k = len(seq.score_rows)
-            targets = torch.tensor(seq.prompt_ids[seq.score_from + k : seq.score_from + k + count])  # (count,)
-            picked = logp[torch.arange(count), targets].tolist()
-            top = logits.argmax(-1).tolist()
-            keep = seq.keep_score_logits
+            picked = out.score_logprobs[first : first + count].tolist()
+            top = out.score_top[first : first + count].tolist()
             for j in range(count):
-                row_logits = logits[j].clone() if keep else None
-                row_hidden = out.score_hidden[first + j].clone() if keep else None
+                # a kept row is copied out of the step's block, so that the block is not pinned by one row
+                row_logits = out.score_logits[kept + j].clone() if kept is not None else None
+                row_hidden = out.score_hidden[kept + j].clone() if kept is not None else None
                 seq.score_rows.append((picked[j], top[j], row_logits, row_hidden))
             touched[seq.request_id] = self.requests[seq.request_id]
         for item in batch.items:
