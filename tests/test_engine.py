@@ -18,7 +18,11 @@ def llm(tiny_llama):
 def _prompts(llm, n, seed=0):
     rng = random.Random(seed)
     vocab = llm.loaded.config.vocab_size
-    return [[rng.randrange(3, vocab) for _ in range(rng.randrange(1, 120))] for _ in range(n)]
+    return [_ids(rng, vocab, rng.randrange(1, 120)) for _ in range(n)]
+
+
+def _ids(rng: random.Random, vocab: int, n: int) -> list[int]:
+    return [rng.randrange(3, vocab) for _ in range(n)]
 
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -89,9 +93,7 @@ def test_score_under_preemption_equals_score_alone(tiny_llama):
     roomy = LLM(str(tiny_llama), progress=False, enable_prefix_caching=False, determinism="batch_invariant")
     rng = random.Random(3)
     vocab = small.loaded.config.vocab_size
-    pairs = [
-        ([rng.randrange(3, vocab) for _ in range(20)], [rng.randrange(3, vocab) for _ in range(60)]) for _ in range(6)
-    ]
+    pairs = [(_ids(rng, vocab, 20), _ids(rng, vocab, 60)) for _ in range(6)]
     outs = small.score_batch(pairs)
     assert small.engine.stats["preemptions"] > 0
     for (prompt, cont), out in zip(pairs, outs):
@@ -153,8 +155,8 @@ def test_score_reuses_rows_of_a_scored_prefix_bit_for_bit(tiny_llama):
     cold = LLM(str(tiny_llama), progress=False, determinism="batch_invariant", enable_prefix_caching=False)
     rng = random.Random(21)
     vocab = warm.loaded.config.vocab_size
-    prompt = [rng.randrange(3, vocab) for _ in range(13)]
-    steps = [[rng.randrange(3, vocab) for _ in range(rng.randrange(5, 30))] for _ in range(5)]
+    prompt = _ids(rng, vocab, 13)
+    steps = [_ids(rng, vocab, rng.randrange(5, 30)) for _ in range(5)]
     text: list[int] = []
     for step in steps:  # a beam's partial solution, one step longer each round
         text = text + step
@@ -186,7 +188,7 @@ def test_score_rows_forgotten_with_their_blocks(tiny_llama):
     cold = LLM(str(tiny_llama), progress=False, determinism="batch_invariant", enable_prefix_caching=False)
     rng = random.Random(4)
     vocab = small.loaded.config.vocab_size
-    texts = [[rng.randrange(3, vocab) for _ in range(60)] for _ in range(4)]
+    texts = [_ids(rng, vocab, 60) for _ in range(4)]
     for text in texts + texts:  # each text alone nearly fills the cache: the next one evicts it
         out = small.score(text[:4], text[4:])
         assert torch.equal(torch.tensor(out.logprobs), torch.tensor(cold.score(text[:4], text[4:]).logprobs))
@@ -202,9 +204,7 @@ def test_score_rows_reduced_in_chunks_same_bits(tiny_llama, monkeypatch):
     llm = LLM(str(tiny_llama), progress=False, determinism="batch_invariant", enable_prefix_caching=False)
     rng = random.Random(8)
     vocab = llm.loaded.config.vocab_size
-    pairs = [
-        ([rng.randrange(3, vocab) for _ in range(9)], [rng.randrange(3, vocab) for _ in range(300)]) for _ in range(3)
-    ]
+    pairs = [(_ids(rng, vocab, 9), _ids(rng, vocab, 300)) for _ in range(3)]
     whole = llm.score_batch(pairs, keep_logits=True)
     monkeypatch.setattr(runner, "SCORE_CHUNK", 7)
     lean, kept = llm.score_batch(pairs), llm.score_batch(pairs, keep_logits=True)
