@@ -96,6 +96,12 @@ def test_score_under_preemption_equals_score_alone(tiny_llama):
     pairs = [(_ids(rng, vocab, 20), _ids(rng, vocab, 60)) for _ in range(6)]
     outs = small.score_batch(pairs)
     assert small.engine.stats["preemptions"] > 0
+    # again, one step longer: the rows remembered from the first round are taken at admission and given back
+    # when a full cache turns the request away or preempts it
+    longer = [(prompt, cont + _ids(rng, vocab, 10)) for prompt, cont in reversed(pairs)]  # most recent first
+    outs += small.score_batch(longer)
+    pairs += longer
+    assert small.engine_stats()["score_hit_tokens"] > 0
     for (prompt, cont), out in zip(pairs, outs):
         alone = roomy.score(prompt, cont)
         assert len(out.logprobs) == len(cont) and out.top_ids == alone.top_ids
@@ -180,6 +186,28 @@ def test_score_reuses_rows_of_a_scored_prefix_bit_for_bit(tiny_llama):
         torch.tensor(full.logprobs), torch.tensor(ref.logprobs[-len(text) :])
     )
     warm.engine.blocks.check([])
+
+
+def test_score_turned_away_at_admission_gives_back_its_rows(tiny_llama):
+    """A scoring request that found its prefix and rows in the cache but no room for the rest waits without
+    them, and takes them again when it is admitted."""
+    small = LLM(str(tiny_llama), progress=False, determinism="batch_invariant", num_kv_blocks=12, block_size=8)
+    cold = LLM(str(tiny_llama), progress=False, determinism="batch_invariant", enable_prefix_caching=False)
+    rng = random.Random(6)
+    vocab = small.loaded.config.vocab_size
+    prompt, cont = _ids(rng, vocab, 4), _ids(rng, vocab, 36)
+    small.score(prompt, cont)  # 5 blocks, their rows remembered
+    longer = cont + _ids(rng, vocab, 10)
+    engine = small.engine
+    engine.add_request("gen", _ids(rng, vocab, 60), SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    engine.add_request("score", prompt + longer, SamplingParams(temperature=0), score_from=len(prompt))
+    hits = engine.blocks.stats["score_hit_tokens"]
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.blocks.stats["score_hit_tokens"] - hits > len(longer)  # matched, turned away, matched again
+    rows = engine.requests["score"].seqs[0].score_rows
+    assert torch.equal(torch.tensor([r[0] for r in rows]), torch.tensor(cold.score(prompt, longer).logprobs))
+    engine.blocks.check([])
 
 
 def test_score_rows_forgotten_with_their_blocks(tiny_llama):

@@ -72,10 +72,15 @@ class Scheduler:
             n = min(n, self.config.prefill_chunk)
         return n
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _release(self, seq: Sequence) -> None:
+        """Back to no blocks: its cached prefix, and the scoring rows it computed or took from the score
+        cache, come again when it is (re)admitted."""
         self.blocks.free_seq(seq)
         seq.num_cached = 0
-        seq.score_rows.clear()  # recomputed from the scored start: the prefix cache never covers a scored row
+        seq.score_rows.clear()
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._release(seq)
         seq.status = Status.WAITING
         self.running.remove(seq)
         self.waiting.appendleft(seq)
@@ -113,8 +118,7 @@ class Scheduler:
                 self.blocks.match_prefix(seq)
             n = self._chunk(seq, budget)
             if not self.blocks.can_allocate(seq, n):
-                self.blocks.free_seq(seq)  # give back prefix-cache blocks it would have shared
-                seq.num_cached = 0
+                self._release(seq)  # give back prefix-cache blocks it would have shared
                 if not self.running and not items:
                     raise RuntimeError(
                         f"a sequence of {len(seq)} tokens needs more KV blocks than the cache has "
