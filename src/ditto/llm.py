@@ -260,15 +260,14 @@ class LLM:
                 score_from=len(p_ids),
                 keep_score_logits=keep_logits,
             )
-            req.n_prompt = len(p_ids)
             reqs.append(req)
 
     @staticmethod
     def _score_output(req: Request) -> ScoreOutput:
         seq = req.seqs[0]
         out = ScoreOutput(
-            prompt_token_ids=seq.prompt_ids[: req.n_prompt],
-            token_ids=seq.prompt_ids[req.n_prompt :],
+            prompt_token_ids=seq.prompt_ids[: seq.score_from],
+            token_ids=seq.prompt_ids[seq.score_from :],
             logprobs=[row[0] for row in seq.score_rows],
             top_ids=[row[1] for row in seq.score_rows],
         )

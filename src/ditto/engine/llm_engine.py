@@ -141,9 +141,9 @@ class LLMEngine:
             picked = out.score_logprobs[first : first + count].tolist()
             top = out.score_top[first : first + count].tolist()
             for j in range(count):
-                # a kept row is copied out of the step's block, so that the block is not pinned by one row
-                row_logits = out.score_logits[kept + j].clone() if kept is not None else None
-                row_hidden = out.score_hidden[kept + j].clone() if kept is not None else None
+                # kept rows are views of the step's kept block, which holds only rows that requests keep
+                row_logits = out.score_logits[kept + j] if kept is not None else None
+                row_hidden = out.score_hidden[kept + j] if kept is not None else None
                 seq.score_rows.append((picked[j], top[j], row_logits, row_hidden))
             touched[seq.request_id] = self.requests[seq.request_id]
         for item in batch.items:
