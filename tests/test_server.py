@@ -272,7 +272,9 @@ def test_receipts_verify_exact(server, client, keys):
     forged = dict(doc, output_token_ids=[(doc["output_token_ids"][0] + 1) % 384] + doc["output_token_ids"][1:])
     v = httpx.post(server.url + "/v1/verify", json={"receipt": forged}, headers=headers, timeout=60).json()
     assert v["verdict"] == "inconsistent" and v["tampered"]
-    assert httpx.get(server.url + "/v1/receipts/nope", headers=headers).status_code == 404
+    assert all(rid.startswith("sha256:") and len(rid) == 71 for rid in RECEIPTS)
+    assert httpx.get(server.url + "/v1/receipts/sha256:" + "0" * 64, headers=headers).status_code == 404
+    assert httpx.get(server.url + "/v1/receipts/nope", headers=headers).status_code == 400  # not a receipt id
 
 
 def test_queue_limit_gives_429(tiny_llama):

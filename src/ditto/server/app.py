@@ -7,11 +7,14 @@ Endpoints
   POST /v1/chat/completions       messages (text content); logprobs + top_logprobs; max_tokens or
                                   max_completion_tokens (default: the rest of the context window)
   GET  /v1/receipts/{id}          a receipt this server issued (canonical JSON)
-  POST /v1/verify                 {"receipt": {...}} or {"receipt_id": "..."}, optional "public_key",
-                                  "threshold": replays it (ditto.verify.replay) on this server's model ->
-                                  {"verdict": exact | consistent | inconsistent | unverifiable, ...}
+  POST /v1/verify                 a receipt replayed on this server's model (ditto.verify.replay), see
+                                  ditto.server.verify_api: the receipt document itself (as GET
+                                  /v1/receipts/{id} returns it), {"receipt": {...}} or {"receipt_id": "..."}
+                                  -> {"status": exact | consistent | inconsistent | unverifiable, ...}
   GET  /health, GET /metrics      liveness; Prometheus text (requests, tokens, queue depth, running
                                   sequences, KV blocks, latency and time-to-first-token histograms)
+
+Identifiers (model id, receipt id, system_fingerprint): see ditto.server.state.
 
 ditto extensions accepted in both generation bodies: top_k, min_p, repetition_penalty, min_tokens,
 ignore_eos, stop_token_ids, skip_special_tokens, include_stop_str_in_output, fingerprint_k
@@ -35,29 +38,25 @@ window; 401 bad API key; 404 unknown model or receipt; 413 oversized body; 429 w
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hmac
-import json
-import math
-import time
-from collections import OrderedDict
+from collections.abc import Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ditto.server.engine_loop import EngineLoop, Metrics
+from ditto.server.engine_loop import Metrics
 from ditto.server.protocol import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
-    VerifyRequest,
     error_body,
     sampling_params,
 )
 from ditto.server.responses import generate_response
+from ditto.server.state import ServerState
 from ditto.server.validation import (
     check_model,
     check_prompts,
@@ -67,43 +66,9 @@ from ditto.server.validation import (
     parse_body,
     read_json,
 )
-from ditto.verify.receipt import Receipt, hardware_info, load_private_key
+from ditto.server.verify_api import add_receipt_routes
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
-
-
-class ServerState:
-    def __init__(self, llm, served_name, api_key, sign_key, max_queue, max_body_bytes, max_receipts):
-        self.llm = llm
-        self.name = served_name or llm.loaded.name
-        self.aliases = {self.name, llm.loaded.name, str(llm.loaded.path)}
-        self.api_key = api_key or None
-        self.sign_key = load_private_key(sign_key) if sign_key else None
-        self.max_body_bytes = max_body_bytes
-        self.max_receipts = max_receipts
-        self.receipts: OrderedDict[str, Receipt] = OrderedDict()
-        self.metrics = Metrics()
-        self.loop = EngineLoop(llm, max_queue=max_queue, metrics=self.metrics)
-        self.model_digest = llm.model_digest
-        self.tokenizer_digest = getattr(llm.tokenizer, "digest", "") or ""
-        self.hardware = hardware_info(str(getattr(llm, "device", "cpu")))
-        self.max_model_len = llm.engine.max_model_len
-        self.vocab_size = llm.loaded.config.vocab_size
-        self.created = int(time.time())
-        self._pieces: dict[int, str] = {}
-
-    def piece(self, token_id: int) -> str:
-        p = self._pieces.get(token_id)
-        if p is None:
-            p = self._pieces[token_id] = self.llm.tokenizer.decode([token_id], skip_special_tokens=False)
-        return p
-
-    def store(self, receipt: Receipt) -> str:
-        rid = receipt.content_hash.removeprefix("sha256:")
-        self.receipts[rid] = receipt
-        while len(self.receipts) > self.max_receipts:
-            self.receipts.popitem(last=False)
-        return rid
 
 
 def create_app(
@@ -118,7 +83,19 @@ def create_app(
 ) -> FastAPI:
     """The ASGI app. The engine thread starts with the app's lifespan and stops with it."""
     st = ServerState(llm, served_name, api_key, sign_key, max_queue, max_body_bytes, max_receipts)
+    app = FastAPI(title="ditto", lifespan=_lifespan(st), docs_url=None, redoc_url=None)
+    app.state.ditto = st
+    app.add_middleware(MetricsMiddleware, metrics=st.metrics)
+    _add_error_handlers(app)
+    guarded = [Depends(_auth(st))]
+    _add_open_routes(app, st)
+    _add_model_routes(app, st, guarded)
+    _add_generation_routes(app, st, guarded)
+    add_receipt_routes(app, st, guarded)
+    return app
 
+
+def _lifespan(st: ServerState):
     @contextlib.asynccontextmanager
     async def lifespan(app):
         st.loop.start()
@@ -127,9 +104,11 @@ def create_app(
         finally:
             st.loop.stop()
 
-    app = FastAPI(title="ditto", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.ditto = st
-    app.add_middleware(MetricsMiddleware, metrics=st.metrics)
+    return lifespan
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape: ApiError as raised, routing errors, validation, anything else as 500."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
@@ -149,6 +128,10 @@ def create_app(
     async def _server_error(request, exc):
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), 500)
 
+
+def _auth(st: ServerState) -> Callable:
+    """The dependency that guards /v1 routes: 'Authorization: Bearer <key>' when the server has a key."""
+
     async def auth(request: Request) -> None:
         if st.api_key is None:
             return
@@ -158,7 +141,11 @@ def create_app(
                 401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
             )
 
-    guarded = [Depends(auth)]
+    return auth
+
+
+def _add_open_routes(app: FastAPI, st: ServerState) -> None:
+    """/health and /metrics: no API key."""
 
     @app.get("/health")
     async def health():
@@ -170,20 +157,18 @@ def create_app(
     async def metrics():
         return PlainTextResponse(st.metrics.render(), media_type="text/plain; version=0.0.4")
 
+
+def _add_model_routes(app: FastAPI, st: ServerState, guarded: list) -> None:
     @app.get("/v1/models", dependencies=guarded)
     async def models():
         info = st.llm.info()
         card = {"id": st.name, "object": "model", "created": st.created, "owned_by": "ditto", "ditto": info}
         card["max_model_len"] = st.max_model_len
+        card["system_fingerprint"] = st.system_fingerprint
         return {"object": "list", "data": [card]}
 
-    @app.get("/v1/receipts/{receipt_id}", dependencies=guarded)
-    async def get_receipt(receipt_id: str):
-        receipt = st.receipts.get(receipt_id.removeprefix("sha256:"))
-        if receipt is None:
-            raise ApiError(404, f"no receipt {receipt_id!r} on this server", "not_found_error", "receipt_id")
-        return Response(receipt.to_json(), media_type="application/json")
 
+def _add_generation_routes(app: FastAPI, st: ServerState, guarded: list) -> None:
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(request: Request):
         body = parse_body(CompletionRequest, await read_json(request, st.max_body_bytes))
@@ -215,39 +200,6 @@ def create_app(
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = sampling_params(body, max_tokens, logprobs)
         return await generate_response(request, st, "chat", body, prompts, params)
-
-    @app.post("/v1/verify", dependencies=guarded)
-    async def verify(request: Request):
-        body = parse_body(VerifyRequest, await read_json(request, st.max_body_bytes))
-        if (body.receipt is None) == (body.receipt_id is None):
-            raise ApiError(400, "give exactly one of 'receipt' (a receipt document) or 'receipt_id'", param="receipt")
-        if body.receipt is not None:
-            try:
-                receipt = Receipt.from_json(json.dumps(body.receipt))
-            except (ValueError, TypeError) as e:
-                raise ApiError(400, f"not a valid receipt: {e}", param="receipt") from e
-        else:
-            receipt = st.receipts.get(body.receipt_id.removeprefix("sha256:"))
-            if receipt is None:
-                raise ApiError(404, f"no receipt {body.receipt_id!r} on this server", "not_found_error", "receipt_id")
-        if body.threshold is not None and not (math.isfinite(body.threshold) and body.threshold >= 0):
-            raise ApiError(400, "threshold must be a finite number >= 0", param="threshold")
-        from ditto.verify.replay import ModelMismatchError, verify_receipt
-
-        fut = st.loop.call(lambda llm: verify_receipt(llm, receipt, body.threshold, body.public_key))
-        try:
-            v = await asyncio.wrap_future(fut)
-        except ModelMismatchError as e:
-            return {"verdict": "unverifiable", "status": "unverifiable", "reason": str(e), "id": receipt.content_hash}
-        except ValueError as e:
-            raise ApiError(400, f"cannot replay this receipt: {e}", param="receipt") from e
-        server = {"model": st.name, "model_digest": st.model_digest, "numerics": st.llm.config.numerics}
-        return {"verdict": v.status, **v.to_dict(), "server": server}
-
-    return app
-
-
-# ---- request parsing ------------------------------------------------------------------------
 
 
 class MetricsMiddleware:

@@ -174,6 +174,8 @@ class EngineLoop:
 
     def call(self, fn) -> concurrent.futures.Future:
         """Run fn(llm) on the engine thread; the future gets its result or exception."""
+        if not self._thread.is_alive():
+            raise ApiError(503, "the engine loop is not running", type="server_error", code="engine_down")
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._cmds.put(("call", fn, fut))
         return fut

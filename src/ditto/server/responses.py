@@ -29,7 +29,7 @@ from ditto.server.protocol import (
 from ditto.verify.receipt import Receipt
 
 if TYPE_CHECKING:
-    from ditto.server.app import ServerState
+    from ditto.server.state import ServerState
 
 
 class _Choice:
@@ -239,7 +239,15 @@ async def generate_response(request: Request, st: ServerState, kind: str, body, 
         out[-1].stop_reason = c.stop_reason
     ditto = dict(common, choices=[_ditto_choice(c, body.ditto_receipt, c.ids) for c in ordered])
     cls = ChatCompletionResponse if kind == "chat" else CompletionResponse
-    resp = cls(id=rid, created=created, model=st.name, choices=out, usage=usage(), ditto=ditto)
+    resp = cls(
+        id=rid,
+        created=created,
+        model=st.name,
+        choices=out,
+        usage=usage(),
+        system_fingerprint=st.system_fingerprint,
+        ditto=ditto,
+    )
     return JSONResponse(resp.model_dump())
 
 
@@ -250,6 +258,7 @@ async def _stream(st, kind, rid, created, body, handles, choices, params, q, com
 
     def chunk(choice_list, ditto=None, usage_=None) -> str:
         d = {"id": rid, "object": obj, "created": created, "model": st.name, "choices": choice_list}
+        d["system_fingerprint"] = st.system_fingerprint
         if ditto is not None:
             d["ditto"] = ditto
         if usage_ is not None:
@@ -300,6 +309,3 @@ async def _stream(st, kind, rid, created, body, handles, choices, params, q, com
             for h in handles:
                 st.loop.abort(h)
         account(ok)
-
-
-# ---- metrics middleware ---------------------------------------------------------------------

@@ -14,7 +14,7 @@ from ditto.server.protocol import (
 )
 
 if TYPE_CHECKING:
-    from ditto.server.app import ServerState
+    from ditto.server.state import ServerState
 
 
 async def read_json(request: Request, limit: int) -> dict:
@@ -144,6 +144,3 @@ def message_dict(i: int, m) -> dict:
     if m.name is not None:
         msg["name"] = m.name
     return msg
-
-
-# ---- generation -----------------------------------------------------------------------------
