@@ -1,19 +1,26 @@
-"""Shared by the C-kernel tests: the same kernel source built without -march=native."""
+"""Shared by the C-kernel tests: every compiled kernel, and the same kernel source built without -march=native."""
 
 from __future__ import annotations
 
 import pytest
 
+from ditto.engine import attention_c
+from ditto.numerics.kernels import batch_invariant, integer_attention_c, integer_elementwise_c, noise_c
 from ditto.numerics.kernels.cbuild import CLibrary
 
 PORTABLE_FLAGS = ("-O2", "-fopenmp", "-shared", "-fPIC")
+# every run-time C kernel of the package (one per file in ditto/csrc)
+KERNELS: dict[str, CLibrary] = {
+    m.__name__.rsplit(".", 1)[-1]: m._LIBRARY
+    for m in (attention_c, batch_invariant, integer_attention_c, integer_elementwise_c, noise_c)
+}
 
 
-def use_portable_build(monkeypatch, tmp_path, kern, name: str) -> None:
+def use_portable_build(monkeypatch, tmp_path, kern) -> None:
     """Build `kern`'s C source with plain flags (no AVX-512 paths) into tmp_path and make `kern` use it;
     skips the test when no compiler can build it."""
     monkeypatch.setenv("DITTO_KERNEL_CACHE", str(tmp_path))
-    generic = CLibrary(name, kern._C_SRC, "DITTO_INT_DISABLE_KERNEL", kern._setup, PORTABLE_FLAGS)
+    generic = kern._LIBRARY.with_flags(PORTABLE_FLAGS)
     if generic.load() is None:
         pytest.skip(f"portable build: {generic.error}")
     monkeypatch.setattr(kern, "_LIBRARY", generic)

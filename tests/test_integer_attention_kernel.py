@@ -152,7 +152,7 @@ def test_long_rows_and_threads_agree():
 
 def test_portable_build_equals_torch(monkeypatch, tmp_path):
     """Built without -march=native (plain C loops instead of the AVX-512 ones) the kernel gives the same bits."""
-    use_portable_build(monkeypatch, tmp_path, kern, "integer_attention_generic")
+    use_portable_build(monkeypatch, tmp_path, kern)
     for heads, kv, d, bs, window in DECODE_SHAPES:
         q, cache, sm, se = make_case(6, heads, kv, d, 12, bs, seed=d)
         table = torch.randperm(12, generator=torch.Generator().manual_seed(d)).view(3, 4)  # (R, 4)

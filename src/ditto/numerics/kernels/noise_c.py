@@ -5,8 +5,9 @@ mod 2^64); this loop computes the same integers on uint64 (integer only, so the 
 machine), without the ~12 full-vocab temporaries. `select` returns only the ids whose 53-bit
 uniform numerator reaches a threshold, which is all `gumbel_argmax` needs from most of the vocab.
 
-Built at first use with the system C compiler (`cbuild`); without one, or with
-DITTO_NOISE_DISABLE_KERNEL=1, `bits`/`select` return None and callers keep the torch path.
+The C source is ditto/csrc/noise.c, built at first use with the system C compiler (`cbuild`);
+without one, or with DITTO_NOISE_DISABLE_KERNEL=1, `bits`/`select` return None and callers keep
+the torch path.
 """
 
 from __future__ import annotations
@@ -19,31 +20,6 @@ from ditto.numerics.kernels.cbuild import CLibrary
 
 __all__ = ["bits", "kernel_status", "select"]
 
-_C_SRC = r"""
-#include <stdint.h>
-
-static inline uint64_t mix(uint64_t x) {
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
-  return x ^ (x >> 31);
-}
-
-/* the hash of vocab id i (0-based; the torch definition's ids are 1-based) */
-static inline uint64_t hash_id(uint64_t key, int64_t i) { return mix((uint64_t)(i + 1) * 0x9E3779B97F4A7C15ULL + key); }
-
-void ditto_noise_bits(uint64_t key, int64_t n, uint64_t *out) {
-  for (int64_t i = 0; i < n; i++) out[i] = hash_id(key, i);
-}
-
-/* ids i (ascending) with bits(i) >>> 11 >= m_min; returns how many were written to out (size n). */
-int64_t ditto_noise_select(uint64_t key, int64_t n, uint64_t m_min, int64_t *out) {
-  int64_t c = 0;
-  for (int64_t i = 0; i < n; i++) {
-    if ((hash_id(key, i) >> 11) >= m_min) out[c++] = i;
-  }
-  return c;
-}
-"""
 
 _MASK64 = (1 << 64) - 1
 
@@ -57,7 +33,7 @@ def _setup(lib: ctypes.CDLL) -> str | None:
     return None
 
 
-_LIBRARY = CLibrary("noise", _C_SRC, "DITTO_NOISE_DISABLE_KERNEL", _setup, flags=("-O2", "-shared", "-fPIC"))
+_LIBRARY = CLibrary("noise.c", "DITTO_NOISE_DISABLE_KERNEL", _setup, flags=("-O2", "-shared", "-fPIC"))
 
 
 def kernel_status() -> str:
