@@ -14,6 +14,7 @@ import contextlib
 
 import torch
 
+from ditto.loader.registry import bundled_name_of
 from ditto.sampling import SamplingParams
 from ditto.verify.activation_difr import DEFAULT_FINGERPRINT_SEED
 from ditto.verify.receipt import Receipt, hardware_info
@@ -74,8 +75,12 @@ def receipt_for(llm, request_output, completion, params: SamplingParams | None =
     hw = hardware_info(str(device))
     hw["threads"] = torch.get_num_threads()
     fps = completion.fingerprints
+    path = getattr(getattr(llm, "loaded", None), "path", None)
     extra = {
-        "model_name": info.get("model_name") or getattr(getattr(llm, "loaded", None), "name", ""),
+        # the bundled name lets a verifier on another machine find the model; else the file's own name
+        "model_name": (bundled_name_of(path) if path else None)
+        or info.get("model_name")
+        or getattr(getattr(llm, "loaded", None), "name", ""),
         "family": info.get("family"),
         "kv_dtype": info.get("kv_dtype"),
         "threads": torch.get_num_threads(),

@@ -5,11 +5,14 @@
   ditto verify calibrate --out thresholds.json [--prompts N] [--max-tokens L]
   ditto keygen PATH [--force]
 
-The verifying LLM is built from each receipt's own model (its path, or the bundled name recorded
-in `extra.model_name`), numerics, determinism and KV-cache dtype, unless --model / --numerics /
---determinism / --kv-dtype are given. Exit status: 0 when every receipt/claim is exact or
-consistent, 1 when any is inconsistent (or tampered), 2 on errors (unreadable receipt, model
-mismatch).
+Checks that need no model (reading, content hash, signature, the receipt's claims against each
+other) answer first; a receipt that fails one never loads a model. The verifying LLM is built from
+each receipt's own model (its path, or the bundled name recorded in `extra.model_name`), numerics,
+determinism and KV-cache dtype, unless --model / --numerics / --determinism / --kv-dtype are given
+(a verifier that then differs from the receipt's claim makes it `unverifiable`, never `exact`).
+Exit status: 1 when any receipt or claim is inconsistent (or tampered); else 2 when any could not
+be verified (unreadable, unverifiable, model missing); else 0 (every one exact or consistent).
+--json prints one JSON document: {"exit_status": N, "results": [{"file", "status", ...}, ...]}.
 """
 
 from __future__ import annotations
@@ -103,14 +106,14 @@ def _llm_args(args, model=None, numerics=None, determinism=None, kv_dtype=None) 
 
 
 def _receipt_model(receipt) -> str:
-    if receipt.model and Path(receipt.model).exists():
-        return receipt.model
-    name = receipt.extra.get("model_name")
+    """The model a receipt names: a bundled one by name (whatever path it had there), else its file here."""
     from ditto.loader.registry import ALIASES, BUNDLED
 
-    for candidate in (name, receipt.model):
+    for candidate in (receipt.extra.get("model_name"), receipt.model):
         if candidate and (candidate in BUNDLED or candidate in ALIASES):
             return candidate
+    if receipt.model and Path(receipt.model).exists():
+        return receipt.model
     raise FileNotFoundError(
         f"the receipt's model {receipt.model!r} is not on this machine; pass --model with the model whose "
         f"digest is {receipt.model_digest}"
@@ -125,11 +128,28 @@ def _thresholds(args):
     return Thresholds.coerce(args.threshold)
 
 
-def _emit(args, label: str, verdict) -> None:
-    if args.json:
-        print(json.dumps({"file": label, **verdict.to_dict(margins=args.margins)}))
-    else:
-        print(f"{label}: {verdict.summary()}")
+def _error(label: str, message: str) -> dict:
+    return {"file": label, "status": "error", "reason": message}
+
+
+class _Report:
+    """Collects every answer; prints each at once for people, or one JSON document at the end (--json)."""
+
+    def __init__(self, args) -> None:
+        self.args, self.results, self.exit_status = args, [], 0
+
+    def add(self, label: str, verdict=None, error: str | None = None) -> None:
+        doc = _error(label, error) if verdict is None else {"file": label, **verdict.to_dict(margins=self.args.margins)}
+        self.results.append(doc)
+        if not self.args.json:
+            print(f"{label}: ERROR: {error}" if verdict is None else f"{label}: {verdict.summary()}", flush=True)
+
+    def finish(self) -> int:
+        statuses = {d["status"] for d in self.results}
+        self.exit_status = 1 if "inconsistent" in statuses else (2 if statuses & {"error", "unverifiable"} else 0)
+        if self.args.json:
+            print(json.dumps({"exit_status": self.exit_status, "results": self.results}))
+        return self.exit_status
 
 
 def cmd_verify(args) -> int:
@@ -138,49 +158,102 @@ def cmd_verify(args) -> int:
     if not args.receipts and not args.claims:
         print("ditto verify: give receipt files, --claims FILE, or `calibrate`", file=sys.stderr)
         return 2
-    from ditto.cli import make_llm
     from ditto.verify.receipt import Receipt
-    from ditto.verify.replay import ModelMismatchError, verify_claims, verify_receipt
+    from ditto.verify.replay import precheck_receipt, verify_receipts
 
-    th = _thresholds(args)
-    llms: dict[tuple, object] = {}
+    try:
+        th = _thresholds(args)
+    except (OSError, ValueError) as e:
+        print(f"ditto verify: cannot read the thresholds: {e}", file=sys.stderr)
+        return 2
+    if args.threshold is not None and not args.threshold >= 0:
+        print(f"ditto verify: --threshold must be >= 0, got {args.threshold}", file=sys.stderr)
+        return 2
+    if args.pubkey:
+        from ditto.verify.receipt import load_public_key
 
-    def llm_for(ns):
-        key = (ns.model, ns.numerics, ns.determinism, ns.kv_dtype)
-        if key not in llms:
-            llms[key] = make_llm(ns, progress=False)
-        return llms[key]
-
-    worst = 0
+        try:
+            load_public_key(args.pubkey)
+        except (ValueError, TypeError, OSError) as e:
+            print(f"ditto verify: --pubkey {args.pubkey}: not an Ed25519 public key: {e}", file=sys.stderr)
+            return 2
+    report = _Report(args)
+    # 1. what needs no model: reading, hash, signature, the receipt's claims against each other
+    pending: dict[tuple, list[tuple[str, Receipt]]] = {}
     for path in args.receipts:
         try:
             receipt = Receipt.load(path)
-            kv = _KV_NAMES.get(str(receipt.extra.get("kv_dtype")))
-            ns = _llm_args(args, _receipt_model(receipt), receipt.numerics, receipt.determinism, kv)
-            if ns.determinism == "exact":
-                ns.numerics = "integer"
-            verdict = verify_receipt(llm_for(ns), receipt, th, public_key=args.pubkey)
-        except (ModelMismatchError, ValueError, TypeError, FileNotFoundError, OSError) as e:
-            kind = "model mismatch" if isinstance(e, ModelMismatchError) else "error"
-            if args.json:
-                print(json.dumps({"file": path, "status": "error", "reason": f"{kind}: {e}"}))
-            else:
-                print(f"{path}: ERROR ({kind}): {e}")
-            worst = max(worst, 2)
+        except (ValueError, OSError) as e:
+            report.add(path, error=str(e))
             continue
-        _emit(args, path, verdict)
-        if not verdict.ok and verdict.status != "unverifiable":
-            worst = max(worst, 1)
+        early = precheck_receipt(receipt, args.pubkey)
+        if early is not None:
+            report.add(path, early)
+            continue
+        try:
+            ns = _receipt_llm_args(args, receipt)
+        except FileNotFoundError as e:
+            report.add(path, _unverifiable(receipt, str(e)))
+            continue
+        pending.setdefault((ns.model, ns.numerics, ns.determinism, ns.kv_dtype), []).append((path, receipt))
+    # 2. one replay model per (model, numerics, determinism, KV dtype)
+    for key, items in pending.items():
+        try:
+            llm = _load(args, key)
+        except (ValueError, OSError, RuntimeError) as e:
+            for path, _ in items:
+                report.add(path, error=f"cannot load the verifying model {key[0]!r}: {e}")
+            continue
+        for (path, _), verdict in zip(items, verify_receipts(llm, [r for _, r in items], th, args.pubkey)):
+            report.add(path, verdict)
     if args.claims:
-        from ditto.verify.claims import load_claims
+        _verify_claims(args, th, report)
+    return report.finish()
 
+
+def _receipt_llm_args(args, receipt) -> argparse.Namespace:
+    """The verifying LLM's options: what the receipt records, unless the command line says otherwise."""
+    kv = _KV_NAMES.get(str(receipt.extra.get("kv_dtype")))
+    ns = _llm_args(args, args.model or _receipt_model(receipt), receipt.numerics, receipt.determinism, kv)
+    if ns.determinism == "exact" and not args.numerics:
+        ns.numerics = "integer"
+    return ns
+
+
+def _unverifiable(receipt, reason: str):
+    from ditto.verify.verdict import Verdict
+
+    return Verdict("unverifiable", reason, id=receipt.content_hash or "", method="precheck", signed=receipt.signed)
+
+
+_LLMS: dict[tuple, object] = {}
+
+
+def _load(args, key: tuple):
+    from ditto.cli import make_llm
+
+    if key not in _LLMS:
+        model, numerics, determinism, kv_dtype = key
+        ns = argparse.Namespace(**vars(args))
+        ns.model, ns.numerics, ns.determinism, ns.kv_dtype = model, numerics, determinism, kv_dtype
+        _LLMS.clear()  # one verifying model in memory at a time
+        _LLMS[key] = make_llm(ns, progress=False)
+    return _LLMS[key]
+
+
+def _verify_claims(args, th, report: _Report) -> None:
+    from ditto.verify.claims import load_claims
+    from ditto.verify.replay import verify_claims
+
+    try:
         claims = load_claims(args.claims)
-        llm = llm_for(_llm_args(args))
-        for claim, verdict in zip(claims, verify_claims(llm, claims, th)):
-            _emit(args, f"{args.claims}#{claim.id}", verdict)
-            if verdict.status == "inconsistent":
-                worst = max(worst, 1)
-    return worst
+    except (ValueError, OSError) as e:
+        report.add(args.claims, error=str(e))
+        return
+    ns = _llm_args(args)
+    llm = _load(args, (ns.model, ns.numerics, ns.determinism, ns.kv_dtype))
+    for claim, verdict in zip(claims, verify_claims(llm, claims, th)):
+        report.add(f"{args.claims}#{claim.id}", verdict)
 
 
 def cmd_calibrate(args) -> int:

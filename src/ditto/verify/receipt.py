@@ -318,12 +318,40 @@ class Receipt:
             doc["fingerprints"] = [[_float_in(x) for x in row] for row in doc["fingerprints"]]
         return cls(**doc)
 
+    @classmethod
+    def parse(cls, data: str | bytes | dict, source: str = "receipt") -> Receipt:
+        """A receipt from file contents or a parsed document, bare or wrapped as {"receipt": {...}}.
+
+        Every problem is a ValueError that names `source` and says what was expected.
+        """
+        if isinstance(data, bytes):
+            try:
+                data = data.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{source}: not a receipt: the file is not UTF-8 text (a binary file?)") from None
+        if isinstance(data, str):
+            try:
+                data = json.loads(data)
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"{source}: not a receipt: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
+                ) from None
+        if isinstance(data, dict) and set(data) == {"receipt"} and isinstance(data["receipt"], dict):
+            data = data["receipt"]
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: not a receipt: a receipt is a JSON object, got {type(data).__name__}")
+        try:
+            return cls.from_json(json.dumps(data, allow_nan=True))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{source}: not a valid receipt: {e}") from None
+
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Receipt:
-        return cls.from_json(Path(path).read_text(encoding="utf-8"))
+        """Read a receipt file (bare or wrapped); a clear ValueError naming the file if it is not one."""
+        return cls.parse(Path(path).read_bytes(), source=str(path))
 
     # -- sealing and checking -------------------------------------------------------------
     def seal(self, private_key=None) -> Receipt:

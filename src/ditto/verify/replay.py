@@ -1,23 +1,27 @@
 """Replay verification: check a receipt (or a receipt-less claim) against a trusted teacher-forced pass.
 
     verdict = verify_receipt(llm, Receipt.load("r.json"), threshold=None, public_key=None)
-    verdict.status  ->  "exact" | "consistent" | "inconsistent"
+    verdict.status  ->  "exact" | "consistent" | "inconsistent" | "unverifiable"
 
 Order of checks for a receipt:
-  1. integrity: the content hash (and the signature, against `public_key` when given). Any edit
-     after sealing -> `inconsistent` with `tampered=True` and the reason; nothing is replayed.
-  2. identity: the receipt's model digest must be the verifier's (`llm.model_digest`), else
-     `ModelMismatchError` (the verifier runs a different model: load the receipt's model). A
-     tokenizer digest mismatch is the same error.
-  3. ONE teacher-forced pass (`llm.score(prompt, claimed, keep_logits=True)`) gives the reference
-     logits and final post-norm hidden states for every claimed token.
-  4. Token-DiFR margins (ditto.verify.token_difr) with the receipt's sampling record and seed;
-     Activation-DiFR distances (ditto.verify.activation_difr) when fingerprints are present.
-  5. `exact` when every margin is 0 (every claimed token is what the reference sampler picks)
-     and the fingerprints match bit for bit; `consistent` when the Token-DiFR score (mean of
-     margins clipped at 0.5) is <= the token threshold and the mean fingerprint distance is <= the
-     activation threshold; `inconsistent` otherwise. The first divergent token is reported with
-     both candidates decoded.
+  1. model-free (ditto.verify.checks.precheck_receipt): the content hash and the signature (against
+     `public_key` when given; an edit after sealing -> `inconsistent`, `tampered=True`), then the
+     receipt's claims against each other (known numerics and level, exact <=> integer, a sampling
+     record that rebuilds, no more tokens than max_tokens). Nothing is replayed when one fails.
+  2. replay plan (checks.replay_plan): the verifier must run the receipt's model and tokenizer digest,
+     numerics and (for batch_invariant / exact) determinism level, else `unverifiable` with the
+     reason. `exact` and same-device `batch_invariant` receipts are judged bit for bit (replayed on
+     the receipt's thread count); `fast` ones, and batch_invariant ones from another device type,
+     within tolerances.
+  3. ONE teacher-forced pass (`llm.score_batch(..., keep_logits=True)`) gives the reference logits
+     and final post-norm hidden states for every claimed token.
+  4. each claimed field against the replay (ditto.verify.compare): token ids by their Token-DiFR
+     margin with the receipt's sampling record and seed, logprobs as the engine computes them,
+     Activation-DiFR fingerprints.
+  5. `exact` when every claimed value is reproduced bit for bit; `inconsistent` when any differs under
+     bitwise judgement, or one is above its tolerance; `consistent` when the differences are within
+     the tolerances. The verdict names the first differing field and position with both values
+     (`divergence`), counts every field's differences (`fields`) and decodes the first divergent token.
 
 Thresholds (a run is flagged when score > threshold):
   * DEFAULT_TOKEN_THRESHOLD = 0.02: mean clipped margin (clip 0.5, in units of tempered logits).
@@ -26,17 +30,19 @@ Thresholds (a run is flagged when score > threshold):
     benchmarks/verify_detection.py). 0.02 tolerates ~4% of tokens diverging by a full clip,
     so short dishonest runs are caught by the per-token evidence, long ones by the mean.
   * DEFAULT_ACTIVATION_THRESHOLD = 0.05: mean L2 distance of h·P fingerprints (P ~ N(0, 1/k)).
+  * DEFAULT_LOGPROB_TOLERANCE = 0.05: per-token |claimed - reference| logprob (nats), tolerance replays.
   Calibrate your own with `calibrate()` / `ditto verify calibrate --out thresholds.json`, which
   measures honest scores under other batch sizes and thread counts and stores the thresholds
   at a chosen false-positive rate; `Thresholds.load()` reads the file.
 
-Modules: ditto.verify.verdict (Verdict, Thresholds, ModelMismatchError, the defaults),
+Modules: ditto.verify.verdict (Verdict, Thresholds, the defaults), ditto.verify.checks, ditto.verify.compare,
 ditto.verify.reference (the teacher-forced pass both replays share), ditto.verify.claim_replay
 (verify_claims); this one replays receipts and calibrates thresholds, and re-exports the public names.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -50,20 +56,17 @@ import torch
 from ditto.sampling import SamplingParams
 from ditto.verify.activation_difr import activation_difr, fingerprints
 from ditto.verify.build import model_digest, params_from_record, receipt_for
+from ditto.verify.checks import ReplayPlan, precheck_receipt, replay_plan
 from ditto.verify.claim_replay import verify_claims
+from ditto.verify.compare import compare_fields, first_difference, reference_logprobs
 from ditto.verify.receipt import Receipt
-from ditto.verify.reference import (
-    _decide,
-    _first_divergence,
-    _mask_min_tokens,
-    _reference_logprobs,
-    _score_chunks,
-)
+from ditto.verify.reference import _first_divergence, _mask_min_tokens, _score_chunks
 from ditto.verify.stats import calibrate_threshold
 from ditto.verify.token_difr import DEFAULT_CLIP, clipped_mean, token_difr
 from ditto.verify.verdict import (
     DEFAULT_ACTIVATION_THRESHOLD,
     DEFAULT_LOGPROB_THRESHOLD,
+    DEFAULT_LOGPROB_TOLERANCE,
     DEFAULT_TOKEN_THRESHOLD,
     THRESHOLDS_SCHEMA,
     ModelMismatchError,
@@ -74,11 +77,13 @@ from ditto.verify.verdict import (
 __all__ = [
     "DEFAULT_ACTIVATION_THRESHOLD",
     "DEFAULT_LOGPROB_THRESHOLD",
+    "DEFAULT_LOGPROB_TOLERANCE",
     "DEFAULT_TOKEN_THRESHOLD",
     "ModelMismatchError",
     "Thresholds",
     "Verdict",
     "calibrate",
+    "precheck_receipt",
     "verify_claims",
     "verify_receipt",
     "verify_receipts",
@@ -88,95 +93,75 @@ __all__ = [
 # ------------------------------------------------------------------------------------ receipts
 
 
-def _precheck(llm, receipt: Receipt, public_key, check_model: bool) -> Verdict | None:
-    problems = receipt.check_integrity(public_key)
-    if problems:
-        return Verdict(
-            status="inconsistent",
-            reason="tampered: " + "; ".join(problems),
-            id=receipt.content_hash or "",
-            method="integrity",
-            tampered=True,
-            signed=receipt.signed,
-        )
-    if check_model:
-        mine = model_digest(llm)
-        if receipt.model_digest.removeprefix("sha256:") != str(mine).removeprefix("sha256:"):
-            raise ModelMismatchError(
-                f"the verifier runs a different model than the receipt's: receipt model_digest "
-                f"{receipt.model_digest} ({receipt.model or '?'}), verifier {mine} ({llm.loaded.path}); "
-                f"load the receipt's model (--model) to verify it"
-            )
-        tok = getattr(llm.tokenizer, "digest", None)
-        if (
-            tok
-            and receipt.tokenizer_digest
-            and receipt.tokenizer_digest.removeprefix("sha256:") != str(tok).removeprefix("sha256:")
-        ):
-            raise ModelMismatchError(
-                f"the verifier's tokenizer differs from the receipt's: {receipt.tokenizer_digest} vs {tok}"
-            )
-    return None
-
-
-def verify_receipt(llm, receipt: Receipt, threshold=None, public_key=None, *, check_model: bool = True) -> Verdict:
+def verify_receipt(llm, receipt: Receipt, threshold=None, public_key=None) -> Verdict:
     """Verify one receipt against `llm` (the trusted reference). See the module docstring."""
-    return verify_receipts(llm, [receipt], threshold, public_key, check_model=check_model)[0]
+    return verify_receipts(llm, [receipt], threshold, public_key)[0]
 
 
 def verify_receipts(
-    llm, receipts: Sequence[Receipt], threshold=None, public_key=None, *, check_model: bool = True, chunk: int = 8
+    llm, receipts: Sequence[Receipt], threshold=None, public_key=None, *, chunk: int = 8
 ) -> list[Verdict]:
     """`verify_receipt` for many receipts; the teacher-forced passes are batched `chunk` at a time."""
     th = Thresholds.coerce(threshold)
     verdicts: list[Verdict | None] = [None] * len(receipts)
-    todo = []
+    plans: dict[int, ReplayPlan] = {}
     for i, r in enumerate(receipts):
-        early = _precheck(llm, r, public_key, check_model)
-        if early is not None:
+        early = precheck_receipt(r, public_key)
+        if early is None:
+            early = replay_plan(llm, r, model_digest(llm))
+        if isinstance(early, Verdict):
             verdicts[i] = early
         elif not r.output_token_ids:
-            verdicts[i] = Verdict("exact", "no output tokens to verify", id=r.content_hash or "", signed=r.signed)
+            how = "bitwise" if early.bitwise else "tolerance"
+            verdicts[i] = Verdict(
+                "exact", "no output tokens to verify", id=r.content_hash or "", signed=r.signed, comparison=how
+            )
         else:
-            todo.append(i)
-    pairs = [(list(receipts[i].prompt_token_ids), list(receipts[i].output_token_ids)) for i in todo]
-    for i, scored in zip(todo, _score_chunks(llm, pairs, chunk)):
-        verdicts[i] = _verdict_from_scored(llm, receipts[i], scored, th)
+            plans[i] = early
+    for threads in sorted({p.threads or 0 for p in plans.values()}):
+        todo = [i for i, p in plans.items() if (p.threads or 0) == threads]
+        pairs = [(list(receipts[i].prompt_token_ids), list(receipts[i].output_token_ids)) for i in todo]
+        with _torch_threads(threads or None):
+            scored_all = list(_score_chunks(llm, pairs, chunk))
+        for i, scored in zip(todo, scored_all):
+            verdicts[i] = _verdict_from_scored(llm, receipts[i], scored, th, plans[i])
     return verdicts  # type: ignore[return-value]
 
 
-def _verdict_from_scored(llm, r: Receipt, scored, th: Thresholds) -> Verdict:
-    notes = []
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """Run the replay on `n` torch threads (the receipt's), then restore the caller's count."""
+    saved = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _verdict_from_scored(llm, r: Receipt, scored, th: Thresholds, plan: ReplayPlan) -> Verdict:
+    notes = list(plan.notes)
     params = params_from_record(r.sampling)
-    if r.numerics != llm.config.numerics:
-        notes.append(f"receipt numerics {r.numerics!r}, verifier runs {llm.config.numerics!r}")
-    if r.determinism != llm.config.determinism:
-        notes.append(f"receipt determinism {r.determinism!r}, verifier runs {llm.config.determinism!r}")
     n = len(r.output_token_ids)
     if r.finish_reason == "length" and n != params.max_tokens:
-        notes.append(f"finish_reason 'length' with {n} tokens but max_tokens={params.max_tokens}")
-    if n > params.max_tokens:
-        notes.append(f"{n} output tokens exceed max_tokens={params.max_tokens}")
+        notes.append(f"finish_reason 'length' with {n} tokens but max_tokens={params.max_tokens} (the context end?)")
+    if not plan.bitwise:
+        notes.extend(_threshold_notes(r, th))
     logits = _mask_min_tokens(llm, scored.logits, params)
     res = token_difr(logits, r.output_token_ids, params, r.prompt_token_ids, r.sample_index, clip=th.clip)
-    act = a = None
+    ref_lp = reference_logprobs(logits, r.output_token_ids) if r.output_logprobs is not None else None
+    ref_fp = None
     if r.fingerprints is not None:
-        ref = fingerprints(scored.hidden, r.fingerprint_k, seed=r.fingerprint_seed)
-        a = activation_difr(r.fingerprints, ref)
-        act = {
-            "mean": a.mean,
-            "max": a.max,
-            "exact": a.exact,
-            "threshold": th.activation,
-            "first_above": a.first_above(0.0),
-            "k": r.fingerprint_k,
-        }
-    lp_diff = None
-    if r.output_logprobs is not None:
-        d = np.abs(np.asarray(r.output_logprobs, dtype=np.float64) - _reference_logprobs(logits, r.output_token_ids))
-        d = np.where(np.isnan(d), 0.0, d)
-        lp_diff = float(d.max()) if d.size else 0.0
-    status, reason = _decide(res, act, th, th.token)
+        ref_fp = fingerprints(scored.hidden, r.fingerprint_k, seed=r.fingerprint_seed).double().numpy()  # (T, k)
+    reports = compare_fields(res, r.output_logprobs, ref_lp, r.fingerprints, ref_fp, bitwise=plan.bitwise, th=th)
+    act = None
+    if ref_fp is not None:
+        a = activation_difr(r.fingerprints, torch.from_numpy(ref_fp))
+        act = {"mean": a.mean, "max": a.max, "exact": a.exact, "threshold": th.activation,
+               "first_above": a.first_above(0.0), "k": r.fingerprint_k}  # fmt: skip
+    status, reason = _judge(reports, plan)
+    lp = next((rep for rep in reports if rep.field == "output_logprobs"), None)
     return Verdict(
         status=status,
         reason=reason,
@@ -187,13 +172,55 @@ def _verdict_from_scored(llm, r: Receipt, scored, th: Thresholds) -> Verdict:
         n_tokens=res.n_tokens,
         n_exact=res.n_exact,
         margins=res.margins,
-        distances=a.distances if act is not None else (),
+        distances=tuple(np.linalg.norm(np.asarray(r.fingerprints) - ref_fp, axis=1).tolist()) if act else (),
         first_divergence=_first_divergence(llm, res),
         activation=act,
-        logprob_max_abs_diff=lp_diff,
+        logprob_max_abs_diff=lp.max_abs_diff if lp is not None else None,
         signed=r.signed,
         notes=notes,
+        comparison="bitwise" if plan.bitwise else "tolerance",
+        divergence=first_difference(reports),
+        fields=[rep.to_dict() for rep in reports],
     )
+
+
+def _threshold_notes(r: Receipt, th: Thresholds) -> list[str]:
+    """Where the tolerances come from, and whether they were measured for this receipt's model and mode."""
+    if th.source == "default":
+        return [
+            f"tolerances are the defaults (Token-DiFR {th.token:g}, logprob {th.logprob_abs:g} nats, fingerprint "
+            f"{th.activation:g}); `ditto verify calibrate` measures them for a model and mode"
+        ]
+    notes = []
+    for key, mine in (("model_digest", r.model_digest), ("numerics", r.numerics), ("determinism", r.determinism)):
+        theirs = th.meta.get(key)
+        if theirs is not None and theirs != mine:
+            notes.append(f"the thresholds were calibrated for {key} {theirs}, the receipt claims {mine}")
+    return notes
+
+
+def _judge(reports, plan: ReplayPlan) -> tuple[str, str]:
+    """exact (every field bit for bit) / inconsistent (a flagged field) / consistent (differences within tolerance)."""
+    if not any(rep.n_different for rep in reports):
+        names = ", ".join(rep.field for rep in reports)
+        return "exact", f"every claimed value ({names}) is reproduced bit for bit"
+    flagged = [rep for rep in reports if rep.flagged]
+    if flagged:
+        if plan.bitwise:
+            what = "; ".join(f"{rep.field}: {rep.n_different} of {rep.n_compared} differ" for rep in flagged)
+            return "inconsistent", f"the receipt's level promises bit-exact replay, and {what}"
+        what = "; ".join(_above(rep) for rep in flagged)
+        return "inconsistent", what
+    what = "; ".join(f"{rep.field}: {rep.n_different} of {rep.n_compared} differ" for rep in reports if rep.n_different)
+    return "consistent", f"{what}, within the tolerances (numerical noise of a level that promises no bits)"
+
+
+def _above(rep) -> str:
+    if rep.field == "output_logprobs":
+        return (f"output_logprobs: {len(rep.flagged)} of {rep.n_compared} differ by more than the tolerance "
+                f"{rep.tolerance:.4g} (largest {rep.max_abs_diff:.4g})")  # fmt: skip
+    what = "Token-DiFR score" if rep.field == "output_token_ids" else "mean fingerprint distance"
+    return f"{what} {rep.score:.4g} > threshold {rep.tolerance:.4g}"
 
 
 # --------------------------------------------------------------------------------- calibration
@@ -217,7 +244,8 @@ def calibrate(
     (batch size = how many prompts go into one `generate` call), then each generation is
     verified alone. The token threshold is `max(floor, margin * q)` where `q` is the honest
     score that flags at most `fpr` of honest runs (stats.calibrate_threshold); the activation
-    threshold likewise over mean fingerprint distances (when params ask for fingerprints).
+    threshold likewise over mean fingerprint distances (when params ask for fingerprints), and the
+    logprob tolerance over each run's largest |claimed - replayed| logprob.
     """
     if isinstance(params_list, SamplingParams):
         params_list = [params_list] * len(prompts)
@@ -225,7 +253,8 @@ def calibrate(
     if len(params_list) != len(prompts):
         raise ValueError(f"{len(params_list)} params for {len(prompts)} prompts")
     saved_threads = torch.get_num_threads()
-    token_scores, act_scores, conditions = [], [], []
+    token_scores, act_scores, lp_diffs, conditions = [], [], [], []
+    unbounded = Thresholds(token=math.inf, activation=math.inf, logprob=math.inf, logprob_abs=math.inf)
     all_margins = []
     try:
         for n_threads in threads:
@@ -238,13 +267,15 @@ def calibrate(
                         for comp in o.outputs:
                             receipts.append(receipt_for(llm, o, comp, p))
                 torch.set_num_threads(saved_threads)
-                vs = verify_receipts(llm, receipts, threshold=math.inf, chunk=1)
+                vs = verify_receipts(llm, receipts, threshold=unbounded, chunk=1)
                 torch.set_num_threads(n_threads or saved_threads)
                 for v in vs:
                     token_scores.append(v.score if v.score is not None else 0.0)
                     all_margins.extend(m for m in v.margins if math.isfinite(m))
                     if v.activation is not None:
                         act_scores.append(v.activation["mean"])
+                    if v.logprob_max_abs_diff is not None:
+                        lp_diffs.append(v.logprob_max_abs_diff)
                 conditions.append(
                     {"threads": n_threads or saved_threads, "batch_size": bs, "runs": len(vs),
                      "exact": sum(v.status == "exact" for v in vs)}
@@ -272,6 +303,14 @@ def calibrate(
             "honest_margin_p999": float(np.quantile(all_margins, 0.999)) if all_margins else 0.0,
         },
     }
+    if lp_diffs:
+        q_lp = calibrate_threshold(lp_diffs, fpr)
+        doc["logprob_abs"] = {
+            "threshold": max(floor, margin * q_lp),
+            "honest_quantile": q_lp,
+            "honest_max": max(lp_diffs),
+            "n_honest": len(lp_diffs),
+        }
     if act_scores:
         q_act = calibrate_threshold(act_scores, fpr)
         doc["activation_difr"] = {

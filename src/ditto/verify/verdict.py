@@ -15,6 +15,8 @@ from ditto.verify.token_difr import DEFAULT_CLIP
 DEFAULT_TOKEN_THRESHOLD = 0.02
 DEFAULT_ACTIVATION_THRESHOLD = 0.05
 DEFAULT_LOGPROB_THRESHOLD = 0.05  # mean |claimed - reference| log-probability (nats), logprob-only claims
+DEFAULT_LOGPROB_TOLERANCE = 0.05  # per-token |claimed - reference| log-probability (nats) of a receipt replayed
+# within tolerances (`fast`); honest fast reruns on SmolLM2 stay below it (see replay.calibrate)
 THRESHOLDS_SCHEMA = "ditto.thresholds/v1"
 
 
@@ -29,6 +31,7 @@ class Thresholds:
     token: float = DEFAULT_TOKEN_THRESHOLD  # Token-DiFR clipped-mean margin
     activation: float = DEFAULT_ACTIVATION_THRESHOLD  # mean fingerprint L2 distance
     logprob: float = DEFAULT_LOGPROB_THRESHOLD  # mean |Δ logprob| for logprob-only claims
+    logprob_abs: float = DEFAULT_LOGPROB_TOLERANCE  # per-token |Δ logprob| of receipts judged within tolerances
     clip: float = DEFAULT_CLIP
     source: str = "default"
     meta: dict = field(default_factory=dict, compare=False)
@@ -55,9 +58,10 @@ class Thresholds:
             token=float(tok.get("threshold", DEFAULT_TOKEN_THRESHOLD)),
             activation=float(act.get("threshold", DEFAULT_ACTIVATION_THRESHOLD)),
             logprob=float(doc.get("logprob", {}).get("threshold", DEFAULT_LOGPROB_THRESHOLD)),
+            logprob_abs=float(doc.get("logprob_abs", {}).get("threshold", DEFAULT_LOGPROB_TOLERANCE)),
             clip=float(tok.get("clip", DEFAULT_CLIP)),
             source=source,
-            meta={k: v for k, v in doc.items() if k not in ("token_difr", "activation_difr", "logprob")},
+            meta={k: v for k, v in doc.items() if k not in ("token_difr", "activation_difr", "logprob", "logprob_abs")},
         )
 
     @classmethod
@@ -88,6 +92,9 @@ class Verdict:
     tampered: bool = False
     signed: bool = False
     notes: list[str] = field(default_factory=list)
+    comparison: str | None = None  # bitwise | tolerance: how the replayed fields were judged
+    divergence: dict | None = None  # the first claimed value that differs: field, index, claimed, reference
+    fields: list[dict] = field(default_factory=list)  # per replayed field: compared, different, flagged, max diff
 
     @property
     def ok(self) -> bool:
@@ -109,6 +116,18 @@ class Verdict:
         if self.activation is not None:
             parts.append(f"fingerprint mean dist={self.activation['mean']:.3g}")
         out = "  ".join(parts) + f"\n  {self.reason}"
+        dv = self.divergence
+        if dv and dv.get("index") is not None:
+            out += (
+                f"\n  first difference: {dv['field']}[{dv['index']}]: claimed {_show(dv['claimed'])}, "
+                f"replay {_show(dv['reference'])}"
+            )
+        for f in self.fields:
+            if f["different"] and not f["flagged"]:
+                out += (
+                    f"\n  {f['field']}: {f['different']}/{f['compared']} differ, largest by {f['max_abs_diff']:.3g},"
+                    f" within tolerance {_show(f['tolerance'])}"
+                )
         fd = self.first_divergence
         if fd:
             out += (
@@ -122,6 +141,15 @@ class Verdict:
 
 
 # ------------------------------------------------------------------------------------- helpers
+
+
+def _show(x) -> str:
+    """A claimed or replayed value for people: floats with every digit that tells them apart."""
+    if isinstance(x, float):
+        return repr(x)
+    if isinstance(x, list | tuple) and len(x) > 4:
+        return "[" + ", ".join(_show(v) for v in x[:4]) + f", ... ({len(x)} values)]"
+    return repr(x) if isinstance(x, str) else str(x)
 
 
 def _jsonable(x):
