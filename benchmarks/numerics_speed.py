@@ -19,6 +19,7 @@ import time
 import torch
 from torch import nn
 
+from ditto.config import EXACT_NUMERICS
 from ditto.numerics.base import get_mode, list_modes
 from ditto.numerics.w4 import W4Linear
 
@@ -63,7 +64,7 @@ def main() -> None:
     if args.modes:
         modes = args.modes.split(",")
     else:
-        names = list_modes()
+        names = [m for m in list_modes() if m != EXACT_NUMERICS]  # integer is calibrated per model: exact_vs_fp32.py
         modes = [m for m in ORDER if m in names] + [m for m in names if m not in ORDER] + ["w4/dequant"]
     if "fp32" not in modes:
         modes.insert(0, "fp32")

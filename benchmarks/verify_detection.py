@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from ditto import LLM, SamplingParams
+from ditto.config import resolve_determinism, resolve_numerics
 from ditto.verify.build import model_digest, receipt_for
 from ditto.verify.claims import parse_claim
 from ditto.verify.replay import verify_claims, verify_receipts
@@ -118,7 +119,7 @@ def generate(llm, prompt_ids, params, batch: int, threads: int | None = None):
 
 def claimed_numerics_for(determinism: str) -> str:
     """What every receipt claims: integer numerics under `exact`, fp32 otherwise."""
-    return "integer" if determinism == "exact" else "fp32"
+    return resolve_numerics("fp32", determinism)
 
 
 def _tok_scores(runs, k):
@@ -237,9 +238,8 @@ def main() -> None:
 
     def llm_for(**kw):
         kw.setdefault("numerics", claimed_numerics)
-        det = args.determinism
-        if det == "exact" and kw["numerics"] != "integer":
-            det = "batch_invariant"  # a dishonest float run served under an integer claim
+        # a dishonest float run served under an integer claim runs batch_invariant
+        det = resolve_determinism(kw["numerics"], args.determinism)
         return LLM(args.model, determinism=det, progress=False, **kw)
 
     ref = llm_for()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ditto import LLM, SamplingParams
+from ditto.config import EngineConfig, resolve_determinism, resolve_numerics
 from ditto.engine.llm_engine import PromptTooLong
 from ditto.loader.gguf import GGUFError
 from ditto.loader.load import WeightError
@@ -101,6 +102,24 @@ def test_unknown_numerics_and_determinism(tiny_llama):
         LLM(str(tiny_llama), numerics="fp8", progress=False)
     with pytest.raises(ValueError, match="unknown determinism"):
         LLM(str(tiny_llama), determinism="sometimes", progress=False)
+
+
+def test_integer_numerics_and_exact_determinism_go_together(tiny_llama):
+    for numerics, determinism in (("fp32", "exact"), ("integer", "fast"), ("integer", "batch_invariant")):
+        with pytest.raises(ValueError, match="go together"):
+            EngineConfig(numerics=numerics, determinism=determinism)
+    with pytest.raises(ValueError, match="go together"):
+        LLM(str(tiny_llama), numerics="fp32", determinism="exact", progress=False)
+    # the CLI's reading: either side brings the other; comparisons across modes cap float modes at batch_invariant
+    assert resolve_numerics("fp32", "exact") == "integer" and resolve_numerics("bf16", "fast") == "bf16"
+    assert resolve_determinism("integer", "fast") == "exact"
+    assert resolve_determinism("w8a8", "exact") == "batch_invariant" and resolve_determinism("fp32", "fast") == "fast"
+
+
+def test_kv_dtype_names():
+    assert EngineConfig(kv_dtype="bfloat16").kv_dtype == "bf16" and EngineConfig(kv_dtype="int8").kv_dtype == "int8"
+    with pytest.raises(ValueError, match="unknown KV-cache dtype 'fp8'"):
+        EngineConfig(kv_dtype="fp8")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")

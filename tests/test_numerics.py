@@ -48,6 +48,10 @@ def test_registry_lists_and_rejects():
     assert mode.act_dtype == torch.bfloat16 and mode.kv_dtype == "bf16"
     with pytest.raises(Exception):  # frozen dataclass  # noqa: B017
         mode.name = "x"
+    integer = get_mode("integer")  # registered like the others; calibrated per model, so no bare apply
+    assert list_modes()[-1] == "integer" and integer.kv_dtype == "int8" and integer.act_dtype == torch.int32
+    with pytest.raises(ValueError, match="calibrated"):
+        integer.apply(nn.Linear(4, 4))
 
 
 # ---------------------------------------------------------------- quantiser round trips

@@ -44,7 +44,7 @@ def reference(request):
     return request.param, loaded, ids, _logprobs(llm, ids)
 
 
-@pytest.mark.parametrize("mode", list_modes() + ["integer"])
+@pytest.mark.parametrize("mode", list_modes())
 def test_mode_runs_bundled_model(reference, mode):
     name, loaded, ids, ref = reference
     if (name, mode) == ("gemma3-270m", "fp16"):

@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from ditto.config import DETERMINISM_LEVELS, EngineConfig
+from ditto.config import DETERMINISM_LEVELS, KV_DTYPES, EngineConfig, resolve_determinism, resolve_numerics
 
 EXAMPLES = """examples:
   ditto generate "What is 17 * 23?"                       bundled SmolLM2, chat template, greedy, streamed
@@ -44,7 +44,7 @@ def engine_parent() -> argparse.ArgumentParser:
         help="fast: no promise across batches; batch_invariant: same bits whatever the batch; "
         "exact: integer-only, same bits on any machine (implies --numerics integer)",
     )
-    g.add_argument("--kv-dtype", default=None, choices=["fp32", "bf16", "fp16", "int8"], help="KV-cache precision")
+    g.add_argument("--kv-dtype", default=None, choices=list(KV_DTYPES), help="KV-cache precision")
     g.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default: all cores)")
     g.add_argument(
         "--device",
@@ -77,11 +77,11 @@ def sampling_parent() -> argparse.ArgumentParser:
 def make_llm(args, progress: bool = True):
     from ditto import LLM
 
-    numerics = "integer" if args.determinism == "exact" else args.numerics
+    numerics = resolve_numerics(args.numerics, args.determinism)  # --determinism exact: numerics integer
     return LLM(
         args.model,
         numerics=numerics,
-        determinism=args.determinism,
+        determinism=resolve_determinism(numerics, args.determinism),  # --numerics integer: determinism exact
         progress=progress,
         kv_dtype=args.kv_dtype,
         threads=args.threads,

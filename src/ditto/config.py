@@ -6,6 +6,45 @@ from dataclasses import dataclass, field
 
 FAMILIES = ("llama", "qwen2", "qwen3", "gemma3")
 DETERMINISM_LEVELS = ("fast", "batch_invariant", "exact")
+EXACT_NUMERICS = "integer"  # the numerics mode of level `exact`: integer-only arithmetic end to end
+# KV-cache precisions: the name EngineConfig.kv_dtype and the CLI take -> torch's dtype name (what LLM.info() records)
+KV_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "int8": "int8"}
+
+
+def check_numerics(numerics: str, determinism: str) -> None:
+    """The rule tying numerics to determinism: numerics 'integer' and determinism 'exact' go together.
+
+    Only integer-only arithmetic gives the same bits on every machine, and the integer mode gives
+    nothing less, so each implies the other. Raises ValueError for any other pairing.
+    """
+    if (numerics == EXACT_NUMERICS) != (determinism == "exact"):
+        raise ValueError(
+            f"numerics {numerics!r} with determinism {determinism!r}: numerics {EXACT_NUMERICS!r} and "
+            "determinism 'exact' go together (one implies the other)"
+        )
+
+
+def resolve_numerics(numerics: str, determinism: str) -> str:
+    """The numerics a run asked for under `determinism` uses: 'exact' brings numerics 'integer'."""
+    return EXACT_NUMERICS if determinism == "exact" else numerics
+
+
+def resolve_determinism(numerics: str, determinism: str) -> str:
+    """The level `numerics` runs under when `determinism` is asked of it (or of several modes alike):
+    numerics 'integer' always runs 'exact'; other modes fall back from 'exact' to 'batch_invariant'."""
+    if numerics == EXACT_NUMERICS:
+        return "exact"
+    return "batch_invariant" if determinism == "exact" else determinism
+
+
+def kv_dtype_name(name: str) -> str:
+    """The KV-cache dtype name (a KV_DTYPES key) for either spelling: 'bf16' or torch's 'bfloat16'."""
+    if name in KV_DTYPES:
+        return name
+    for short, torch_name in KV_DTYPES.items():
+        if name == torch_name:
+            return short
+    raise ValueError(f"unknown KV-cache dtype {name!r}; choose {', '.join(KV_DTYPES)}")
 
 
 @dataclass(frozen=True)
@@ -71,7 +110,7 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV-cache block
     num_kv_blocks: int | None = None  # None -> sized from kv_cache_gb
     kv_cache_gb: float = 2.0
-    kv_dtype: str | None = None  # None -> follows numerics
+    kv_dtype: str | None = None  # a KV_DTYPES name (torch spellings accepted); None -> follows numerics
     max_num_seqs: int = 64  # sequences per step
     max_num_batched_tokens: int = 2048  # token budget per step
     prefill_chunk: int = 512  # longest prefill piece of one sequence in one step
@@ -91,3 +130,6 @@ class EngineConfig:
             raise ValueError("prefill_chunk must be positive")
         if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"unknown device {self.device!r}; choose cpu, cuda, cuda:N or auto")
+        check_numerics(self.numerics, self.determinism)
+        if self.kv_dtype is not None:
+            object.__setattr__(self, "kv_dtype", kv_dtype_name(self.kv_dtype))

@@ -175,11 +175,11 @@ class QualityResult:
 
 
 def expand_modes(spec: str | list[str] | None) -> list[str]:
-    """`all` (or None) -> every registered mode plus `integer`; else the comma-separated names, fp32 first."""
+    """`all` (or None) -> every registered mode; else the comma-separated names, fp32 first."""
     from ditto.numerics.base import list_modes
 
     if spec is None or spec == "all" or spec == ["all"]:
-        modes = list_modes() + ["integer"]
+        modes = list_modes()
     elif isinstance(spec, str):
         modes = [m.strip() for m in spec.split(",") if m.strip()]
     else:
@@ -211,6 +211,7 @@ def run_quality(
     `group`: how many non-reference models are loaded at once (None: all).
     `time_limit`: seconds of scoring after which no new window is started.
     """
+    from ditto.config import resolve_determinism
     from ditto.llm import LLM
 
     log = log or (lambda *a: None)
@@ -220,11 +221,8 @@ def run_quality(
     determinism = opts.pop("determinism", "fast")
 
     def make(mode: str):
-        det = determinism
-        if mode != "integer" and det == "exact":
-            det = "batch_invariant"
         t0 = time.perf_counter()
-        llm = LLM(model, numerics=mode, determinism=det, **opts)
+        llm = LLM(model, numerics=mode, determinism=resolve_determinism(mode, determinism), **opts)
         return llm, time.perf_counter() - t0
 
     ref, ref_load = make(REFERENCE)

@@ -2,7 +2,9 @@
 
 `prepare()` returns a `Prepared` bundle: the converted model plus the three things the engine asks
 the mode for — how to build the KV cache, how to build the per-step attention context, and how
-to sample a token — so that the engine never branches on the mode either.
+to sample a token — so that the engine never branches on the mode either. The registered mode
+builds it (`NumericsMode.prepare`): module-swap modes through `prepare_float`, the `integer` mode
+(integer_engine.py) by calibrating first.
 """
 
 from __future__ import annotations
@@ -13,17 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ditto.config import KV_DTYPES
 from ditto.sampling import sample_row
-
-_KV = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "int8": torch.int8,
-}
 
 
 def _float_cache(cfg, num_blocks: int, block_size: int, kv_dtype):
@@ -66,19 +59,19 @@ class Prepared:
 
 
 def prepare(loaded, config) -> Prepared:
-    """Apply `config.numerics` (and the determinism level's kernels) to a loaded model on `config.device`."""
-    if config.determinism == "exact" and config.numerics != "integer":
-        raise ValueError("determinism 'exact' needs numerics 'integer' (integer-only arithmetic end to end)")
-    device = torch.device(config.device)
-    if config.numerics == "integer":
-        if device.type != "cpu":
-            raise ValueError("numerics 'integer' (determinism 'exact') runs on CPU only: its fused kernels are C")
-        from ditto.numerics.integer_engine import prepare_integer
+    """Apply `config.numerics` (a registered mode, see base.get_mode) to a loaded model on `config.device`.
 
-        return prepare_integer(loaded, config)
+    `config` is an EngineConfig, so its numerics and determinism already agree (config.check_numerics).
+    """
     from ditto.numerics.base import get_mode
 
-    mode = get_mode(config.numerics)
+    return get_mode(config.numerics).prepare(loaded, config)
+
+
+def prepare_float(mode, loaded, config) -> Prepared:
+    """The bundle of a module-swap mode: `mode.apply` on the model where it runs, the determinism
+    level's kernels, a KV cache in config.kv_dtype (default: the mode's)."""
+    device = torch.device(config.device)
     model = mode.apply(loaded.model.to(device))  # converted where it runs (CPU-only kernels stay off GPUs)
     context = None
     if config.determinism == "batch_invariant":
@@ -92,7 +85,5 @@ def prepare(loaded, config) -> Prepared:
 
             model = make_invariant_tiled(model, mode.act_dtype)
             context = tiled_context
-    kv_name = config.kv_dtype or mode.kv_dtype
-    if kv_name not in _KV:
-        raise ValueError(f"unknown KV-cache dtype {kv_name!r}; choose fp32, bf16, fp16 or int8")
-    return Prepared(model, mode.act_dtype, _KV[kv_name], mode, make_context=context)
+    kv_dtype = getattr(torch, KV_DTYPES[config.kv_dtype or mode.kv_dtype])
+    return Prepared(model, mode.act_dtype, kv_dtype, mode, make_context=context)

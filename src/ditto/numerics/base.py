@@ -31,9 +31,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ditto.config import KV_DTYPES
 from ditto.models.layers import Embedding, RMSNorm
-
-KV_DTYPE_NAMES = ("fp32", "bf16", "fp16", "int8")
 
 # modules whose import registers the built-in modes (imported lazily by get_mode / list_modes)
 BUILTIN_MODULES = (
@@ -43,6 +42,7 @@ BUILTIN_MODULES = (
     "ditto.numerics.w8a8",
     "ditto.numerics.w4",
     "ditto.numerics.mxint8",
+    "ditto.numerics.integer_engine",
 )
 
 _MODES: dict[str, NumericsMode] = {}
@@ -102,10 +102,17 @@ class NumericsMode:
     float_lm_head: bool = False
 
     def __post_init__(self) -> None:
-        if self.kv_dtype not in KV_DTYPE_NAMES:
-            raise ValueError(f"kv_dtype {self.kv_dtype!r} not in {KV_DTYPE_NAMES}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype {self.kv_dtype!r} not in {tuple(KV_DTYPES)}")
 
     # ---- hooks
+    def prepare(self, loaded, config):
+        """The engine's bundle (ditto.numerics.Prepared) for `loaded` under EngineConfig `config`: by default
+        the module swap below, the determinism level's kernels and a float or int8 KV cache."""
+        from ditto.numerics import prepare_float
+
+        return prepare_float(self, loaded, config)
+
     def convert_linear(self, linear: nn.Linear) -> nn.Module:
         """Return the module that replaces `linear` (may be `linear` itself, cast in place)."""
         raise NotImplementedError

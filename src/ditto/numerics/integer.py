@@ -449,7 +449,6 @@ class IntegerMode:
     """Swap a float Decoder's modules for integer ones, from calibration stats."""
 
     name = "integer"
-    determinism = "exact"
 
     def __init__(self, stats: dict[str, torch.Tensor], smooth: bool = True, kernel_checks: bool | None = None):
         """kernel_checks: run integer_ops' per-op overflow assertions inside the forward (slow; for tests).

@@ -37,13 +37,16 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 import torch
 
+from ditto.config import EXACT_NUMERICS
 from ditto.numerics import Prepared
 from ditto.numerics import calibration as cal
+from ditto.numerics.base import NumericsMode, register
 from ditto.numerics.integer import DenseIntContext, IntegerMode, IntegerPagedAttention, IntKVCache
 from ditto.numerics.kernels import integer_ops as iops
 
@@ -214,6 +217,8 @@ def _kv_bytes(cfg) -> int:
 
 def prepare_integer(loaded, config) -> Prepared:
     """Calibrate (or load the calibration), swap in the integer modules, return the engine bundle."""
+    if torch.device(config.device).type != "cpu":
+        raise ValueError("numerics 'integer' (determinism 'exact') runs on CPU only: its fused kernels are C")
     if config.kv_dtype not in (None, "int8"):
         raise ValueError(f"numerics 'integer' keeps its KV cache in int8; kv_dtype={config.kv_dtype!r} is unsupported")
     stats, path = load_or_calibrate(loaded)
@@ -235,8 +240,34 @@ def prepare_integer(loaded, config) -> Prepared:
     )
 
 
+@dataclass(frozen=True)
+class IntegerNumerics(NumericsMode):
+    """The registry's `integer` mode. Its formats come from a calibration of the loaded model with its
+    tokenizer, so it builds the whole bundle in `prepare` instead of converting a bare model in `apply`."""
+
+    def prepare(self, loaded, config) -> Prepared:
+        return prepare_integer(loaded, config)
+
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        raise ValueError(
+            "numerics 'integer' is calibrated with the model's tokenizer: "
+            "use LLM(model, numerics='integer', determinism='exact') (or IntegerMode(stats).apply)"
+        )
+
+
+INTEGER = register(
+    IntegerNumerics(
+        EXACT_NUMERICS,
+        torch.int32,
+        "int8 per output channel, integer-only (int32 residual stream)",
+        "int8",
+        description="determinism 'exact': int8 GEMMs, dyadic requantisation, integer norms / softmax / SiLU / RoPE",
+    )
+)
+
 __all__ = [
     "DenseIntContext",
+    "IntegerNumerics",
     "IntegerSampler",
     "coarsen",
     "compute_calibration",

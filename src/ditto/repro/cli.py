@@ -98,8 +98,8 @@ def _configs(args):
         )
     for spec in _csv(args.configs):
         cfg = RunConfig.parse(spec, threads[0])
-        if cfg.backend == "ditto" and (cfg.numerics == "integer") != (cfg.determinism == "exact"):
-            skipped.append(Skipped(asdict(cfg), "integer numerics and determinism 'exact' go together"))
+        if mismatch := cfg.numerics_mismatch():
+            skipped.append(Skipped(asdict(cfg), mismatch))
         elif cfg not in configs:
             configs.append(cfg)
     return configs, skipped

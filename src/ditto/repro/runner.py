@@ -32,6 +32,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ditto.config import check_numerics
 from ditto.eval import grading
 from ditto.eval.manifest import write_json_atomic
 from ditto.eval.prompts import PromptTemplate
@@ -75,6 +76,16 @@ class RunConfig:
             num = "gguf"
         return cls(backend, num, det, int(batch or 1), int(thr or default_threads))
 
+    def numerics_mismatch(self) -> str | None:
+        """Why ditto cannot run this numerics mode under this determinism level (config.check_numerics), or None."""
+        if self.backend != "ditto":
+            return None
+        try:
+            check_numerics(self.numerics, self.determinism)
+        except ValueError as exc:
+            return str(exc)
+        return None
+
 
 @dataclass
 class Skipped:
@@ -101,8 +112,8 @@ def expand_matrix(
                 for b in batch_sizes:
                     for t in threads:
                         cfg = RunConfig(be, num, det, b, t)
-                        if be == "ditto" and (num == "integer") != (det == "exact"):
-                            skip(cfg, "integer numerics and determinism 'exact' go together (one implies the other)")
+                        if mismatch := cfg.numerics_mismatch():
+                            skip(cfg, mismatch)
                         elif be == "transformers" and num not in HF_NUMERICS:
                             skip(cfg, f"transformers runs {', '.join(HF_NUMERICS)} only")
                         elif be == "llama_cpp" and b != 1:
