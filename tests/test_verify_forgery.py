@@ -131,13 +131,16 @@ def test_fast_logprobs_are_judged_by_the_tolerance(model_dir):
     fast = LLM(str(model_dir), numerics="fp32", determinism="fast", progress=False)
     r = _receipt(fast)
     assert verify_receipt(fast, r).ok  # made in a batch of two, replayed alone: honest noise at most
-    small = _forge(r, output_logprobs=_bump(r.output_logprobs, 3, 0.01))
+    tolerance = Thresholds().for_numerics("fp32").logprob_abs  # measured for fp32 `fast`, shipped with ditto
+    assert tolerance < Thresholds().logprob_abs
+    small = _forge(r, output_logprobs=_bump(r.output_logprobs, 3, tolerance / 4))
     v = verify_receipt(fast, small)
-    assert v.status == "consistent" and v.logprob_max_abs_diff == pytest.approx(0.01, abs=1e-3)
+    assert v.status == "consistent" and v.logprob_max_abs_diff == pytest.approx(tolerance / 4, rel=0.1)
+    assert any("measured defaults for numerics fp32" in n for n in v.notes)
     big = _forge(r, output_logprobs=_bump(r.output_logprobs, 3, 0.91))
     v = verify_receipt(fast, big)
     assert v.status == "inconsistent" and v.divergence["field"] == "output_logprobs" and v.divergence["index"] == 3
-    assert "tolerance 0.05" in v.reason
+    assert f"tolerance {tolerance:.4g}" in v.reason
     # a calibrated tolerance replaces the default
     v = verify_receipt(fast, small, Thresholds(logprob_abs=0.001, source="calibrated"))
     assert v.status == "inconsistent"

@@ -147,6 +147,7 @@ def _verdict_from_scored(llm, r: Receipt, scored, th: Thresholds, plan: ReplayPl
     if r.finish_reason == "length" and n != params.max_tokens:
         notes.append(f"finish_reason 'length' with {n} tokens but max_tokens={params.max_tokens} (the context end?)")
     if not plan.bitwise:
+        th = th.for_numerics(r.numerics)
         notes.extend(_threshold_notes(r, th))
     logits = _mask_min_tokens(llm, scored.logits, params)
     res = token_difr(logits, r.output_token_ids, params, r.prompt_token_ids, r.sample_index, clip=th.clip)
@@ -186,10 +187,10 @@ def _verdict_from_scored(llm, r: Receipt, scored, th: Thresholds, plan: ReplayPl
 
 def _threshold_notes(r: Receipt, th: Thresholds) -> list[str]:
     """Where the tolerances come from, and whether they were measured for this receipt's model and mode."""
-    if th.source == "default":
+    if th.source == "default" or th.source.startswith("ditto's measured defaults"):
         return [
-            f"tolerances are the defaults (Token-DiFR {th.token:g}, logprob {th.logprob_abs:g} nats, fingerprint "
-            f"{th.activation:g}); `ditto verify calibrate` measures them for a model and mode"
+            f"tolerances: {th.source} (Token-DiFR {th.token:g}, logprob {th.logprob_abs:g} nats, fingerprint "
+            f"{th.activation:g}); `ditto verify calibrate` measures them for your model and mode"
         ]
     notes = []
     for key, mine in (("model_digest", r.model_digest), ("numerics", r.numerics), ("determinism", r.determinism)):

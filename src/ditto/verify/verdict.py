@@ -4,10 +4,12 @@ ModelMismatchError (see ditto.verify.replay for how the thresholds were chosen).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 from ditto.verify.token_difr import DEFAULT_CLIP
@@ -63,6 +65,16 @@ class Thresholds:
             source=source,
             meta={k: v for k, v in doc.items() if k not in ("token_difr", "activation_difr", "logprob", "logprob_abs")},
         )
+
+    def for_numerics(self, numerics: str) -> Thresholds:
+        """The default thresholds replaced by those measured for `numerics` (ditto/verify/tolerances.json,
+        made by benchmarks/verify_tolerances.py); thresholds that were given or calibrated stay as they are."""
+        if self.source != "default":
+            return self
+        measured = _measured_tolerances().get(numerics)
+        if measured is None:
+            return self
+        return dataclasses.replace(self, **measured, source=f"ditto's measured defaults for numerics {numerics}")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Thresholds:
@@ -141,6 +153,13 @@ class Verdict:
 
 
 # ------------------------------------------------------------------------------------- helpers
+
+
+@functools.lru_cache(maxsize=1)
+def _measured_tolerances() -> dict[str, dict[str, float]]:
+    """numerics -> {token, logprob_abs, activation}: honest `fast` noise on SmolLM2, with headroom."""
+    doc = json.loads(resources.files("ditto.verify").joinpath("tolerances.json").read_text(encoding="utf-8"))
+    return {mode: {k: float(v) for k, v in t.items()} for mode, t in doc["modes"].items()}
 
 
 def _show(x) -> str:
