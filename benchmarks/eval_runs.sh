@@ -3,6 +3,8 @@
 # run it again and finished runs are skipped, a killed run continues where it stopped.
 # RUNS=folder (default runs/eval-smollm2). Then e.g.: ditto eval compare RUNS/gsm8k-greedy RUNS/gsm8k-greedy-hf
 cd "$(dirname "$0")/.." && source .venv/bin/activate
+# the full GSM8K / MATH-500 files these runs were recorded on (ditto itself ships only a small sample)
+export DITTO_DATA=${DITTO_DATA:-../shared/data}
 R=${RUNS:-runs/eval-smollm2}
 mkdir -p "$R"
 E="ditto eval --threads 2 --no-progress --json"

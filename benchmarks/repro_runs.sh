@@ -9,6 +9,8 @@
 # 2 cores well), in their own folders; phase 3 gathers them and writes the report. Throughput figures
 # of phase 2 configs are per process with another process beside it.
 cd "$(dirname "$0")/.." && source .venv/bin/activate
+# the full GSM8K / MATH-500 files these runs were recorded on (ditto itself ships only a small sample)
+export DITTO_DATA=${DITTO_DATA:-../shared/data}
 R=${RUNS:-runs/repro-gsm8k}
 W="--task gsm8k --limit 50 --max-tokens 256 --no-progress --no-matrix"
 BATCHED=""

@@ -15,6 +15,8 @@
 # summary; not reports) are kept in git under benchmarks/results/<folder>. `SNAPSHOT=1 bash ...` copies them
 # there; every start first copies in the kept records of runs the folder lacks, so unfinished runs resume.
 cd "$(dirname "$0")/.." && source .venv/bin/activate
+# the full GSM8K / MATH-500 files these runs were recorded on (ditto itself ships only a small sample)
+export DITTO_DATA=${DITTO_DATA:-../shared/data}
 R=${RUNS:-runs/strategies-smollm2}
 K=benchmarks/results/$(basename "$R")
 mkdir -p "$R"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -84,14 +85,49 @@ def test_data_lookup(tmp_path, monkeypatch):
         find_data_file(["no-such-file.jsonl"])
 
 
-def test_shared_data_when_present():
-    try:
-        gsm = get_task("gsm8k").load(limit=3)
-        math = get_task("math500").load(limit=3)
-    except FileNotFoundError:
-        pytest.skip("no ../shared/data beside the repo")
-    assert gsm[0].answer == "72"
-    assert all(p.difficulty in (1, 2, 3, 4, 5) for p in math)
+def test_bundled_samples_are_the_default_and_nothing_outside_the_package_is_read(monkeypatch, tmp_path):
+    import tomllib
+    from fnmatch import fnmatch
+
+    import ditto
+
+    monkeypatch.delenv("DITTO_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ../shared/data beside the working folder either
+    package = Path(ditto.__file__).parent / "data"
+    assert data_dirs() == [package]  # only the package's own folder: ../shared is never looked at
+    gsm, math = get_task("gsm8k"), get_task("math500")
+    assert gsm.path.parent == math.path.parent == package
+    gsm_probs, math_probs = gsm.load(), math.load()
+    assert len(gsm_probs) == 200 and gsm_probs[0].answer == "72" and gsm_probs[0].id == "gsm8k-00000"
+    assert len(math_probs) == 100 and all(p.difficulty in (1, 2, 3, 4, 5) for p in math_probs)
+    assert (package / "LICENSE-gsm8k.txt").is_file() and (package / "LICENSE-math500.txt").is_file()
+    shipped = sorted(f.name for f in package.iterdir() if f.is_file() and f.suffix != ".py")
+    assert sum((package / f).stat().st_size for f in shipped) < 300_000  # small: a sample, not the sets
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["ditto.data"]
+    assert all(any(fnmatch(f, pat) for pat in patterns) for f in shipped), (shipped, patterns)  # installed too
+
+
+def test_data_errors_name_the_file_line_and_field(tmp_path):
+    from ditto.eval.tasks.base import read_jsonl
+
+    f = tmp_path / "README.md"
+    f.write_text("# title\n")
+    with pytest.raises(ValueError, match=r"README.md line 1: not JSON .*one JSON object per line"):
+        read_jsonl(f, ("question",), "GSM8K")
+    f.write_text('{"question": "q"}\n\n[1, 2]\n')
+    with pytest.raises(ValueError, match="line 3: expected a JSON object, got list"):
+        read_jsonl(f)
+    f.write_text('{"question": "q"}\n{"q": 1}\n')
+    with pytest.raises(ValueError, match="line 2: no 'question' field"):
+        read_jsonl(f, ("question",), "GSM8K")
+    f.write_text("\n")
+    with pytest.raises(ValueError, match="no rows"):
+        read_jsonl(f)
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        find_data_file(["gsm8k.jsonl"], tmp_path / "typo.jsonl")  # never silently the bundled sample
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        find_data_file(["gsm8k.jsonl"], tmp_path)  # a folder without the file
 
 
 def test_prompt_formats():

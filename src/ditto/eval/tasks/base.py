@@ -25,48 +25,83 @@ class Problem:
         return asdict(self)
 
 
-def repo_root() -> Path:
-    """The project root (the folder holding src/) of this checkout."""
-    return Path(__file__).resolve().parents[4]
+def bundled_data_dir() -> Path:
+    """The small samples shipped inside the package (ditto/data: GSM8K, MATH-500, with their licences)."""
+    from ditto.data import DATA_DIR
+
+    return DATA_DIR
 
 
 def data_dirs(explicit: str | os.PathLike | None = None) -> list[Path]:
-    """Candidate data folders, in priority order: explicit path, $DITTO_DATA, <repo>/../shared/data."""
+    """Candidate data folders, in priority order: explicit path, $DITTO_DATA, the bundled samples.
+
+    Only these: nothing outside the package is read unless the user names it."""
     out = []
     if explicit:
         out.append(Path(explicit))
     if os.environ.get(DATA_ENV):
         out.append(Path(os.environ[DATA_ENV]))
-    out.append(repo_root().parent / "shared" / "data")
-    out.append(Path.cwd().parent / "shared" / "data")
-    out.append(Path.cwd() / "shared" / "data")
-    return out
+    out.append(bundled_data_dir())
+    unique: list[Path] = []
+    for d in out:
+        if d not in unique:
+            unique.append(d)
+    return unique
 
 
 def find_data_file(names: list[str], explicit: str | os.PathLike | None = None) -> Path:
-    """The first existing file: `explicit` itself when it is a file, else one of `names` in data_dirs()."""
-    if explicit and Path(explicit).is_file():
-        return Path(explicit)
-    tried = []
-    for d in data_dirs(explicit):
+    """The first existing file: `explicit` itself when it is a file, else one of `names` in data_dirs().
+
+    An explicit path that does not exist is an error (never silently replaced by the bundled sample)."""
+    if explicit:
+        path = Path(explicit)
+        if path.is_file():
+            return path
+        if not path.is_dir():
+            raise FileNotFoundError(f"--data {str(explicit)!r}: no such file or folder")
+    dirs = data_dirs(explicit)
+    if explicit:
+        dirs = dirs[:1]  # a folder the user named must hold the file
+    for d in dirs:
         for name in names:
-            p = d / name
-            tried.append(str(p))
-            if p.is_file():
-                return p
+            if (d / name).is_file():
+                return d / name
     raise FileNotFoundError(
-        f"no data file ({' or '.join(names)}) found; tried: {', '.join(tried)}. "
+        f"no data file ({' or '.join(names)}) in {', '.join(str(d) for d in dirs)}. "
         f"Pass --data PATH (a file or folder) or set ${DATA_ENV}."
     )
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path, required: tuple[str, ...] = (), what: str = "JSONL") -> list[dict]:
+    """One JSON object per non-blank line. Errors name the file, the line and what was expected
+    (`required`: fields every row must have; `what`: the kind of file, for messages)."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                rows.append(json.loads(line))
+    try:
+        lines = Path(path).read_text(encoding="utf-8").split("\n")  # not splitlines: U+2028 may sit in a string
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); expected a {what} file") from None
+    for lineno, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path} line {lineno}: not JSON ({e.msg} at column {e.colno}); "
+                f"expected a {what} file with one JSON object per line"
+            ) from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise ValueError(
+                f"{path} line {lineno}: no {', '.join(repr(k) for k in missing)} field "
+                f"(a {what} file has {', '.join(required)} on every line)"
+            )
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no rows (expected a {what} file with one JSON object per line)")
     return rows
 
 

@@ -26,14 +26,18 @@ class GSM8K(Task):
 
     def problems(self) -> list[Problem]:
         out = []
-        for i, row in enumerate(read_jsonl(self.path)):
-            sol = row["answer"]
+        for i, row in enumerate(read_jsonl(self.path, ("question", "answer"), "GSM8K")):
+            sol = str(row["answer"])
+            try:
+                gold = gold_from_solution(sol)
+            except ValueError as e:
+                raise ValueError(f"{self.path} row {i + 1}: {e}") from None
             steps = max(1, len(re.findall(r"<<[^>]*>>", sol)))
             out.append(
                 Problem(
                     id=f"gsm8k-{i:05d}",
-                    question=row["question"].strip(),
-                    answer=gold_from_solution(sol),
+                    question=str(row["question"]).strip(),
+                    answer=gold,
                     difficulty=min(steps, 8),
                     meta={"steps": steps, "split_file": self.path.name},
                 )

@@ -17,11 +17,11 @@ class Math500(Task):
 
     def problems(self) -> list[Problem]:
         out = []
-        for i, row in enumerate(read_jsonl(self.path)):
+        for i, row in enumerate(read_jsonl(self.path, ("problem", "answer"), "MATH-500")):
             out.append(
                 Problem(
                     id=row.get("unique_id") or f"math500-{i:03d}",
-                    question=row["problem"].strip(),
+                    question=str(row["problem"]).strip(),
                     answer=str(row["answer"]).strip(),
                     difficulty=row.get("level"),
                     meta={"subject": row.get("subject")},
