@@ -248,7 +248,7 @@ def test_save_load_and_from_completion(tmp_path, keys):
     assert Receipt.load(tmp_path / "r.json") == r
     with pytest.raises(ValueError, match="seed"):
         Receipt.from_completion(
-            req, comp, SamplingParams(), model_digest="", tokenizer_digest="", numerics="", determinism=""
+            req, comp, SamplingParams(temperature=1), model_digest="", tokenizer_digest="", numerics="", determinism=""
         )
 
 

@@ -173,3 +173,33 @@ def test_repetition_penalty_direction():
 def test_invalid_sampling_params_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+@pytest.mark.parametrize(
+    "bad, error, field",
+    [
+        ({"temperature": "hot"}, TypeError, "temperature must be a number, got str 'hot'"),
+        ({"top_p": None}, TypeError, "top_p must be a number"),
+        ({"n": True}, TypeError, "n must be an integer, got bool"),
+        ({"max_tokens": 8.0}, TypeError, "max_tokens must be an integer, got float"),
+        ({"seed": "1"}, TypeError, "seed must be an integer or None"),
+        ({"ignore_eos": 1}, TypeError, "ignore_eos must be True or False"),
+        ({"stop": 5}, TypeError, "stop must be a string or a list of strings"),
+        ({"stop_token_ids": ["a"]}, TypeError, "stop_token_ids must be a list of token ids"),
+        ({"stop_token_ids": [-1]}, ValueError, "stop_token_ids must be token ids >= 0"),
+        ({"frequency_penalty": 3.0}, ValueError, "frequency_penalty must be in [-2, 2], got 3.0"),
+        ({"min_tokens": 9, "max_tokens": 8}, ValueError, "min_tokens must be in [0, max_tokens=8], got 9"),
+        ({"fingerprint_k": 12}, ValueError, "fingerprint_k must be 0, 8, 16 or 32, got 12"),
+    ],
+)
+def test_sampling_params_errors_name_the_field(bad, error, field):
+    with pytest.raises(error) as info:
+        SamplingParams(**bad)
+    assert str(info.value).startswith(field)
+
+
+def test_sampling_params_accept_what_they_should():
+    p = SamplingParams(stop="END", stop_token_ids=[3, 4], top_k=-1, temperature=1, seed=2**63 - 1)
+    assert p.stop == ("END",) and p.stop_token_ids == (3, 4) and p.top_k == 0
+    assert SamplingParams(stop=None).stop == () and SamplingParams(stop=["a", "b"]).stop == ("a", "b")
+    assert p.replace(seed=None).with_seed().seed is not None

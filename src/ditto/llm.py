@@ -27,7 +27,8 @@ class LLM:
     """Load a model once, then generate, stream or score with it.
 
     >>> llm = LLM("smollm2-135m-instruct", numerics="fp32", determinism="batch_invariant")
-    >>> llm.generate(["2+2="], SamplingParams(max_tokens=8, temperature=0))[0].outputs[0].text
+    >>> llm.generate(["What is 2+2?"], chat=True)[0].outputs[0].text  # defaults: greedy, at most 512 tokens
+    'The answer to this classic math problem is 4.'
     """
 
     name = "ditto"

@@ -14,20 +14,11 @@ Gumbel variate), so batching cannot change it and a verifier can recompute it ex
 from __future__ import annotations
 
 import math
-import random
-from dataclasses import asdict, dataclass, field
 
 import torch
 
-PROCESSING_ORDER = (
-    "repetition_penalty",
-    "frequency_presence_penalty",
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "gumbel_max",
-)
+# SamplingParams, its defaults and checks live in ditto.sampling_params; re-exported here
+from ditto.sampling_params import DEFAULTS, PROCESSING_ORDER, SamplingParams  # noqa: F401
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -131,95 +122,6 @@ def gumbel_argmax(scaled: torch.Tensor, keep: torch.Tensor, seed: int, sample_in
         cand = torch.cat([top.indices, outside]).unique()  # sorted ascending: ties resolve as in a full argmax
     vals = masked[cand] + gumbel_from_bits(noise_bits_at(key, cand))
     return int(cand[torch.argmax(vals)])
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to sample one request. Defaults follow vLLM/OpenAI except `seed` (always recorded)."""
-
-    n: int = 1
-    temperature: float = 1.0
-    top_k: int = 0  # 0 (or -1) disables
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    seed: int | None = None  # None -> a random seed is drawn and recorded in the output
-    max_tokens: int = 16
-    min_tokens: int = 0
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    logprobs: int | None = None  # number of top logprobs to return per token (0: only the sampled)
-    include_stop_str_in_output: bool = False
-    skip_special_tokens: bool = True
-    fingerprint_k: int = 0  # Activation-DiFR fingerprint width (0: none)
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        else:
-            object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        if self.top_k == -1:
-            object.__setattr__(self, "top_k", 0)
-        checks = [
-            (isinstance(self.n, int) and 1 <= self.n <= 1024, f"n must be an integer in [1, 1024], got {self.n!r}"),
-            (
-                math.isfinite(self.temperature) and 0.0 <= self.temperature <= 100.0,
-                f"temperature must be in [0, 100], got {self.temperature!r}",
-            ),
-            (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be >= 0 (0 disables), got {self.top_k!r}"),
-            (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p!r}"),
-            (0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p!r}"),
-            (
-                math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
-                f"repetition_penalty must be > 0, got {self.repetition_penalty!r}",
-            ),
-            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
-            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
-            (
-                isinstance(self.max_tokens, int) and self.max_tokens >= 1,
-                f"max_tokens must be >= 1, got {self.max_tokens!r}",
-            ),
-            (
-                isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
-                "min_tokens must be in [0, max_tokens]",
-            ),
-            (self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63), "seed must be in [0, 2^63)"),
-            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
-            (self.fingerprint_k in (0, 8, 16, 32), "fingerprint_k must be 0, 8, 16 or 32"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    def with_seed(self) -> SamplingParams:
-        """A copy whose seed is set (drawn at random when it was None)."""
-        if self.seed is not None:
-            return self
-        return self.replace(seed=random.SystemRandom().randrange(2**31))
-
-    def replace(self, **changes) -> SamplingParams:
-        fields = {k: v for k, v in asdict(self).items()}
-        fields.update(changes)
-        return SamplingParams(**fields)
-
-    def record(self) -> dict:
-        """Everything that determines the sample, for receipts and manifests."""
-        rec = {k: v for k, v in asdict(self).items() if k != "extra"}
-        rec["stop"] = list(self.stop)
-        rec["stop_token_ids"] = list(self.stop_token_ids)
-        rec["processing_order"] = list(PROCESSING_ORDER)
-        rec["noise"] = "splitmix64-gumbel-v1"
-        return rec
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ditto.sampling import SamplingParams
+from ditto.sampling import DEFAULTS, SamplingParams
 
 MAX_N = 64
 MAX_STOP = 16
@@ -52,10 +52,10 @@ class _SamplingFields(_Strict):
 
     model: str
     n: int = 1
-    max_tokens: int | None = None
-    temperature: float = 1.0
+    max_tokens: int | None = DEFAULTS.max_tokens  # ditto's one set of defaults (SamplingParams), not OpenAI's
+    temperature: float = DEFAULTS.temperature  # 0: greedy, as everywhere in ditto (README, "Defaults")
     top_p: float = 1.0
-    seed: int | None = None
+    seed: int | None = None  # None: a fresh seed, returned in `ditto.seed` and the receipt
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
