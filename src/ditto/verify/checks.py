@@ -55,7 +55,7 @@ def _bad(receipt: Receipt, status: str, reason: str, *, field_name: str | None =
 
 def precheck_receipt(receipt: Receipt, public_key=None) -> Verdict | None:
     """The model-free checks; a Verdict when the receipt fails one, else None (go on and replay it)."""
-    from ditto.config import DETERMINISM_LEVELS
+    from ditto.config import DETERMINISM_LEVELS, check_numerics
     from ditto.verify.build import params_from_record
 
     problems = receipt.check_integrity(public_key)
@@ -81,13 +81,13 @@ def precheck_receipt(receipt: Receipt, public_key=None) -> Verdict | None:
             field_name="numerics",
             claimed=receipt.numerics,
         )
-    if (receipt.determinism == "exact") != (receipt.numerics == "integer"):
+    try:
+        check_numerics(receipt.numerics, receipt.determinism)
+    except ValueError as e:
         return _bad(
             receipt,
             "inconsistent",
-            f"the receipt contradicts itself: determinism {receipt.determinism!r} "
-            f"with numerics {receipt.numerics!r} (exact is integer-only arithmetic, and integer numerics "
-            "run at the exact level)",
+            f"the receipt contradicts itself: {e}",
             field_name="numerics",
             claimed=receipt.numerics,
         )

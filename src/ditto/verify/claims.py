@@ -159,6 +159,7 @@ def _params(source: dict, request: dict, n_out: int | None) -> tuple[SamplingPar
         if isinstance(kw.get(key), list):
             kw[key] = tuple(kw[key])
     kw.pop("n", None)  # one Claim per sample; n does not change a sample's tokens
+    kw.setdefault("temperature", 1.0)  # a request that names none got the OpenAI API's default, not ditto's
     unsupported = {k for k in source if k in _UNSUPPORTED and source[k] not in (None, {}, [], False)}
     unsupported |= {k for k in request if k not in _PARAM_NAMES | _NEUTRAL | _UNSUPPORTED}  # unknown: flag
     return SamplingParams(**kw), tuple(sorted(unsupported))

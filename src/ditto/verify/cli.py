@@ -23,7 +23,6 @@ import json
 import sys
 from pathlib import Path
 
-_KV_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "int8"}
 _CAL_PROMPTS = [
     "Explain why the sky is blue.",
     "What is 17 * 23? Think step by step.",
@@ -192,7 +191,7 @@ def cmd_verify(args) -> int:
             continue
         try:
             ns = _receipt_llm_args(args, receipt)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:
             report.add(path, _unverifiable(receipt, str(e)))
             continue
         pending.setdefault((ns.model, ns.numerics, ns.determinism, ns.kv_dtype), []).append((path, receipt))
@@ -213,10 +212,13 @@ def cmd_verify(args) -> int:
 
 def _receipt_llm_args(args, receipt) -> argparse.Namespace:
     """The verifying LLM's options: what the receipt records, unless the command line says otherwise."""
-    kv = _KV_NAMES.get(str(receipt.extra.get("kv_dtype")))
-    ns = _llm_args(args, args.model or _receipt_model(receipt), receipt.numerics, receipt.determinism, kv)
-    if ns.determinism == "exact" and not args.numerics:
-        ns.numerics = "integer"
+    from ditto.config import kv_dtype_name, resolve_numerics
+
+    kv = receipt.extra.get("kv_dtype")
+    ns = _llm_args(args, args.model or _receipt_model(receipt), receipt.numerics, receipt.determinism)
+    ns.kv_dtype = args.kv_dtype or (kv_dtype_name(kv) if kv else None)
+    if not args.numerics:
+        ns.numerics = resolve_numerics(ns.numerics, ns.determinism)
     return ns
 
 
