@@ -177,3 +177,19 @@ def test_hanging_grader_times_out_and_pool_recovers(monkeypatch):
     assert [g.correct for g in gs] == [False, True, False, True]
     assert gs[0].extracted == "9^{9^{9^{9}}}"
     assert again[0].correct
+
+
+def test_math_verify_warnings_stay_off_the_terminal():
+    """Math-Verify logs "Timeout is disabled ..." on its first call without a timeout (ditto enforces the
+    deadline itself); a fresh process must print nothing of it."""
+    import subprocess
+    import sys
+
+    code = (
+        "from ditto.eval.answer_equivalence import math_verify_equal\n"
+        "print(math_verify_equal('\\\\frac{1}{2}', '0.5'), math_verify_equal('x^2', 'x**2+'))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[0] == "True"  # Math-Verify did run
+    assert "Timeout is disabled" not in proc.stderr and proc.stderr.strip() == "", proc.stderr

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
+from ditto.sampling_params import DEFAULTS
+
 
 def gsm8k_questions(count: int, data: str | None = None, offset: int = 0) -> list[str]:
     from ditto.eval.tasks.base import find_data_file, read_jsonl
 
-    rows = read_jsonl(find_data_file(["gsm8k-train.jsonl", "gsm8k.jsonl"], data))
-    if not rows:
-        raise ValueError("the GSM8K file is empty")
+    rows = read_jsonl(find_data_file(["gsm8k-train.jsonl", "gsm8k.jsonl"], data), ("question",), "GSM8K")
     out = [rows[(offset + i) % len(rows)]["question"] for i in range(count)]
     return out
 
@@ -182,11 +182,15 @@ def add_parser(subparsers, parents=()):
     p.add_argument("--input-len", type=int, default=None, help="cut prompts to this many tokens (default: GSM8K)")
     p.add_argument("--output-len", type=int, default=256, help="tokens generated per sample (EOS ignored)")
     p.add_argument("--n", type=int, default=1, help="samples per request (default 1)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--temperature", type=float, default=DEFAULTS.temperature, help="0 = greedy (default %(default)s)")
     p.add_argument("--single-stream", action="store_true", help="one request at a time")
     p.add_argument("--raw", action="store_true", help="bare questions, no chat template")
-    p.add_argument("--data", default=None, help="GSM8K file or folder (default: $DITTO_DATA or ../shared/data)")
-    p.add_argument("--json", default=None, help="write the result as JSON to this file ('-' for stdout)")
+    p.add_argument(
+        "--data", default=None, help="GSM8K JSONL file or folder (default: $DITTO_DATA, else the bundled 200 problems)"
+    )
+    p.add_argument(
+        "--json", default=None, metavar="FILE", help="write the result as JSON to FILE ('-': stdout, table on stderr)"
+    )
     p.set_defaults(func=cmd_bench)
     return p
 
@@ -202,12 +206,27 @@ def _fill_engine_defaults(args) -> None:
     args.determinism = args.determinism or d.determinism
 
 
+def check_args(args) -> None:
+    """Every flag and the data file, before the model loads (UsageError naming the flag)."""
+    from ditto import cli_checks as check
+
+    check.positive(args, "prompts", "input_len", "output_len", "n")
+    check.sampling_params(args, n=args.n, max_tokens=args.output_len, seed=0)  # --temperature
+    check.engine(args)
+    check.output_file(args.json, "json", stdout_ok=True)
+    try:
+        gsm8k_questions(1, args.data)
+    except (FileNotFoundError, ValueError) as exc:
+        raise check.UsageError(f"argument --data: {exc}") from None
+
+
 def cmd_bench(args) -> int:
     from rich.console import Console
 
     from ditto.cli import make_llm
 
     _fill_engine_defaults(args)
+    check_args(args)
     llm = make_llm(args, progress=False)
     prompts = make_prompts(llm, args.prompts, args.input_len, chat=not args.raw, data=args.data)
     result = run_bench(

@@ -61,15 +61,24 @@ def engine_parent() -> argparse.ArgumentParser:
 
 
 def sampling_parent() -> argparse.ArgumentParser:
+    """Sampling flags. Their defaults are read from SamplingParams, the one set of defaults for the
+    Python API, the CLI and the server (README, "Defaults")."""
+    from ditto.sampling_params import DEFAULTS as d
+
     p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("sampling (applied in this order: penalties, temperature, top-k, top-p, min-p)")
-    g.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (recorded in every output)")
-    g.add_argument("--max-tokens", "-n", type=int, default=256)
+    g = p.add_argument_group(
+        "sampling",
+        "Applied in this order: penalties, temperature, top-k, top-p, min-p. Defaults (those of SamplingParams): "
+        f"temperature {d.temperature:g} = greedy, at most {d.max_tokens} new tokens, no filters, and a fresh "
+        "seed per run that is printed and recorded, so a sampled output can be replayed with --seed.",
+    )
+    g.add_argument("--temperature", "-t", type=float, default=d.temperature, help="0 = greedy (default %(default)s)")
+    g.add_argument("--top-k", type=int, default=d.top_k, help="0 = off (default %(default)s)")
+    g.add_argument("--top-p", type=float, default=d.top_p, help="1 = off (default %(default)s)")
+    g.add_argument("--min-p", type=float, default=d.min_p, help="0 = off (default %(default)s)")
+    g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help="1 = off (%(default)s)")
+    g.add_argument("--seed", type=int, default=d.seed, help="sampling seed (default: a fresh one, printed)")
+    g.add_argument("--max-tokens", "-n", type=int, default=d.max_tokens, help="new tokens at most (%(default)s)")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     return p
 
@@ -116,52 +125,47 @@ def make_backend(args):
     raise SystemExit(f"unknown backend {backend!r}")
 
 
-def sampling_from(args):
-    from ditto import SamplingParams
+def sampling_from(args, **overrides):
+    """SamplingParams from the sampling flags; UsageError naming the flag when one is out of range."""
+    from ditto.cli_checks import sampling_params
 
-    return SamplingParams(
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        max_tokens=args.max_tokens,
-        stop=tuple(args.stop),
-    )
+    return sampling_params(args, **overrides)
 
 
 def cmd_generate(args) -> int:
+    from ditto import cli_checks as check
+
+    params = sampling_from(args, fingerprint_k=args.fingerprint_k).with_seed()  # the seed is known, so printed
+    check.engine(args)
+    check.output_file(args.receipt, "receipt")
+    check.sign_key(args.sign_key)
+    if args.sign_key and not args.receipt:
+        raise check.UsageError("argument --sign-key: signs a receipt; give --receipt FILE too")
+    prompt = check.prompt_text(args.prompt)
     llm = make_llm(args)
-    params = sampling_from(args)
-    if args.fingerprint_k:
-        params = params.replace(fingerprint_k=args.fingerprint_k)
-    prompt = " ".join(args.prompt) if args.prompt else sys.stdin.read()
     use_chat = not args.raw and llm.tokenizer.chat_template is not None
     text = llm.chat_prompt([{"role": "user", "content": prompt}]) if use_chat else prompt
     ids = llm.encode(text, add_special_tokens=not use_chat)
     if args.receipt or args.json:
         out = llm.generate([ids], params)[0]
         comp = out.outputs[0]
-        print(comp.text)
+        record = {
+            "text": comp.text,
+            "token_ids": comp.token_ids,
+            "finish_reason": comp.finish_reason,
+            "prompt_token_ids": list(ids),
+            "chat_template": use_chat,
+            "model": args.model,
+            "metrics": out.metrics,
+        }
         if args.receipt:
             from ditto.verify.build import receipt_for
 
             receipt = receipt_for(llm, out, comp, params, sign_key=args.sign_key)
             receipt.save(args.receipt)
+            record["receipt"] = {"path": args.receipt, "content_hash": receipt.content_hash}
             print(f"receipt written to {args.receipt} ({receipt.content_hash})", file=sys.stderr)
-        if args.json:
-            print(
-                json.dumps(
-                    {
-                        "text": comp.text,
-                        "token_ids": comp.token_ids,
-                        "finish_reason": comp.finish_reason,
-                        "metrics": out.metrics,
-                    },
-                    default=str,
-                )
-            )
+        print(json.dumps(record, default=str) if args.json else comp.text)  # --json: one document, nothing else
         return 0
     t0, n = time.perf_counter(), 0
     for _, text_delta, new in llm.stream(ids, params):
@@ -169,19 +173,24 @@ def cmd_generate(args) -> int:
         sys.stdout.write(text_delta)
         sys.stdout.flush()
     dt = time.perf_counter() - t0
+    how = "greedy" if params.greedy else f"T={params.temperature:g}, seed={params.seed}"
     print(
-        f"\n[{n} tokens, {n / dt:.1f} tok/s, numerics={args.numerics}, determinism={args.determinism}, "
-        f"seed={params.seed}]",
+        f"\n[{n} tokens, {n / dt:.1f} tok/s, {how}, numerics={llm.config.numerics}, "
+        f"determinism={llm.config.determinism}]",
         file=sys.stderr,
     )
     return 0
 
 
 def cmd_chat(args) -> int:
+    from ditto import cli_checks as check
+
+    params = sampling_from(args).with_seed()
+    check.engine(args)
     llm = make_llm(args)
-    params = sampling_from(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("ditto chat — empty line or ctrl-d to quit", file=sys.stderr)
+    how = "greedy" if params.greedy else f"T={params.temperature:g}, seed {params.seed}"
+    print(f"ditto chat ({how}) — empty line or ctrl-d to quit", file=sys.stderr)
     while True:
         try:
             user = input("> ").strip()
@@ -198,32 +207,6 @@ def cmd_chat(args) -> int:
             sys.stdout.flush()
         print()
         messages.append({"role": "assistant", "content": "".join(reply)})
-    return 0
-
-
-def cmd_models(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from ditto.loader.digest import file_digest
-    from ditto.loader.registry import BUNDLED, resolve_model
-
-    table = Table(title="bundled models")
-    for col in ("name", "description", "path", "size", "sha256"):
-        table.add_column(col)
-    for name, info in BUNDLED.items():
-        try:
-            path = resolve_model(name)
-            table.add_row(
-                name,
-                info.description,
-                str(path),
-                f"{path.stat().st_size / 2**20:.0f} MiB",
-                file_digest(path)[:16] + "…",
-            )
-        except Exception as exc:  # a missing package is reported, not fatal
-            table.add_row(name, info.description, f"unavailable: {exc}", "", "")
-    Console().print(table)
     return 0
 
 
@@ -256,9 +239,6 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--system", default=None, help="system message")
     c.set_defaults(func=cmd_chat)
 
-    m = sub.add_parser("models", help="list bundled models, their files and digests")
-    m.set_defaults(func=cmd_models)
-
     backend = argparse.ArgumentParser(add_help=False)
     backend.add_argument(
         "--backend",
@@ -267,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         help="engine that runs the model (peers for comparison)",
     )
     plugins = {
+        "ditto.models_cmd": [],
         "ditto.bench": [eng],
         "ditto.quality": [eng],
         "ditto.eval.cli": [eng, backend],
@@ -284,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
         mod.add_parser(sub, parents=parents)
 
     args = parser.parse_args(argv)
+    import rich
+
+    from ditto.cli_checks import UsageError
+
+    rich.reconfigure(stderr=True)  # progress bars and load messages: stderr; stdout carries only results
     try:
         if args.command == "eval":
             from ditto.eval.cli import run as run_eval
@@ -292,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
+    except UsageError as exc:
+        print(f"ditto {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as exc:
         print(f"ditto: error: {exc}", file=sys.stderr)
         return 2

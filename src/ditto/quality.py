@@ -41,14 +41,17 @@ def load_text(name: str = "math500", data: str | None = None) -> str:
     from ditto.eval.tasks.base import find_data_file, read_jsonl
 
     if name in ("math500", "math-500"):
-        rows = read_jsonl(find_data_file(["math500.jsonl", "math500/test.jsonl"], data))
+        rows = read_jsonl(find_data_file(["math500.jsonl", "math500/test.jsonl"], data), ("solution",), "MATH-500")
         return "\n\n".join(str(r.get("solution", "")) for r in rows if r.get("solution"))
     if name in ("gsm8k", "gsm8k-train"):
-        rows = read_jsonl(find_data_file(["gsm8k-train.jsonl", "gsm8k.jsonl"], data))
+        rows = read_jsonl(find_data_file(["gsm8k-train.jsonl", "gsm8k.jsonl"], data), ("question", "answer"), "GSM8K")
         return "\n\n".join(f"{r['question']}\n{r['answer']}" for r in rows)
     path = Path(name)
     if path.is_file():
-        return path.read_text(encoding="utf-8")
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
     raise ValueError(f"unknown text {name!r}: use math500, gsm8k or a path to a text file")
 
 
@@ -392,13 +395,32 @@ def add_parser(subparsers, parents=()):
     p.add_argument("--window", type=int, default=512, help="tokens per teacher-forced window (default 512)")
     p.add_argument("--batch", type=int, default=2, help="windows per score_batch call (default 2)")
     p.add_argument("--text", default="math500", help="math500 (default), gsm8k or a text file")
-    p.add_argument("--data", default=None, help="data folder or file (default: $DITTO_DATA or ../shared/data)")
+    p.add_argument("--data", default=None, help="data folder or file (default: $DITTO_DATA, else the bundled sample)")
     p.add_argument("--group", type=int, default=None, help="mode models loaded at once (default: all)")
     p.add_argument("--time-limit", type=float, default=None, help="stop starting new windows after this many s")
-    p.add_argument("--json", default=None, help="write the result as JSON to this file")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the result as JSON ('-': stdout)")
     p.add_argument("--markdown", default=None, help="write the table as markdown to this file")
     p.set_defaults(func=cmd_quality)
     return p
+
+
+def check_args(args) -> None:
+    """Every flag, the modes and the text, before any model loads (UsageError naming the flag)."""
+    from ditto import cli_checks as check
+
+    check.positive(args, "tokens", "batch", "group")
+    check.check(args.window >= 2, "window", "at least 2 tokens", args.window)
+    check.positive_number(args, "time_limit")
+    known = check.numerics_names()
+    bad = [m for m in expand_modes(args.modes) if m not in known]
+    check.check(not bad, "modes", "'all' or a comma list of " + ", ".join(known), ",".join(bad))
+    check.engine(args)
+    check.output_file(args.json, "json", stdout_ok=True)
+    check.output_file(args.markdown, "markdown")
+    try:
+        load_text(args.text, args.data)
+    except (FileNotFoundError, ValueError) as exc:
+        raise check.UsageError(f"argument {'--data' if args.data else '--text'}: {exc}") from None
 
 
 def cmd_quality(args) -> int:
@@ -409,7 +431,7 @@ def cmd_quality(args) -> int:
     from ditto.bench import _fill_engine_defaults
 
     _fill_engine_defaults(args)
-
+    check_args(args)
     opts = {
         "threads": args.threads,
         "determinism": args.determinism,
@@ -432,8 +454,11 @@ def cmd_quality(args) -> int:
         llm_options=opts,
         log=lambda msg: print(msg, file=sys.stderr),
     )
-    Console(width=max(160, Console().width)).print(rich_table(result))
-    if args.json:
+    out = sys.stderr if args.json == "-" else sys.stdout
+    Console(file=out, width=max(160, Console(file=out).width)).print(rich_table(result))
+    if args.json == "-":
+        print(json.dumps(result.to_dict()))
+    elif args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
     if args.markdown:
         Path(args.markdown).write_text(markdown(result))

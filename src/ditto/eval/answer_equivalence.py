@@ -169,6 +169,15 @@ def _mv_prepare(gold: str, pred: str) -> tuple[str, str]:
     return g, p
 
 
+def _quiet_math_verify() -> None:
+    """Keep Math-Verify's warnings ("Timeout is disabled ...": ditto enforces the deadline itself) and its
+    parser's complaints about model output off the user's terminal; errors still show."""
+    import logging
+
+    for name in ("math_verify", "latex2sympy2_extended"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def math_verify_equal(gold: str, pred: str | None) -> bool | None:
     """Math-Verify's verdict, or None when it could not parse one side (or is not installed)."""
     if pred is None:
@@ -177,6 +186,7 @@ def math_verify_equal(gold: str, pred: str | None) -> bool | None:
         from math_verify import parse, verify
     except ImportError:  # pragma: no cover - math-verify is a dependency
         return None
+    _quiet_math_verify()
     g, p = _mv_prepare(gold, pred)
     try:
         gp = parse("\\boxed{" + g + "}", parsing_timeout=None)

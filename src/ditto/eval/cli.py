@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ditto.eval.prompts import FORMATS
 from ditto.eval.tasks.registry import TASKS
+from ditto.sampling_params import DEFAULTS
 
 EPILOG = """\
 examples:
@@ -49,7 +50,10 @@ examples:
   ditto eval compare runs/greedy runs/sc-256 runs/sc-1024 runs/cgs --pair-by tokens --out runs/cmp-tok
 
 data: gsm8k/math500 JSONL files are looked up in --data (a file or a folder), then $DITTO_DATA,
-then <repo>/../shared/data.
+then the samples bundled with ditto (the first 200 GSM8K training problems, the first 100 of MATH-500).
+
+defaults: --temperature and --max-tokens are SamplingParams' (greedy, 512 tokens); --seed 0 is the run
+seed (each problem derives its own from it, so a run can be resumed and paired with another).
 """
 
 
@@ -64,7 +68,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     )
     g = p.add_argument_group("task")
     g.add_argument("--task", default="gsm8k", choices=list(TASKS), help="which problems (default gsm8k)")
-    g.add_argument("--data", default=None, help="JSONL file or folder for gsm8k/math500")
+    g.add_argument("--data", default=None, help="JSONL file or folder for gsm8k/math500 (default: bundled sample)")
     g.add_argument("--limit", type=int, default=None, help="only the first N problems")
     g.add_argument("--offset", type=int, default=0, help="skip the first N problems")
     g.add_argument("--arith-digits", default="1", help="arith: operand digits, e.g. 1 or 1,2 or 1-3")
@@ -90,12 +94,12 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--system", default=None, help="system message for chat formats")
     g = p.add_argument_group("sampling")
     g.add_argument("--n", type=int, default=1, help="samples per problem (pass@k, maj@k for k <= n)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--temperature", type=float, default=DEFAULTS.temperature, help="0 = greedy (default %(default)s)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--min-p", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=0, help="run seed; each problem gets its own derived seed")
-    g.add_argument("--max-tokens", type=int, default=512)
+    g.add_argument("--max-tokens", type=int, default=DEFAULTS.max_tokens, help="(default %(default)s)")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run folder (manifest.json, results.jsonl, report.*)")
     g.add_argument(
@@ -188,10 +192,12 @@ def run(args, make_backend) -> int:
     if action:
         print(f"unknown eval action {action[0]!r} (expected 'compare' or 'report')", file=sys.stderr)
         return 2
+    from ditto.eval.cli_checks import check_args
     from ditto.eval.runner import EvalConfig, ResumeMismatch, run_eval
 
     config = EvalConfig.from_args(args)
     out = args.out or _default_out(args)
+    check_args(args, config, out)  # every flag, the task's data and the strategy knobs, before any model loads
     try:
         if getattr(args, "strategy", None):
             from ditto.eval.strategy_runner import run_from_args
@@ -250,7 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     add_backend_args(parser)
     add_eval_args(parser)
     args = parser.parse_args(argv)
-    return run(args, default_make_backend)
+    from ditto.cli_checks import UsageError
+
+    try:
+        return run(args, default_make_backend)
+    except UsageError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

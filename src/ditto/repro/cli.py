@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from ditto.sampling_params import DEFAULTS
+
 EPILOG = """examples:
   ditto repro --task gsm8k --limit 50 --numerics fp32,bf16,layercast --determinism fast,batch_invariant \\
       --batch-sizes 1,8,32 --threads 2 --backends ditto,transformers,llama_cpp --out runs/repro
@@ -47,15 +49,17 @@ def add_parser(subparsers, parents: list[argparse.ArgumentParser] | None = None)
     p.add_argument("--configs", default=None, help="explicit configs, comma separated (added to the matrix)")
     p.add_argument("--no-matrix", action="store_true", help="run only --configs, not the matrix flags")
     p.add_argument("--task", default="gsm8k", help="gsm8k | math500 | arith | arith-easy")
-    p.add_argument("--data", default=None, help="task data file or folder")
+    p.add_argument(
+        "--data", default=None, help="task data file or folder (default: $DITTO_DATA, else the bundled sample)"
+    )
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--offset", type=int, default=0)
     p.add_argument("--prompt", default="chat", help="chat | fewshot | chat-fewshot | plain")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--temperature", type=float, default=DEFAULTS.temperature, help="0 = greedy (default %(default)s)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=DEFAULTS.max_tokens, help="(default %(default)s)")
     p.add_argument("--reference", default=None, help="config name used as the reference (default: the first)")
     p.add_argument("--out", default="runs/repro")
     p.add_argument("--report-only", action="store_true")
@@ -116,14 +120,61 @@ def _engine_options(args) -> dict:
     return opts
 
 
+def check_args(args) -> None:
+    """The matrix flags, sampling, task data and the model, before any model loads (UsageError naming the flag)."""
+    from ditto import cli_checks as check
+    from ditto.config import DETERMINISM_LEVELS
+    from ditto.eval.prompts import FORMATS
+    from ditto.eval.tasks.registry import TASKS
+
+    check.check(args.task in TASKS, "task", "one of " + ", ".join(TASKS), args.task)
+    check.check(args.prompt in FORMATS, "prompt", "one of " + ", ".join(FORMATS), args.prompt)
+    check.positive(args, "limit", "max_num_batched_tokens", "prefill_chunk", "block_size")
+    check.non_negative(args, "offset")
+    check.positive_number(args, "kv_cache_gb")
+    check.sampling_params(args)  # --temperature --top-p --top-k --seed --max-tokens
+    names = check.numerics_names() + ["gguf"]
+    for flag, values, known in (
+        ("numerics", _csv(args.numerics), names),
+        ("determinism", _csv(args.determinism), list(DETERMINISM_LEVELS)),
+        ("backends", _csv(args.backends), ["ditto", "transformers", "llama_cpp"]),
+    ):
+        bad = [v for v in values if v not in known]
+        check.check(not bad, flag, "a comma list of " + ", ".join(known), ",".join(bad))
+    for flag in ("batch_sizes", "threads"):
+        values = _csv(getattr(args, flag))
+        check.check(
+            all(v.isdigit() and int(v) >= 1 for v in values),
+            flag,
+            "a comma list of positive integers",
+            getattr(args, flag),
+        )
+    check.model(args.model)
+    from ditto.eval.tasks import get_task
+
+    try:
+        problems = get_task(args.task, data=args.data).load(args.limit, args.offset)
+    except (FileNotFoundError, ValueError) as exc:
+        raise check.UsageError(f"argument --data: {exc}") from None
+    if not problems:
+        raise check.UsageError(f"argument --offset: no problems left after skipping {args.offset}")
+
+
 def run(args) -> int:
+    from ditto.cli_checks import UsageError
     from ditto.repro.report import write_report
     from ditto.repro.runner import Workload, WorkloadMismatch, run_study
 
     if args.report_only:
+        if not Path(args.out).is_dir():
+            raise UsageError(f"argument --out: {args.out}: no such study folder")
         print(write_report(args.out, args.reference))
         return 0
-    configs, skipped = _configs(args)
+    check_args(args)
+    try:
+        configs, skipped = _configs(args)
+    except ValueError as exc:
+        raise UsageError(f"argument --configs/--backends: {exc}") from None
     if not configs:
         print("ditto repro: no valid configuration to run", file=sys.stderr)
         for s in skipped:

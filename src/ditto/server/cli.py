@@ -42,7 +42,21 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def check_args(args) -> None:
+    """Every flag and the key file, before the model loads (UsageError naming the flag)."""
+    from ditto import cli_checks as check
+
+    check.check(0 <= args.port <= 65535, "port", "in [0, 65535]", args.port)
+    check.check(bool(args.host.strip()), "host", "an interface name or address", args.host)
+    check.positive(args, "max_queue", "max_body_bytes", "max_receipts", allow_none=False)
+    name = args.served_model_name
+    check.check(name is None or bool(name.strip()), "served_model_name", "a non-empty name", name)
+    check.sign_key(args.sign_key)
+    check.engine(args)
+
+
 def cmd_serve(args) -> int:
+    check_args(args)
     import uvicorn
 
     from ditto.cli import make_llm

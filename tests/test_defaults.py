@@ -1,0 +1,63 @@
+"""One set of sampling defaults: SamplingParams, the CLI flags and the server's request fields agree."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from ditto.sampling import DEFAULTS, SamplingParams
+
+
+def test_the_chosen_defaults():
+    d = SamplingParams()
+    assert (d.temperature, d.max_tokens, d.seed, d.n) == (0.0, 512, None, 1)
+    assert (d.top_k, d.top_p, d.min_p, d.repetition_penalty) == (0, 1.0, 0.0, 1.0)
+    assert d.greedy and d == DEFAULTS
+
+
+class Parsed(Exception):
+    pass
+
+
+_PARSE_ARGS = argparse.ArgumentParser.parse_args
+
+
+def _parsed(monkeypatch, argv: list[str]) -> dict:
+    """The namespace `ditto argv` parses to (the command itself is not run)."""
+    from ditto.cli import main
+
+    seen = {}
+
+    def capture(self, args=None, namespace=None):
+        seen.update(vars(_PARSE_ARGS(self, args, namespace)))
+        raise Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(Parsed):
+        main(argv)
+    return seen
+
+
+def test_cli_flags_read_their_defaults_from_sampling_params(monkeypatch):
+    gen = _parsed(monkeypatch, ["generate", "x"])
+    for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "max_tokens"):
+        assert gen[name] == getattr(DEFAULTS, name), name
+    for command in ("eval", "repro"):
+        args = _parsed(monkeypatch, [command])
+        assert (args["temperature"], args["max_tokens"]) == (DEFAULTS.temperature, DEFAULTS.max_tokens), command
+    assert _parsed(monkeypatch, ["bench"])["temperature"] == DEFAULTS.temperature
+
+
+def test_server_request_defaults_are_the_same():
+    from ditto.server.protocol import ChatCompletionRequest, CompletionRequest, sampling_params
+
+    for req in (
+        CompletionRequest(model="m", prompt="hi"),
+        ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}]),
+    ):
+        assert req.temperature == DEFAULTS.temperature and req.max_tokens == DEFAULTS.max_tokens
+        assert req.seed is None and req.top_p == DEFAULTS.top_p and req.top_k == DEFAULTS.top_k
+        params = sampling_params(req, req.max_tokens, None)
+        assert params.replace(seed=None) == DEFAULTS  # a fresh seed is drawn (and returned), nothing else differs
+        assert params.seed is not None
