@@ -56,8 +56,29 @@ def test_server_request_defaults_are_the_same():
         CompletionRequest(model="m", prompt="hi"),
         ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}]),
     ):
-        assert req.temperature == DEFAULTS.temperature and req.max_tokens == DEFAULTS.max_tokens
+        assert req.temperature == DEFAULTS.temperature and req.max_tokens is None  # None: the default, capped
         assert req.seed is None and req.top_p == DEFAULTS.top_p and req.top_k == DEFAULTS.top_k
-        params = sampling_params(req, req.max_tokens, None)
+        params = sampling_params(req, DEFAULTS.max_tokens, None)
         assert params.replace(seed=None) == DEFAULTS  # a fresh seed is drawn (and returned), nothing else differs
         assert params.seed is not None
+
+
+def test_server_default_max_tokens_is_capped_at_the_room_left(tiny_llama):
+    """A request that names no max_tokens gets ditto's default, or what the context leaves when that is less;
+    one that names too many is refused."""
+    from fastapi.testclient import TestClient
+
+    from ditto import LLM
+    from ditto.server.app import create_app
+
+    llm = LLM(str(tiny_llama), determinism="batch_invariant", progress=False)
+    room = llm.config.max_model_len or 512
+    with TestClient(create_app(llm, served_name="tiny")) as client:
+        body = {"model": "tiny", "prompt": [5] * (room - 20), "ignore_eos": True}
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 20 and r.json()["choices"][0]["finish_reason"] == "length"
+        r = client.post("/v1/completions", json={**body, "max_tokens": 21})
+        assert r.status_code == 400 and "max_tokens=21 does not fit" in r.json()["error"]["message"]
+        short = client.post("/v1/completions", json={"model": "tiny", "prompt": [5, 6], "ignore_eos": True})
+        assert short.json()["usage"]["completion_tokens"] == min(DEFAULTS.max_tokens, room - 2)

@@ -3,9 +3,9 @@
 Endpoints
   GET  /v1/models                 the one served model (+ `ditto`: numerics, determinism, digests, engine)
   POST /v1/completions            prompt: str | [str] | [int] | [[int]]; stream, n, seed, logprobs (0-20), stop,
-                                  max_tokens (default 16), temperature, top_p, presence/frequency_penalty
+                                  max_tokens, temperature, top_p, presence/frequency_penalty
   POST /v1/chat/completions       messages (text content); logprobs + top_logprobs; max_tokens or
-                                  max_completion_tokens (default: the rest of the context window)
+                                  max_completion_tokens (both: default 512, capped at the room the context leaves)
   GET  /v1/receipts/{id}          a receipt this server issued (canonical JSON)
   POST /v1/verify                 a receipt replayed on this server's model (ditto.verify.replay), see
                                   ditto.server.verify_api: the receipt document itself (as GET
@@ -178,7 +178,7 @@ def _add_generation_routes(app: FastAPI, st: ServerState, guarded: list) -> None
         if body.suffix:
             raise ApiError(400, "suffix is not supported", param="suffix")
         prompts = completion_prompts(st, body.prompt)
-        max_tokens = max_tokens_for(st, body.max_tokens if body.max_tokens is not None else 16, prompts)
+        max_tokens = max_tokens_for(st, body.max_tokens, prompts)
         params = sampling_params(body, max_tokens, body.logprobs)
         return await generate_response(request, st, "completion", body, prompts, params)
 

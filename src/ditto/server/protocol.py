@@ -52,7 +52,7 @@ class _SamplingFields(_Strict):
 
     model: str
     n: int = 1
-    max_tokens: int | None = DEFAULTS.max_tokens  # ditto's one set of defaults (SamplingParams), not OpenAI's
+    max_tokens: int | None = None  # None: ditto's default (SamplingParams().max_tokens), capped at the room left
     temperature: float = DEFAULTS.temperature  # 0: greedy, as everywhere in ditto (README, "Defaults")
     top_p: float = 1.0
     seed: int | None = None  # None: a fresh seed, returned in `ditto.seed` and the receipt

@@ -114,10 +114,13 @@ def check_prompts(st: ServerState, prompts) -> None:
 
 
 def max_tokens_for(st: ServerState, requested: int | None, prompts) -> int:
+    """The request's max_tokens; when it names none, ditto's default capped at the context room left."""
     longest = max(len(ids) for _, ids in prompts)
     room = st.max_model_len - longest
     if requested is None:
-        return room
+        from ditto.sampling import SamplingParams
+
+        return min(SamplingParams().max_tokens, room)
     if requested < 1:
         raise ApiError(400, f"max_tokens must be at least 1, got {requested}", param="max_tokens")
     if requested > room:
