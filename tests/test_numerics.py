@@ -10,11 +10,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ditto.config import ModelConfig
+from ditto.config import EngineConfig, ModelConfig
+from ditto.engine.attention import KVCache
 from ditto.models import decoder as decoder_module
 from ditto.models import layers as layers_module
 from ditto.models.decoder import Decoder
-from ditto.numerics import kv, quant
+from ditto.numerics import quant
 from ditto.numerics.base import CastEmbedding, NumericsMode, get_mode, list_modes, register
 from ditto.numerics.kernels.batch_invariant import kernel_available
 from ditto.numerics.layercast import LayerCastLinear, PackedLayerCastLinear
@@ -121,20 +122,26 @@ def test_mxint8_bound():
 
 
 def test_kv_int8_round_trip_and_knob():
-    k = torch.randn(7, 3, 16, generator=_gen(4)) * 3
-    q, s = kv.quantize_kv_int8(k)
-    assert q.shape == (7, 3, 16) and s.shape == (7, 3, 1)
-    back = kv.dequantize_kv_int8(q, s)
-    assert torch.all((k - back).abs() <= s / 2 + 127 * FP32_EPS * s)
-    data, scale = kv.store_kv(k, "bf16")
-    assert scale is None and data.dtype == torch.bfloat16
-    assert torch.equal(kv.load_kv(data, scale, torch.float32), k.bfloat16().float())
-    assert kv.resolve_kv_dtype(None, "bf16") == "bf16"
-    assert kv.resolve_kv_dtype("int8", "fp32") == "int8"
+    k = torch.randn(7, 3, 16, generator=_gen(4)) * 3  # (T, Hkv, D)
+    slots, blocks = torch.arange(7), torch.tensor([0, 1])
+
+    def rows(cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        kt, v = cache.read(0, blocks)  # K^T (nb, Hkv, D, bs), V (nb, Hkv, bs, D)
+        return kt.permute(0, 3, 1, 2).reshape(8, 3, 16)[:7], v.permute(0, 2, 1, 3).reshape(8, 3, 16)[:7]  # (T, Hkv, D)
+
+    q8 = KVCache(1, 2, 4, 3, 16, torch.int8)  # 1 layer, 2 blocks of 4 slots
+    q8.write(0, slots, k, k)
+    back_k, back_v = rows(q8)
+    s = k.abs().amax(-1, keepdim=True) / 127  # one scale per (token, head)
+    assert torch.equal(back_k, back_v) and torch.all((k - back_v).abs() <= s / 2 + 127 * FP32_EPS * s)
+    bf = KVCache(1, 2, 4, 3, 16, torch.bfloat16)
+    bf.write(0, slots, k, k)
+    assert bf.v[0].dtype == torch.bfloat16 and torch.equal(rows(bf)[1], k.bfloat16().float())
+    assert get_mode("bf16").kv_dtype == "bf16" and EngineConfig(kv_dtype="int8").kv_dtype == "int8"
     with pytest.raises(ValueError):
-        kv.resolve_kv_dtype("fp8", "fp32")
-    assert kv.kv_bytes_per_token("int8", 3, 64) == 2 * 3 * (64 + 4)
-    assert kv.kv_bytes_per_token("fp32", 3, 64) == 2 * 3 * 64 * 4
+        EngineConfig(kv_dtype="fp8")
+    assert KVCache.bytes_per_token(1, 3, 64, torch.int8) == 2 * 3 * (64 + 4)
+    assert KVCache.bytes_per_token(1, 3, 64, torch.float32) == 2 * 3 * 64 * 4
 
 
 # ---------------------------------------------------------------- exact kernels
@@ -194,6 +201,24 @@ def test_w4_padding_paths_match_dequant():
             torch.testing.assert_close(kl(x), y_ref, atol=0.02, rtol=0.01)
 
 
+def _mxint8_gemm_exact(
+    qx: torch.Tensor, ex: torch.Tensor, qw: torch.Tensor, ew: torch.Tensor, block: int = quant.MX_BLOCK
+) -> torch.Tensor:
+    """Block-exact MXINT8 product: per block an int32 dot product (exact), times 2**(ex+ew-12)
+    (exact), summed over blocks in float32 (the only rounding). qx (M, K), ex (M, K/B),
+    qw (N, K), ew (N, K/B) -> float32 (M, N). Reference for MXInt8Linear's dequantising fast path."""
+    m, k = qx.shape
+    n = qw.shape[0]
+    nb = k // block
+    out = torch.zeros(m, n, dtype=torch.float32, device=qx.device)
+    for b in range(nb):
+        sl = slice(b * block, (b + 1) * block)
+        acc = quant.int_mm(qx[:, sl].contiguous(), qw[:, sl].t()).float()
+        shift = ex[:, b].float().unsqueeze(1) + ew[:, b].float().unsqueeze(0) - 2 * quant.MX_ELEM_FRAC_BITS
+        out += acc * torch.exp2(shift)
+    return out
+
+
 def test_mxint8_exact_on_grid():
     g = _gen(8)
     k, n = 96, 40
@@ -212,12 +237,12 @@ def test_mxint8_exact_on_grid():
     ref = (x.double() @ w.double().t()).float()
     assert torch.equal(ml(x), ref)
     qxi, ex = quant.quantize_mxint8(x)
-    assert torch.equal(quant.mxint8_gemm_exact(qxi, ex, qwi, ew), ref)
+    assert torch.equal(_mxint8_gemm_exact(qxi, ex, qwi, ew), ref)
     # random (off-grid) data: fast path == blockwise exact path up to fp32 summation order
     xr, wr = torch.randn(4, k, generator=g), torch.randn(n, k, generator=g)
     a, b = quant.quantize_mxint8(xr), quant.quantize_mxint8(wr)
     fast = F.linear(quant.dequantize_mxint8(*a), quant.dequantize_mxint8(*b))
-    torch.testing.assert_close(fast, quant.mxint8_gemm_exact(*a, *b), atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(fast, _mxint8_gemm_exact(*a, *b), atol=1e-5, rtol=1e-6)
 
 
 # ---------------------------------------------------------------- LLM.int8

@@ -9,10 +9,16 @@ import sys
 
 import pytest
 
-from ditto.repro.metrics import agreement, distinct_count, divergence_index, groups_agree, std, study_metrics
+from ditto.repro.metrics import agreement, common_ids, distinct_count, divergence_index, std, study_metrics
 from ditto.repro.runner import RunConfig, Workload, WorkloadMismatch, expand_matrix, run_study
 
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+
+
+def groups_agree(results: dict[str, dict[str, dict]], names: list[str]) -> bool:
+    """True when every config in `names` produced identical token ids on every common prompt."""
+    sub = {n: results[n] for n in names}
+    return all(distinct_count([sub[n][p]["token_ids"] for n in names]) == 1 for p in common_ids(sub))
 
 
 # ---------------------------------------------------------------------------------------------- metrics

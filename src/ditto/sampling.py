@@ -14,6 +14,7 @@ Gumbel variate), so batching cannot change it and a verifier can recompute it ex
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 
@@ -122,6 +123,26 @@ def gumbel_argmax(scaled: torch.Tensor, keep: torch.Tensor, seed: int, sample_in
         cand = torch.cat([top.indices, outside]).unique()  # sorted ascending: ties resolve as in a full argmax
     vals = masked[cand] + gumbel_from_bits(noise_bits_at(key, cand))
     return int(cand[torch.argmax(vals)])
+
+
+def mask_min_tokens(
+    logits: torch.Tensor, params: SamplingParams, stop_ids: Iterable[int], start: int = 0
+) -> torch.Tensor:
+    """No stop before params.min_tokens: logits (N, V), row r scoring generated token `start + r`.
+
+    Rows whose token index is below min_tokens get -inf at every stop id (`stop_ids`: the model's
+    EOS / stop tokens, together with params.stop_token_ids; ids outside the vocabulary are ignored),
+    unless params.ignore_eos. Returns `logits` itself when nothing is masked, else a masked copy.
+    """
+    rows = min(params.min_tokens - start, logits.shape[0])
+    if params.ignore_eos or rows <= 0:
+        return logits
+    stop = sorted({int(s) for s in (*stop_ids, *params.stop_token_ids) if 0 <= s < logits.shape[-1]})
+    if not stop:
+        return logits
+    logits = logits.clone()
+    logits[:rows, stop] = float("-inf")
+    return logits
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids) -> torch.Tensor:

@@ -190,16 +190,3 @@ class BlockManager:
     def take_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []
         return copies
-
-    def check(self, live: list[Sequence]) -> None:
-        """Invariant check (tests): reference counts equal table usage; free blocks are unreferenced."""
-        counts = [0] * self.num_blocks
-        for seq in live:
-            for b in seq.block_table:
-                counts[b] += 1
-        assert counts == self.ref, "reference counts disagree with block tables"
-        for b in range(self.num_blocks):
-            assert (self.ref[b] == 0) == (b in self.free), f"block {b}: ref {self.ref[b]} vs free list"
-        for h, b in self.cached.items():
-            assert self.hash_of[b] == h
-        assert self.scored.keys() <= self.cached.keys(), "remembered score rows outlived their block"

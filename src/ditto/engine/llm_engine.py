@@ -13,7 +13,7 @@ from ditto.engine.block_manager import BlockManager
 from ditto.engine.runner import ModelRunner, StepOutput
 from ditto.engine.scheduler import Batch, Scheduler
 from ditto.engine.sequence import Sequence
-from ditto.sampling import SamplingParams
+from ditto.sampling import SamplingParams, mask_min_tokens
 
 
 class PromptTooLong(ValueError):
@@ -84,7 +84,6 @@ class LLMEngine:
         if score_from is not None and len(prompt_ids) > limit:
             raise PromptTooLong(f"prompt + continuation have {len(prompt_ids)} tokens; the context window is {limit}")
         params = params.with_seed()
-        req = Request(request_id, prompt, list(prompt_ids), params, score=score_from is not None)
         seq = Sequence(
             request_id,
             list(prompt_ids),
@@ -94,10 +93,8 @@ class LLMEngine:
             score_from=score_from,
             keep_score_logits=keep_score_logits,
         )
-        if params.n > 1 and score_from is None:
-            req.seqs = [seq]
-        else:
-            req.seqs = [seq]
+        # one sequence: n > 1 samples fork from it once the prompt is computed (`_fork`)
+        req = Request(request_id, prompt, list(prompt_ids), params, seqs=[seq], score=score_from is not None)
         seq.arrival = next(self._arrivals)
         self.requests[request_id] = req
         self.scheduler.add(seq)
@@ -185,9 +182,7 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, logits: torch.Tensor, hidden: torch.Tensor) -> None:
         params = seq.params
         token_index = len(seq.output_ids)
-        if token_index < params.min_tokens and not params.ignore_eos:
-            logits = logits.clone()
-            logits[list(self.stop_ids | set(params.stop_token_ids))] = float("-inf")
+        logits = mask_min_tokens(logits[None], params, self.stop_ids, start=token_index)[0]  # (V,)
         token = self.sample(logits, params, seq.prompt_ids, seq.output_ids, seq.sample_index, token_index)
         logp = torch.log_softmax(logits.float(), dim=-1)
         seq.output_ids.append(token)

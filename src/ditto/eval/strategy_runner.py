@@ -60,7 +60,6 @@ from ditto.eval.tasks.base import Problem
 log = logging.getLogger("ditto.eval")
 
 TWO_MODEL = ("chunk_guided", "glimp_router")  # take the second model as `large`
-SCORED = ("best_of_n", "weighted_majority", "beam_search", "astar", "early_rejection")  # take `scorer`
 SEED_RULE = "strategy seed = per-problem seed (sha256(f'{seed}:{problem_id}')[:8] mod 2**31) unless --strategy-arg seed"
 CALIBRATION_ARGS = ("calibration_problems", "large_fraction")  # knobs of threshold=calibrate, not of the strategy
 MAX_STR = 300

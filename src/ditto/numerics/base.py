@@ -200,8 +200,3 @@ def list_modes() -> list[str]:
     """Names of all registered modes, in registration order."""
     _load_builtins()
     return list(_MODES)
-
-
-def apply_mode(model: nn.Module, name: str) -> nn.Module:
-    """Shorthand for get_mode(name).apply(model)."""
-    return get_mode(name).apply(model)

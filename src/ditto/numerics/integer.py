@@ -25,7 +25,7 @@ How each layer maps (s = real value of one integer unit; "Q.F" means s = 2^-F):
   norm             -> IntRMSNorm    final hidden state Q.Ff (int32).
   lm_head          -> IntLMHead     logits int in Q.Fl with |logit| < 2^24, returned as float32
                       logit_int * 2^-Fl (exact), so compute_logits' .float() is exact and
-                      `logits * 2^Fl` gives back the integers for gumbel_argmax_int.
+                      `logits * 2^Fl` gives back the integers the sampler uses.
 Residual adds stay in the model file (`x + h` on int32): every module output and every norm
 input is checked below 2^30, so the add cannot wrap.
 

@@ -4,7 +4,7 @@ token at each linear input) are MXINT8.
 
 Compute: both operands are dequantised to fp32 — exact, since every value is an int8 times a
 power of two — and multiplied by an fp32 GEMM. That equals the "exact" MX dot product (int32
-block dot products, power-of-two block scaling: quant.mxint8_gemm_exact) except for the
+block dot products, power-of-two block scaling; tests/test_numerics.py checks both) except for the
 order/rounding of the fp32 summation. The weight is dequantised per call (not cached). K is
 zero-padded to a multiple of 32 if needed (padded blocks are zero and contribute nothing).
 """

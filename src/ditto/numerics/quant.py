@@ -243,21 +243,3 @@ def dequantize_mxint8(q: torch.Tensor, e: torch.Tensor, block: int = MX_BLOCK) -
     *lead, k = q.shape
     g = q.reshape(*lead, k // block, block).float()
     return (g * torch.exp2((e.float() - MX_ELEM_FRAC_BITS).unsqueeze(-1))).reshape(*lead, k)
-
-
-def mxint8_gemm_exact(
-    qx: torch.Tensor, ex: torch.Tensor, qw: torch.Tensor, ew: torch.Tensor, block: int = MX_BLOCK
-) -> torch.Tensor:
-    """Block-exact MXINT8 product: per block an int32 dot product (exact), times 2**(ex+ew-12)
-    (exact), summed over blocks in float32 (the only rounding). qx (M, K), ex (M, K/B),
-    qw (N, K), ew (N, K/B) -> float32 (M, N). Reference for the dequantising fast path."""
-    m, k = qx.shape
-    n = qw.shape[0]
-    nb = k // block
-    out = torch.zeros(m, n, dtype=torch.float32, device=qx.device)
-    for b in range(nb):
-        sl = slice(b * block, (b + 1) * block)
-        acc = int_mm(qx[:, sl].contiguous(), qw[:, sl].t()).float()
-        shift = ex[:, b].float().unsqueeze(1) + ew[:, b].float().unsqueeze(0) - 2 * MX_ELEM_FRAC_BITS
-        out += acc * torch.exp2(shift)
-    return out

@@ -155,10 +155,3 @@ def _median(xs: list[int]) -> float | None:
     s = sorted(xs)
     k = len(s) // 2
     return float(s[k]) if len(s) % 2 else (s[k - 1] + s[k]) / 2
-
-
-def groups_agree(results: dict[str, dict[str, dict]], names: list[str]) -> bool:
-    """True when every config in `names` produced identical token ids on every common prompt."""
-    sub = {n: results[n] for n in names}
-    ids = common_ids(sub)
-    return all(distinct_count([sub[n][p]["token_ids"] for n in names]) == 1 for p in ids)

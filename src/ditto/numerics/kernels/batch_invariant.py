@@ -31,7 +31,7 @@ Design of `invariant_linear`:
 * Without a C compiler, fp32 falls back to torch GEMMs on fixed 32-row zero-padded tiles (MKL's
   M>=12 kernel is row-position invariant on this CPU); slower, and also guarded by a self-check.
 
-A CUDA implementation plugs in at `_DEVICE_IMPLS["cuda"]` (same signature as `_cpu_linear`).
+CPU only: on GPUs the `batch_invariant` level uses tiled.py's fixed-shape GEMMs instead.
 """
 
 from __future__ import annotations
@@ -262,16 +262,6 @@ def _cpu_linear(x: Tensor, weight: Tensor, bias: Tensor | None, packed: PackedWe
     return _tiled_linear(x.to(cdt), w, b).to(out_dtype)
 
 
-def _cuda_linear(x: Tensor, weight: Tensor, bias: Tensor | None, packed: PackedWeight | None) -> Tensor:
-    raise NotImplementedError("batch-invariant linear on CUDA is not implemented yet")
-
-
-_DEVICE_IMPLS: dict[str, Callable[[Tensor, Tensor, Tensor | None, PackedWeight | None], Tensor]] = {
-    "cpu": _cpu_linear,
-    "cuda": _cuda_linear,
-}
-
-
 def invariant_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None = None, *, packed: PackedWeight | None = None
 ) -> Tensor:
@@ -286,10 +276,9 @@ def invariant_linear(
         raise ValueError(f"invariant_linear expects 2-D x (T, K), got {tuple(x.shape)}")
     if x.shape[1] != weight.shape[1]:
         raise ValueError(f"shape mismatch: x {tuple(x.shape)} vs weight {tuple(weight.shape)}")
-    impl = _DEVICE_IMPLS.get(x.device.type)
-    if impl is None:
-        raise NotImplementedError(f"no batch-invariant linear for device {x.device.type!r}")
-    return impl(x, weight, bias, packed)  # inference only: the kernel path records no autograd graph
+    if x.device.type != "cpu":
+        raise NotImplementedError(f"no batch-invariant linear for device {x.device.type!r} (GPUs: kernels/tiled.py)")
+    return _cpu_linear(x, weight, bias, packed)  # inference only: the kernel path records no autograd graph
 
 
 class InvariantLinear(nn.Module):

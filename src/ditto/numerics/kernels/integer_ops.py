@@ -285,26 +285,6 @@ def int_matmul_limbs(a: torch.Tensor, w: torch.Tensor, bits: int, signed: bool =
     return out
 
 
-def linear_int(
-    q: torch.Tensor,
-    a16: torch.Tensor,
-    sa: torch.Tensor,
-    w: torch.Tensor,
-    m: torch.Tensor,
-    e: torch.Tensor,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """W8A8 linear with per-token activation and per-channel weight/output scales, int64 out.
-
-    q (T, K) int8 with row scale a16 * 2^sa / 127 (from quantize_rows), w (N, K) int8.
-    (m, e) per output channel (N,) is dyadic(s_x * s_w[n] / (127 * s_out[n])), mbits <= 18,
-    so out[t, n] = round(acc * a16 * m / 2^(e - sa)) in units of s_out[n]; bias in those units.
-    """
-    acc = int8_matmul(q.reshape(-1, q.shape[-1]), w).long().reshape(*q.shape[:-1], w.shape[0])
-    out = requantise(acc * a16, m, e - sa)
-    return out if bias is None else out + bias
-
-
 # ----------------------------------------------------------------------------- RMSNorm
 def rmsnorm_int(x: torch.Tensor, gamma_m: torch.Tensor, gamma_e: int, eps_int: int) -> torch.Tensor:
     """Integer RMSNorm: y = x / sqrt(mean(x^2) + eps) * gamma, output in Q.out (int64).
@@ -394,40 +374,6 @@ def log_softmax_int(x: torch.Tensor, frac: int, mask: torch.Tensor | None = None
     return out if mask is None else torch.where(mask, out, neg)
 
 
-def attention_int(
-    q: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    k: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    v: torch.Tensor,
-    mask: torch.Tensor,
-    score_m: int,
-    score_e: int,
-    score_frac: int = 16,
-    prob_bits: int = 20,
-) -> torch.Tensor:
-    """Integer attention of n queries over L keys (GQA), exact: returns (n, H, d) int64.
-
-    q = (q8 (n, H, d), qa16, qsa (n, H, 1)), k = (k8 (L, Hkv, d), ka16, ksa (L, Hkv, 1)) from
-    quantize_rows; v int8 (L, Hkv, d) with a static per-channel scale; mask (n, L) True = visible.
-    score = acc * qa16 * ka16 * 2^(qsa + ksa) * score_m / 2^score_e in Q.score_frac, where
-    (score_m, score_e) = dyadic(attn_scale * s_q * s_k * 2^score_frac / 127^2, 18) (s_q, s_k: the
-    int scales of q and k before quantize_rows). p = softmax_int (Q.prob_bits); out = sum p * v8,
-    exact through 7-bit limbs, in units of 2^-prob_bits * s_v[channel].
-    """
-    q8, qa16, qsa = q
-    k8, ka16, ksa = k
-    heads, kv_heads = q8.shape[1], k8.shape[1]
-    group = heads // kv_heads
-    outs = []
-    for h in range(heads):
-        g = h // group
-        acc = int8_matmul(q8[:, h], k8[:, g]).long()  # (n, L), |acc| <= d * 127^2
-        t = rshift_round(acc * qa16[:, h], 8) * ka16[:, g].T  # < 2^(21 + 15 - 8 + 15) = 2^43
-        x = requantise(t, score_m, score_e - 8 - qsa[:, h] - ksa[:, g].T)  # (n, L) Q.score_frac
-        p = softmax_int(x.clamp(-(1 << 31) + 1, (1 << 31) - 1), score_frac, prob_bits, mask)
-        outs.append(int_matmul_limbs(p, v[:, g].T.contiguous(), prob_bits + 1, signed=False))  # (n, d)
-    return torch.stack(outs, dim=1)  # (n, H, d)
-
-
 def _bmm_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Exact int32 batched a @ b for small integer operands whose sums fit int32 (int32 CPU GEMM)."""
     return torch.matmul(a.to(torch.int32), b.to(torch.int32))
@@ -443,11 +389,15 @@ def attend_int(
     score_frac: int = 16,
     prob_bits: int = 20,
 ) -> torch.Tensor:
-    """Batched integer attention, exact; the formats of `attention_int`, with kv heads as a batch dim.
+    """Batched integer attention, exact, with kv heads as a batch dim.
 
     q = (q8 (B, Hkv, M, d) int8, qa16, qsa (B, Hkv, M, 1)) — M = queries x heads of one kv group;
-    k = (k8 (B, Hkv, L, d) int8, ka16, ksa (B, Hkv, L, 1)); v int8 (B, Hkv, L, d); mask (B, 1, M, L)
-    True = visible. Returns (B, Hkv, M, d) int64 = sum_j p_j v_j with p in Q.prob_bits. Scores:
+    k = (k8 (B, Hkv, L, d) int8, ka16, ksa (B, Hkv, L, 1)) from quantize_rows; v int8 (B, Hkv, L, d)
+    with a static per-channel scale; mask (B, 1, M, L) True = visible. score = q.k * qa16 * ka16 *
+    2^(qsa + ksa) * score_m / 2^score_e in Q.score_frac, where (score_m, score_e) = dyadic(attn_scale *
+    s_q * s_k * 2^score_frac / 127^2, 18) (s_q, s_k: the int scales of q and k before quantize_rows);
+    p = softmax_int (Q.prob_bits). Returns (B, Hkv, M, d) int64 = sum_j p_j v_j, in units of
+    2^-prob_bits * s_v[channel]. Scores:
     |q.k| <= d * 127^2 (int32); P.V: sum_j p_j |v_j| <= (2^B + L) * 127 < 2^31 (int32 GEMM, exact).
     With B == 1 (a prefill chunk) the GEMMs run per kv head through torch._int_mm (P.V by 7-bit limbs).
     """
@@ -576,31 +526,3 @@ def temperature_multiplier(logit_scale: float, temperature: float) -> tuple[int,
         ratio *= 2
         e += 1
     return max(1, round(ratio)), e
-
-
-def gumbel_argmax_int(
-    logits: torch.Tensor,
-    logit_scale: float,
-    temperature: float,
-    seed: int,
-    sample_index: int,
-    token_index: int,
-    keep: torch.Tensor | None = None,
-) -> int:
-    """Sample argmax(logit/T + g) exactly: argmax over logit_int * M + (g_Q24 << e); T = 0 is argmax.
-
-    logits: (V,) ints (|logit| < 2^31) standing for logit_int * logit_scale. keep: bool mask.
-    The scores are int64 (|logit * M| < 2^55, |g << e| < 2^61). Ties go to the lowest id.
-    """
-    logits = logits.long()
-    if temperature == 0.0:
-        score = logits
-    else:
-        m, e = temperature_multiplier(logit_scale, temperature)
-        if _CHECKS:
-            _check(_absmax(logits) * m < (1 << 62), "gumbel_argmax_int logit * M >= 2^62")
-        g = gumbel_noise_int(seed, sample_index, token_index, logits.numel()).to(logits.device)
-        score = logits * m + (g << e)
-    if keep is not None:
-        score = score.masked_fill(~keep, -I64_MAX)
-    return int(torch.argmax(score))
