@@ -229,17 +229,47 @@ def run_eval(
     task = config.make_task()
     problems = task.load(limit=config.limit, offset=config.offset)
     template = config.template()
-    prompt_rec = template.record(task.name)
     base_params = config.sampling(stop=template.stop())
-    binfo = backend.info()
-    cfg = asdict(config)
-    manifest_path = out / "manifest.json"
-    results_path = out / "results.jsonl"
+    manifest_path, results_path = out / "manifest.json", out / "results.jsonl"
+    manifest = _open_manifest(out, config, backend.info(), task, template, base_params, problems)
+    session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "started_unix": time.time(), "limit": config.limit}
+    manifest.setdefault("sessions", []).append(session)
+    write_json_atomic(manifest_path, manifest)
 
+    writer = _ResultsWriter(results_path)
+    done_recs = {r["id"]: r for r in load_results(results_path)}
+    todo = [p for p in problems if p.id not in done_recs]
+    session["resumed_with"] = len(problems) - len(todo)
+    tally = _Tally(done_recs.values(), _progress(progress, len(problems), len(problems) - len(todo)))
+    delay = float(os.environ.get(_TEST_DELAY_ENV, "0") or 0)
+    try:
+        with grading.GraderPool(config.grader_workers, config.grader_timeout) as pool:
+            for start in range(0, len(todo), max(1, config.batch_problems)):
+                batch = todo[start : start + config.batch_problems]
+                for rec in _run_batch(backend, pool, batch, template, task.name, base_params, config.seed):
+                    writer.write(rec)
+                    done_recs[rec["id"]] = rec
+                    tally.add(rec)
+                if delay:
+                    time.sleep(delay)
+            session["grader_timeouts"] = pool.timeouts
+    finally:
+        session["engine_stats"] = engine_stats(backend)
+        writer.close()
+        tally.stop()
+    records = [done_recs[p.id] for p in problems if p.id in done_recs]
+    return finish_run(out, task.name, records, config.seed, session, manifest, manifest_path, report)
+
+
+def _open_manifest(out: Path, config: EvalConfig, binfo: dict, task, template, base_params, problems) -> dict:
+    """The manifest of the run in `out`: the existing one when it is the same run (ResumeMismatch
+    naming what differs otherwise), else a new one recording the whole inference stack."""
+    cfg = asdict(config)
+    prompt_rec = template.record(task.name)
+    manifest_path, results_path = out / "manifest.json", out / "results.jsonl"
     if manifest_path.exists():
         old = json.loads(manifest_path.read_text())
-        key = resume_key(cfg, binfo, prompt_rec)
-        if old.get("resume_key") != key:
+        if old.get("resume_key") != resume_key(cfg, binfo, prompt_rec):
             diffs = [k for k in cfg if old.get("config", {}).get(k) != cfg[k]]
             if old.get("backend", {}).get("model_digest") != binfo.get("model_digest"):
                 diffs.append("model_digest")
@@ -249,115 +279,105 @@ def run_eval(
                 f"{out} holds a different run (differs in: {', '.join(diffs) or 'backend'}); "
                 "use another --out or delete the folder"
             )
-        manifest = old
-    else:
-        if results_path.exists() and results_path.stat().st_size:
-            raise ResumeMismatch(f"{results_path} exists without a manifest.json; refusing to mix runs")
-        manifest = build_manifest(
-            config=cfg,
-            backend_info=binfo,
-            task_info=task.info(),
-            prompt_record=prompt_rec,
-            sampling=base_params.record(),
-            seed_rule=SEED_RULE,
-            grader=grading.grader_info(config.grader_timeout, config.grader_workers),
-            problems=[p.id for p in problems],
-            batch={
-                "problems_per_generate_call": config.batch_problems,
-                "backend_batch_size": binfo.get("batch_size"),
-                "samples_per_problem": config.n,
-            },
-        )
-    session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "started_unix": time.time(), "limit": config.limit}
-    manifest.setdefault("sessions", []).append(session)
-    write_json_atomic(manifest_path, manifest)
+        return old
+    if results_path.exists() and results_path.stat().st_size:
+        raise ResumeMismatch(f"{results_path} exists without a manifest.json; refusing to mix runs")
+    return build_manifest(
+        config=cfg,
+        backend_info=binfo,
+        task_info=task.info(),
+        prompt_record=prompt_rec,
+        sampling=base_params.record(),
+        seed_rule=SEED_RULE,
+        grader=grading.grader_info(config.grader_timeout, config.grader_workers),
+        problems=[p.id for p in problems],
+        batch={
+            "problems_per_generate_call": config.batch_problems,
+            "backend_batch_size": binfo.get("batch_size"),
+            "samples_per_problem": config.n,
+        },
+    )
 
-    writer = _ResultsWriter(results_path)
-    done_recs = {r["id"]: r for r in load_results(results_path)}
-    todo = [p for p in problems if p.id not in done_recs]
-    session["resumed_with"] = len([p for p in problems if p.id in done_recs])
-    n_correct = sum(s["correct"] for r in done_recs.values() for s in r["samples"])
-    n_samples = sum(len(r["samples"]) for r in done_recs.values())
-    prog = _progress(progress, len(problems), len(problems) - len(todo))
-    delay = float(os.environ.get(_TEST_DELAY_ENV, "0") or 0)
-    task_name = task.name
-    try:
-        with grading.GraderPool(config.grader_workers, config.grader_timeout) as pool:
-            for start in range(0, len(todo), max(1, config.batch_problems)):
-                batch = todo[start : start + config.batch_problems]
-                prompts = [template.render(p, task_name, backend) for p in batch]
-                params = [base_params.replace(seed=problem_seed(config.seed, p.id)) for p in batch]
-                t0 = time.perf_counter()
-                outs = backend.generate(prompts, params)
-                gen_s = time.perf_counter() - t0
-                jobs = [(p.answer, c.text) for p, o in zip(batch, outs) for c in o.outputs]
-                grades = iter(pool.grade(jobs))
-                for p, o, prm, sp in zip(batch, outs, prompts, params):
-                    samples = []
-                    for c in o.outputs:
-                        g = next(grades)
-                        if g.disagreement:
-                            log.warning(
-                                "grader disagreement on %s sample %d: gold=%r answer=%r math_verify=%s fallback=%s",
-                                p.id,
-                                c.index,
-                                p.answer,
-                                g.extracted,
-                                g.math_verify,
-                                g.fallback,
-                            )
-                        if g.status == "timeout":
-                            log.warning("grading timed out on %s sample %d (answer %r)", p.id, c.index, g.extracted)
-                        samples.append(
-                            {
-                                "index": c.index,
-                                "text": c.text,
-                                "answer": g.extracted,
-                                "key": grading.answer_key(g.extracted),
-                                "correct": g.correct,
-                                "status": g.status,
-                                "method": g.method,
-                                "math_verify": g.math_verify,
-                                "fallback": g.fallback,
-                                "disagreement": g.disagreement,
-                                "grade_error": g.error,
-                                "n_tokens": len(c.token_ids),
-                                "finish_reason": c.finish_reason,
-                            }
-                        )
-                    rec = {
-                        "id": p.id,
-                        "difficulty": p.difficulty,
-                        "gold": p.answer,
-                        "question": p.question,
-                        "prompt_sha256": hashlib.sha256(prm.encode()).hexdigest(),
-                        "seed": sp.seed,
-                        "seconds": gen_s / len(batch),
-                        "n": len(samples),
-                        "n_correct": sum(s["correct"] for s in samples),
-                        "samples": samples,
-                        "backend_metrics": {k: v for k, v in o.metrics.items() if isinstance(v, (int, float, str))},
-                    }
-                    writer.write(rec)
-                    done_recs[p.id] = rec
-                    n_correct += rec["n_correct"]
-                    n_samples += len(samples)
-                    if prog:
-                        prog.update(
-                            prog.task_ids[0],
-                            advance=1,
-                            description=f"acc {n_correct / max(1, n_samples):.3f} ({n_correct}/{n_samples})",
-                        )
-                if delay:
-                    time.sleep(delay)
-            session["grader_timeouts"] = pool.timeouts
-    finally:
-        session["engine_stats"] = engine_stats(backend)
-        writer.close()
-        if prog:
-            prog.stop()
-    records = [done_recs[p.id] for p in problems if p.id in done_recs]
-    return finish_run(out, task_name, records, config.seed, session, manifest, manifest_path, report)
+
+class _Tally:
+    """Correct / graded samples so far (resumed records included), shown on the progress bar."""
+
+    def __init__(self, records, bar):
+        records = list(records)
+        self.correct = sum(s["correct"] for r in records for s in r["samples"])
+        self.samples = sum(len(r["samples"]) for r in records)
+        self.bar = bar
+
+    def add(self, rec: dict) -> None:
+        self.correct += rec["n_correct"]
+        self.samples += rec["n"]
+        if self.bar:
+            acc = f"acc {self.correct / max(1, self.samples):.3f} ({self.correct}/{self.samples})"
+            self.bar.update(self.bar.task_ids[0], advance=1, description=acc)
+
+    def stop(self) -> None:
+        if self.bar:
+            self.bar.stop()
+
+
+def _run_batch(backend, pool, batch, template, task_name: str, base_params: SamplingParams, seed: int) -> list[dict]:
+    """One generate call for a batch of problems (each with its own seed), every sample graded: one record each."""
+    prompts = [template.render(p, task_name, backend) for p in batch]
+    params = [base_params.replace(seed=problem_seed(seed, p.id)) for p in batch]
+    t0 = time.perf_counter()
+    outs = backend.generate(prompts, params)
+    gen_s = time.perf_counter() - t0
+    grades = iter(pool.grade([(p.answer, c.text) for p, o in zip(batch, outs) for c in o.outputs]))
+    records = []
+    for p, o, prompt, sp in zip(batch, outs, prompts, params):
+        samples = [_sample_record(p, c, next(grades)) for c in o.outputs]
+        records.append(
+            {
+                "id": p.id,
+                "difficulty": p.difficulty,
+                "gold": p.answer,
+                "question": p.question,
+                "prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest(),
+                "seed": sp.seed,
+                "seconds": gen_s / len(batch),
+                "n": len(samples),
+                "n_correct": sum(s["correct"] for s in samples),
+                "samples": samples,
+                "backend_metrics": {k: v for k, v in o.metrics.items() if isinstance(v, (int, float, str))},
+            }
+        )
+    return records
+
+
+def _sample_record(problem, completion, g) -> dict:
+    """One graded sample of `problem` (warnings logged for grader disagreements and timeouts)."""
+    if g.disagreement:
+        log.warning(
+            "grader disagreement on %s sample %d: gold=%r answer=%r math_verify=%s fallback=%s",
+            problem.id,
+            completion.index,
+            problem.answer,
+            g.extracted,
+            g.math_verify,
+            g.fallback,
+        )
+    if g.status == "timeout":
+        log.warning("grading timed out on %s sample %d (answer %r)", problem.id, completion.index, g.extracted)
+    return {
+        "index": completion.index,
+        "text": completion.text,
+        "answer": g.extracted,
+        "key": grading.answer_key(g.extracted),
+        "correct": g.correct,
+        "status": g.status,
+        "method": g.method,
+        "math_verify": g.math_verify,
+        "fallback": g.fallback,
+        "disagreement": g.disagreement,
+        "grade_error": g.error,
+        "n_tokens": len(completion.token_ids),
+        "finish_reason": completion.finish_reason,
+    }
 
 
 def engine_stats(backend, second=None) -> dict:

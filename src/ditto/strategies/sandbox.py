@@ -35,7 +35,7 @@ import uuid
 from dataclasses import dataclass, field
 
 EXIT_MEMORY = 86  # the bootstrap's exit status after a MemoryError (address-space limit hit)
-EXIT_SETUP = 87  # the bootstrap could not install a required layer
+# (87: the bootstrap could not install a required layer, i.e. require_netns without a network namespace)
 
 
 @dataclass(frozen=True)
@@ -318,11 +318,39 @@ def _killpg(pid: int) -> None:
 def run_code(code: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:  # noqa: B008
     """Run `code` as a fresh Python process inside the sandbox; never raises for user-code failures."""
     start = time.monotonic()
+    base, cfg_path, cfg = _prepare(code, limits)
+    out = _Output(limits.max_output_bytes)
+    proc = None
+    try:
+        proc = _spawn(cfg_path, cfg["work"])
+        deadline = start + limits.timeout_s
+        timed_out = _pump(proc, out, deadline)
+        returncode, timed_out = _wait(proc, deadline, timed_out)
+    finally:
+        layers = _release(proc, cfg, base, limits)
+    seconds_used = time.monotonic() - start
+    reason = _killed_reason(returncode, timed_out, out.text(2), limits.cpu_s, seconds_used)
+    out.mark_truncation()
+    return SandboxResult(
+        ok=(returncode == 0 and not timed_out),
+        stdout=out.text(1),
+        stderr=out.text(2),
+        timed_out=timed_out,
+        killed_reason=reason,
+        returncode=returncode,
+        seconds=seconds_used,
+        truncated=out.dropped,
+        layers=layers,
+    )
+
+
+def _prepare(code: str, limits: SandboxLimits) -> tuple[str, str, dict]:
+    """A private temporary folder with the code, a work dir and the bootstrap's config (pids cgroup
+    included where one can be made): (folder, config path, config)."""
     base = tempfile.mkdtemp(prefix="ditto-sandbox-")
     work = os.path.join(base, "work")
     os.mkdir(work)
     os.chmod(base, 0o700)
-    cgroup = _make_pids_cgroup(limits.max_processes)
     code_path = os.path.join(base, "main.py")
     with open(code_path, "w") as f:
         f.write(code)
@@ -330,7 +358,7 @@ def run_code(code: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResul
         "work": os.path.realpath(work),
         "code_path": code_path,
         "layers_path": os.path.join(base, "layers.json"),
-        "cgroup": cgroup,
+        "cgroup": _make_pids_cgroup(limits.max_processes),
         "read_roots": _read_roots(limits),
         "system_roots": [p for p in _SYSTEM_ROOTS if os.path.exists(p)],
         "device_files": list(_DEVICE_FILES),
@@ -348,6 +376,11 @@ def run_code(code: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResul
     cfg_path = os.path.join(base, "config.json")
     with open(cfg_path, "w") as f:
         json.dump(cfg, f)
+    return base, cfg_path, cfg
+
+
+def _spawn(cfg_path: str, work: str) -> subprocess.Popen:
+    """The bootstrap in isolated mode, in its own session, with a minimal environment."""
     env = {
         "PATH": "/usr/bin:/bin",
         "HOME": work,
@@ -358,97 +391,110 @@ def run_code(code: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResul
         "OPENBLAS_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
     }
-    out = {1: bytearray(), 2: bytearray()}
-    dropped = False
-    timed_out = False
-    proc = None
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-B", "-c", _BOOTSTRAP, cfg_path],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=work,
-            env=env,
-            start_new_session=True,
-            close_fds=True,
-        )
-        deadline = start + limits.timeout_s
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ, 1)
-        sel.register(proc.stderr, selectors.EVENT_READ, 2)
-        open_streams = 2
-        while open_streams:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                timed_out = True
-                break
-            for key, _ in sel.select(timeout=min(remaining, 0.25)):
-                chunk = os.read(key.fileobj.fileno(), 65536)
-                if not chunk:
-                    sel.unregister(key.fileobj)
-                    open_streams -= 1
-                    continue
-                buf = out[key.data]
-                room = limits.max_output_bytes - len(buf)
-                if room > 0:
-                    buf += chunk[:room]
-                if len(chunk) > max(room, 0):
-                    dropped = True
-        sel.close()
-        if timed_out:
-            _killpg(proc.pid)
-        try:
-            returncode = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _killpg(proc.pid)
-            returncode = proc.wait()
-        _killpg(proc.pid)  # stragglers that kept the group alive
-    finally:
-        if proc is not None:
-            if proc.poll() is None:
-                _killpg(proc.pid)
-                proc.wait()
-            for s in (proc.stdout, proc.stderr):
-                with contextlib.suppress(OSError):
-                    s.close()
-        if cgroup:
-            _remove_cgroup(cgroup)
-        layers = {}
-        with contextlib.suppress(OSError, ValueError), open(cfg["layers_path"]) as f:
-            layers = json.load(f)
-        layers["audit_hook"] = limits.audit_hook
-        shutil.rmtree(base, ignore_errors=True)
-    stderr = out[2].decode("utf-8", "replace")
-    seconds_used = time.monotonic() - start
-    killed_reason = None
-    if timed_out:
-        killed_reason = "timeout"
-    elif returncode == EXIT_MEMORY:
-        killed_reason = "memory"
-    elif returncode is not None and returncode < 0:
-        sig = -returncode
-        killed_reason = {
-            signal.SIGXCPU: "cpu",
-            signal.SIGXFSZ: "file_size",
-        }.get(sig, f"signal:{sig}")
-        if sig == signal.SIGKILL and "MemoryError" in stderr:
-            killed_reason = "memory"
-        elif sig == signal.SIGKILL and limits.cpu_s <= seconds_used:
-            killed_reason = "cpu"
-    if dropped:
-        for k in (1, 2):
-            if len(out[k]) >= limits.max_output_bytes:
-                out[k] += b"\n[... output truncated ...]\n"
-    return SandboxResult(
-        ok=(returncode == 0 and not timed_out),
-        stdout=out[1].decode("utf-8", "replace"),
-        stderr=out[2].decode("utf-8", "replace"),
-        timed_out=timed_out,
-        killed_reason=killed_reason,
-        returncode=returncode,
-        seconds=seconds_used,
-        truncated=dropped,
-        layers=layers,
+    return subprocess.Popen(
+        [sys.executable, "-I", "-B", "-c", _BOOTSTRAP, cfg_path],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=work,
+        env=env,
+        start_new_session=True,
+        close_fds=True,
     )
+
+
+class _Output:
+    """stdout (1) and stderr (2) of the sandboxed process, each kept up to `limit` bytes."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.buf = {1: bytearray(), 2: bytearray()}
+        self.dropped = False
+
+    def add(self, stream: int, chunk: bytes) -> None:
+        buf = self.buf[stream]
+        room = self.limit - len(buf)
+        if room > 0:
+            buf += chunk[:room]
+        if len(chunk) > max(room, 0):
+            self.dropped = True
+
+    def text(self, stream: int) -> str:
+        return self.buf[stream].decode("utf-8", "replace")
+
+    def mark_truncation(self) -> None:
+        if self.dropped:
+            for buf in self.buf.values():
+                if len(buf) >= self.limit:
+                    buf += b"\n[... output truncated ...]\n"
+
+
+def _pump(proc: subprocess.Popen, out: _Output, deadline: float) -> bool:
+    """Read both pipes until they close or the deadline passes (True: timed out, process group killed)."""
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ, 1)
+    sel.register(proc.stderr, selectors.EVENT_READ, 2)
+    open_streams, timed_out = 2, False
+    while open_streams:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            timed_out = True
+            break
+        for key, _ in sel.select(timeout=min(remaining, 0.25)):
+            chunk = os.read(key.fileobj.fileno(), 65536)
+            if not chunk:
+                sel.unregister(key.fileobj)
+                open_streams -= 1
+                continue
+            out.add(key.data, chunk)
+    sel.close()
+    if timed_out:
+        _killpg(proc.pid)
+    return timed_out
+
+
+def _wait(proc: subprocess.Popen, deadline: float, timed_out: bool) -> tuple[int, bool]:
+    """(exit status, timed out) once the process has exited, killing it at the deadline."""
+    try:
+        returncode = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        _killpg(proc.pid)
+        returncode = proc.wait()
+    _killpg(proc.pid)  # stragglers that kept the group alive
+    return returncode, timed_out
+
+
+def _release(proc: subprocess.Popen | None, cfg: dict, base: str, limits: SandboxLimits) -> dict:
+    """Kill what is left, close the pipes, remove the cgroup and the folder; the layers that held."""
+    if proc is not None:
+        if proc.poll() is None:
+            _killpg(proc.pid)
+            proc.wait()
+        for s in (proc.stdout, proc.stderr):
+            with contextlib.suppress(OSError):
+                s.close()
+    if cfg["cgroup"]:
+        _remove_cgroup(cfg["cgroup"])
+    layers = {}
+    with contextlib.suppress(OSError, ValueError), open(cfg["layers_path"]) as f:
+        layers = json.load(f)
+    layers["audit_hook"] = limits.audit_hook
+    shutil.rmtree(base, ignore_errors=True)
+    return layers
+
+
+def _killed_reason(returncode: int | None, timed_out: bool, stderr: str, cpu_s: int, seconds: float) -> str | None:
+    """Why the process was stopped: "timeout" | "cpu" | "memory" | "file_size" | "signal:N" | None."""
+    if timed_out:
+        return "timeout"
+    if returncode == EXIT_MEMORY:
+        return "memory"
+    if returncode is None or returncode >= 0:
+        return None
+    sig = -returncode
+    if sig == signal.SIGKILL and "MemoryError" in stderr:
+        return "memory"
+    if sig == signal.SIGKILL and cpu_s <= seconds:
+        return "cpu"
+    return {signal.SIGXCPU: "cpu", signal.SIGXFSZ: "file_size"}.get(sig, f"signal:{sig}")
