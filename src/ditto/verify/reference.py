@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ditto.sampling import SamplingParams
+from ditto.sampling import SamplingParams, mask_min_tokens
 from ditto.verify.token_difr import TokenDifrResult
 from ditto.verify.verdict import Thresholds
 
@@ -24,17 +24,8 @@ def _decode(llm, tok: int | None) -> str:
 
 
 def _mask_min_tokens(llm, logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The engine forbids stop tokens before min_tokens; mirror that on the reference logits."""
-    if not params.min_tokens or params.ignore_eos:
-        return logits
-    stop = sorted(set(getattr(llm.engine, "stop_ids", ())) | set(params.stop_token_ids))
-    stop = [s for s in stop if 0 <= s < logits.shape[1]]
-    if not stop:
-        return logits
-    logits = logits.clone()
-    n = min(params.min_tokens, logits.shape[0])
-    logits[:n, stop] = float("-inf")
-    return logits
+    """The engine forbids stop tokens before min_tokens; the same mask on the reference logits (T, V)."""
+    return mask_min_tokens(logits, params, getattr(llm.engine, "stop_ids", ()))
 
 
 def _divergence(llm, index: int, claimed_id: int, reference_id: int, margin: float) -> dict:
