@@ -96,8 +96,7 @@ def engine(args) -> None:
 def numerics_names() -> list[str]:
     from ditto.numerics.base import list_modes
 
-    names = list_modes()
-    return names if "integer" in names else [*names, "integer"]
+    return list_modes()
 
 
 def model(spec: str | None) -> None:

@@ -62,7 +62,7 @@ from ditto.verify.compare import compare_fields, first_difference, reference_log
 from ditto.verify.receipt import Receipt
 from ditto.verify.reference import _first_divergence, _mask_min_tokens, _score_chunks
 from ditto.verify.stats import calibrate_threshold
-from ditto.verify.token_difr import DEFAULT_CLIP, clipped_mean, token_difr
+from ditto.verify.token_difr import DEFAULT_CLIP, token_difr
 from ditto.verify.verdict import (
     DEFAULT_ACTIVATION_THRESHOLD,
     DEFAULT_LOGPROB_THRESHOLD,
@@ -324,8 +324,3 @@ def calibrate(
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     return doc
-
-
-def clipped_score(margins: Sequence[float], clip: float = DEFAULT_CLIP, n_tokens: int | None = None) -> float:
-    """Re-export of token_difr.clipped_mean (score from the first `n_tokens` margins)."""
-    return clipped_mean(margins, clip, n_tokens)

@@ -53,13 +53,3 @@ def tpr_at_fpr(negative_scores: Sequence[float], positive_scores: Sequence[float
     thr = calibrate_threshold(negative_scores, fpr)
     pos = _scores(positive_scores, "positive_scores")
     return float((pos > thr).mean())
-
-
-def roc_curve(negative_scores: Sequence[float], positive_scores: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """(fpr, tpr) arrays over every distinct threshold, from (0, 0) to (1, 1), for plots."""
-    neg = _scores(negative_scores, "negative_scores")
-    pos = _scores(positive_scores, "positive_scores")
-    thresholds = np.unique(np.concatenate([neg, pos]))[::-1]
-    fpr = [0.0] + [float((neg >= t).mean()) for t in thresholds]
-    tpr = [0.0] + [float((pos >= t).mean()) for t in thresholds]
-    return np.asarray(fpr), np.asarray(tpr)

@@ -98,19 +98,6 @@ class TokenDifrResult:
         """Index (in the output) of the first token with a margin > 0, or None."""
         return next((i for i, m in enumerate(self.margins) if m > 0), None)
 
-    @property
-    def claimed_token(self) -> int | None:
-        i = self.first_divergence
-        return None if i is None else self.claimed_ids[i]
-
-    @property
-    def reference_token(self) -> int | None:
-        i = self.first_divergence
-        return None if i is None else self.reference_ids[i]
-
-    def score_at(self, n_tokens: int) -> float:
-        return clipped_mean(self.margins, self.clip, n_tokens)
-
 
 def _margin_row(
     logits: torch.Tensor,
