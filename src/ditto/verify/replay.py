@@ -304,22 +304,11 @@ def calibrate(
             "honest_margin_p999": float(np.quantile(all_margins, 0.999)) if all_margins else 0.0,
         },
     }
-    if lp_diffs:
-        q_lp = calibrate_threshold(lp_diffs, fpr)
-        doc["logprob_abs"] = {
-            "threshold": max(floor, margin * q_lp),
-            "honest_quantile": q_lp,
-            "honest_max": max(lp_diffs),
-            "n_honest": len(lp_diffs),
-        }
-    if act_scores:
-        q_act = calibrate_threshold(act_scores, fpr)
-        doc["activation_difr"] = {
-            "threshold": max(floor, margin * q_act),
-            "honest_quantile": q_act,
-            "honest_max": max(act_scores),
-            "n_honest": len(act_scores),
-        }
+    for key, scores in (("logprob_abs", lp_diffs), ("activation_difr", act_scores)):
+        if scores:
+            q = calibrate_threshold(scores, fpr)
+            doc[key] = {"threshold": max(floor, margin * q), "honest_quantile": q, "honest_max": max(scores),
+                        "n_honest": len(scores)}  # fmt: skip
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
