@@ -56,7 +56,7 @@ def test_good_arguments_reach_the_loader(no_load, capsys):
         (["--max-tokens", "0"], "argument --max-tokens: must be >= 1"),
         (["--seed", "-1"], "argument --seed: must be in [0, 2^63)"),
         (["--stop", ""], "argument --stop:"),
-        (["--numerics", "fp64"], "argument --numerics: must be one of "),
+        (["--numerics", "fp64"], "argument --numerics: must be one of fp32, bf16"),
         (["--threads", "0"], "argument --threads: must be a positive integer"),
         (["--max-num-seqs", "0"], "argument --max-num-seqs"),
         (["--kv-cache-gb", "-1"], "argument --kv-cache-gb: must be a positive number"),

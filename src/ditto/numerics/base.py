@@ -25,6 +25,7 @@ Buffers (rotary tables etc.) are never touched.
 from __future__ import annotations
 
 import importlib
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,7 @@ BUILTIN_MODULES = (
 )
 
 _MODES: dict[str, NumericsMode] = {}
+_ORIGIN: dict[str, str] = {}  # mode name -> module that registered it (list_modes orders by it)
 _builtins_loaded = False
 
 
@@ -176,6 +178,7 @@ def register(mode: NumericsMode, *, replace: bool = False) -> NumericsMode:
     if mode.name in _MODES and not replace:
         raise ValueError(f"numerics mode {mode.name!r} is already registered")
     _MODES[mode.name] = mode
+    _ORIGIN[mode.name] = sys._getframe(1).f_globals.get("__name__", "")  # the module that registered it
     return mode
 
 
@@ -197,6 +200,8 @@ def get_mode(name: str) -> NumericsMode:
 
 
 def list_modes() -> list[str]:
-    """Names of all registered modes, in registration order."""
+    """Names of all registered modes: the built-in ones in BUILTIN_MODULES order (whatever was imported first),
+    each module's in its registration order, then any registered from elsewhere."""
     _load_builtins()
-    return list(_MODES)
+    rank = {mod: i for i, mod in enumerate(BUILTIN_MODULES)}
+    return sorted(_MODES, key=lambda name: rank.get(_ORIGIN[name], len(rank)))
