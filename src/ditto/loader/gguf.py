@@ -6,13 +6,21 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ditto.config import ModelConfig
+from ditto.loader.dequant import SUPPORTED_TYPES, dequantize, q4_blocks
+from ditto.loader.gguf_file import GGUFError, GGUFFile, GGUFTensor
 
-# GGML tensor types we dequantise (the gguf package implements the block formats).
-SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q8_K"}
+__all__ = [
+    "SUPPORTED_TYPES",
+    "GGUFError",
+    "GGUFFile",
+    "config_from_gguf",
+    "iter_gguf_weights",
+    "open_gguf",
+    "q4_sources",
+]
 ARCH_TO_FAMILY = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3"}
 
 # GGUF tensor name suffix -> ditto module path suffix (per block).
@@ -39,47 +47,30 @@ _TOP_NAMES = {
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
 
-class GGUFError(ValueError):
-    """A GGUF file that ditto cannot load, with the reason."""
+def open_gguf(path: str | Path) -> GGUFFile:
+    """The parsed file (metadata, tensor table; tensor bytes stay in the map until used)."""
+    return GGUFFile(path)
 
 
-def open_reader(path: str | Path):
-    import gguf
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as exc:  # the gguf package raises assorted errors on bad bytes
-        raise GGUFError(f"{path} is not a readable GGUF file (truncated or corrupt?): {exc}") from exc
-
-
-def field(reader, key: str, default=None):
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
-
-
-def config_from_gguf(reader) -> ModelConfig:
-    arch = field(reader, "general.architecture")
+def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
+    field = gguf.metadata.get
+    arch = field("general.architecture")
     if arch not in ARCH_TO_FAMILY:
         raise GGUFError(f"unknown architecture {arch!r} in GGUF metadata; ditto supports: {', '.join(ARCH_TO_FAMILY)}")
 
     def meta(key, default=None):
-        return field(reader, f"{arch}.{key}", default)
+        return field(f"{arch}.{key}", default)
 
     hidden = int(meta("embedding_length"))
     heads = int(meta("attention.head_count"))
     kv_heads = int(meta("attention.head_count_kv", heads))
     head_dim = int(meta("attention.key_length", hidden // heads))
     n_layers = int(meta("block_count"))
-    tokens = field(reader, "tokenizer.ggml.tokens")
+    tokens = field("tokenizer.ggml.tokens")
     vocab = int(meta("vocab_size", len(tokens) if tokens is not None else 0))
-    has_output = any(t.name == "output.weight" for t in reader.tensors)
-    eos = field(reader, "tokenizer.ggml.eos_token_id")
-    bos = field(reader, "tokenizer.ggml.bos_token_id")
+    has_output = any(t.name == "output.weight" for t in gguf.tensors)
+    eos = field("tokenizer.ggml.eos_token_id")
+    bos = field("tokenizer.ggml.bos_token_id")
     common = dict(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -136,58 +127,21 @@ def gguf_to_ditto_name(name: str) -> str | None:
     return None
 
 
-def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+def _unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's interleaving of Q/K rows so rotate-half RoPE applies (llama family)."""
     half = w.shape[0] // n_head // 2
     # (out, in) -> (heads, half, 2, in) -> swap -> (heads, 2, half, in) -> (out, in)
-    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def dequantize(tensor) -> np.ndarray:
-    """One GGUF tensor as a float32 numpy array in torch (rows, cols) order."""
-    import gguf
-
-    kind = tensor.tensor_type.name
-    if kind not in SUPPORTED_TYPES:
-        raise GGUFError(f"tensor {tensor.name} has unsupported type {kind}; supported: {sorted(SUPPORTED_TYPES)}")
-    data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-    shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists ne0 (columns) first
-    return np.asarray(data, dtype=np.float32).reshape(shape)
-
-
-# ------------------------------------------------------------------ raw Q4 blocks
-
-Q4_BLOCK = 32  # values per Q4_0 / Q4_1 block
-
-
-def q4_blocks(tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A Q4_0 or Q4_1 tensor's own numbers, without dequantising: ``(q uint8 (N, K) in [0, 15],
-    d float32 (N, K/32), m float32 (N, K/32))`` with ``w = q * d + m`` exactly (Q4_0: ``m = -8 d``).
-
-    Block layout (ggml): fp16 d, [fp16 m for Q4_1], 16 bytes of nibbles; byte j holds value j in its
-    low nibble and value j + 16 in its high nibble.
-    """
-    kind = tensor.tensor_type.name
-    if kind not in ("Q4_0", "Q4_1"):
-        raise GGUFError(f"tensor {tensor.name} is {kind}, not Q4_0/Q4_1")
-    n, k = (int(d) for d in reversed(tensor.shape))
-    head = 2 if kind == "Q4_0" else 4
-    raw = np.asarray(tensor.data, dtype=np.uint8).reshape(n, k // Q4_BLOCK, head + 16)
-    d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    nib = raw[..., head:]
-    q = np.concatenate([nib & 0xF, nib >> 4], axis=-1).reshape(n, k)  # (N, K/32, 32) -> (N, K)
-    m = -8 * d if kind == "Q4_0" else raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-    return torch.from_numpy(q.copy()), torch.from_numpy(d), torch.from_numpy(np.ascontiguousarray(m))
+    return w.reshape(n_head, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 class Q4Source:
     """Where a linear's weight came from when the file stored it as Q4_0/Q4_1: lets a 4-bit numerics
     mode use the file's own 4-bit numbers instead of re-quantising the float copy. Decoded on demand
-    (the reader memory-maps the file); deep copies share it."""
+    (from the file's map); deep copies share it."""
 
-    def __init__(self, tensor, row_perm: torch.Tensor | None):
+    def __init__(self, tensor: GGUFTensor, row_perm: torch.Tensor | None):
         self.tensor, self.row_perm = tensor, row_perm
-        self.kind = tensor.tensor_type.name
+        self.kind = tensor.type_name
 
     def blocks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, d, m = q4_blocks(self.tensor)
@@ -199,25 +153,27 @@ class Q4Source:
         return self
 
 
-def q4_sources(reader, cfg: ModelConfig) -> dict[str, Q4Source]:
+def q4_sources(gguf: GGUFFile, cfg: ModelConfig) -> dict[str, Q4Source]:
     """ditto weight name -> Q4Source for every Q4_0/Q4_1 tensor of the file."""
     out = {}
-    for tensor in reader.tensors:
+    for tensor in gguf.tensors:
         name = gguf_to_ditto_name(tensor.name)
-        if name is None or tensor.tensor_type.name not in ("Q4_0", "Q4_1"):
+        if name is None or tensor.type_name not in ("Q4_0", "Q4_1"):
             continue
         perm = None
         if cfg.family == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            rows = int(tensor.shape[-1])
+            rows = tensor.rows_cols[0]
             heads = cfg.num_heads if "q_proj" in name else cfg.num_kv_heads
-            perm = torch.from_numpy(_unpermute_rope(np.arange(rows, dtype=np.int64), heads).copy())
+            perm = _unpermute_rope(torch.arange(rows, dtype=torch.int64), heads)
         out[name] = Q4Source(tensor, perm)
     return out
 
 
-def iter_gguf_weights(reader, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor, str]]:
-    """Yield (ditto name, float32 tensor, ggml type) for every tensor; unknown names raise."""
-    for tensor in reader.tensors:
+def iter_gguf_weights(gguf: GGUFFile, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """Yield (ditto name, float32 tensor, ggml type) for every tensor; unknown names raise.
+
+    A tensor the file stores as F32 and ditto uses as is stays a view of the file's map."""
+    for tensor in gguf.tensors:
         name = gguf_to_ditto_name(tensor.name)
         if name is None:
             raise GGUFError(f"unexpected tensor {tensor.name!r} for architecture {cfg.family}")
@@ -225,5 +181,5 @@ def iter_gguf_weights(reader, cfg: ModelConfig) -> Iterator[tuple[str, torch.Ten
         if cfg.family == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             w = _unpermute_rope(w, cfg.num_heads if "q_proj" in name else cfg.num_kv_heads)
         if cfg.family == "gemma3" and name.endswith("norm.weight"):
-            w = w - np.float32(1.0)  # llama.cpp stores Gemma norms as (1 + w)
-        yield name, torch.from_numpy(np.array(w, dtype=np.float32, order="C", copy=True)), tensor.tensor_type.name
+            w = w - 1.0  # llama.cpp stores Gemma norms as (1 + w)
+        yield name, w, tensor.type_name

@@ -50,19 +50,19 @@ def load(spec: str | Path, *, progress: bool = True) -> LoadedModel:
         tokenizer = Tokenizer.from_hf_dir(path)
         fmt = "hf"
     else:
-        reader = gguf_loader.open_reader(path)
-        cfg = gguf_loader.config_from_gguf(reader)
+        gguf = gguf_loader.open_gguf(path)
+        cfg = gguf_loader.config_from_gguf(gguf)
         files = [path]
-        weights = gguf_loader.iter_gguf_weights(reader, cfg)
-        total = len(reader.tensors)
-        tokenizer = Tokenizer.from_gguf(reader)
+        weights = gguf_loader.iter_gguf_weights(gguf, cfg)
+        total = len(gguf.tensors)
+        tokenizer = Tokenizer.from_gguf(gguf)
         fmt = "gguf"
     if not cfg.eos_token_ids and tokenizer.eos_id is not None:
         cfg = _with(cfg, eos_token_ids=(tokenizer.eos_id,))
     model, types = build(cfg, weights, total=total, progress=progress, label=path.name)
     if fmt == "gguf":
         # 4-bit numerics modes may run a Q4_0/Q4_1 weight on the file's own numbers (numerics.w4)
-        for name, source in gguf_loader.q4_sources(reader, cfg).items():
+        for name, source in gguf_loader.q4_sources(gguf, cfg).items():
             owner = model.get_submodule(name.rsplit(".", 1)[0])
             if isinstance(owner, torch.nn.Linear):
                 owner.q4_source = source

@@ -17,19 +17,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
-import struct
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 from tokenizers.models import BPE
 
 from ditto.loader.chat_template import render_chat_template
+from ditto.loader.gguf_file import GGUFFile, read_gguf_metadata
+
+__all__ = ["IncrementalDecoder", "Tokenizer", "merges_from_ranks", "read_gguf_metadata"]
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 END_OF_TURN = (
@@ -64,52 +64,10 @@ _PRE_SPLITS: dict[str, tuple[tuple[str, ...], bool]] = {
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), ((_QWEN2_SPLIT,), False)),
 }
 
-# ---------------------------------------------------------------- GGUF metadata (header only)
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-
-def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """All key/values of a GGUF header (arrays as lists), without touching tensor data."""
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file (magic {bytes(buf[:4])!r})")
-        version, _n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-        if version not in (2, 3):
-            raise ValueError(f"{path}: unsupported GGUF version {version} (expected 2 or 3, little-endian)")
-        pos, meta = 24, {}
-        for _ in range(n_kv):
-            key, pos = _read_str(buf, pos)
-            (vtype,) = struct.unpack_from("<I", buf, pos)
-            meta[key], pos = _read_value(buf, pos + 4, vtype)
-        return meta
-
-
-def _read_str(buf, pos: int) -> tuple[str, int]:
-    (n,) = struct.unpack_from("<Q", buf, pos)
-    return bytes(buf[pos + 8 : pos + 8 + n]).decode("utf-8", errors="replace"), pos + 8 + n
-
-
-def _read_value(buf, pos: int, vtype: int) -> tuple[Any, int]:
-    if vtype == 8:
-        return _read_str(buf, pos)
-    if vtype in _SCALARS:
-        fmt = _SCALARS[vtype]
-        return struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
-    if vtype != 9:
-        raise ValueError(f"unknown GGUF value type {vtype}")
-    itype, n = struct.unpack_from("<IQ", buf, pos)
-    pos += 12
-    if itype in _SCALARS and itype != 7:  # numeric array: one numpy read
-        dtype = np.dtype(_SCALARS[itype])
-        return np.frombuffer(buf, dtype, n, pos).tolist(), pos + n * dtype.itemsize
-    items = []
-    for _ in range(n):
-        item, pos = _read_value(buf, pos, itype)
-        items.append(item)
-    return items, pos
-
 
 def _metadata_of(path_or_reader) -> dict[str, Any]:
+    if isinstance(path_or_reader, GGUFFile):
+        return path_or_reader.metadata
     if hasattr(path_or_reader, "fields"):  # a gguf.GGUFReader
         keep = ("tokenizer.", "general.architecture")
         return {k: f.contents() for k, f in path_or_reader.fields.items() if k.startswith(keep)}
@@ -250,7 +208,7 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path_or_reader) -> Tokenizer:
-        """From a GGUF file's metadata (a path or a gguf.GGUFReader)."""
+        """From a GGUF file's metadata (a path, a GGUFFile or a gguf.GGUFReader)."""
         meta = _metadata_of(path_or_reader)
         kind = meta.get("tokenizer.ggml.model")
         if kind not in _BUILDERS:
@@ -269,7 +227,11 @@ class Tokenizer:
             "pad_token": meta.get("tokenizer.ggml.padding_token_id"),
         }
         extra = {name: tokens[i] for name, i in ids.items() if i is not None}
-        source = str(getattr(getattr(path_or_reader, "data", None), "filename", None) or path_or_reader)
+        source = str(
+            getattr(path_or_reader, "path", None)  # a GGUFFile
+            or getattr(getattr(path_or_reader, "data", None), "filename", None)  # a gguf.GGUFReader
+            or path_or_reader
+        )
         template = meta.get("tokenizer.chat_template")
         return cls(
             backend, bos_id=bos, eos_id=eos, stop_ids=stops, chat_template=template, source=source, template_vars=extra
