@@ -1,9 +1,11 @@
 """GGUF tensors -> float32 torch tensors in (rows, cols) order, and Q4 blocks as they are stored.
 
 F32 tensors are the file's own pages (a view of the copy-on-write map, no copy). F16/BF16 and the
-block formats ditto's bundled models use (Q4_0, Q4_1, Q8_0) are decoded with whole-tensor torch
-ops; the other block formats (Q5_*, K-quants) go through the `gguf` package's block decoders, a
-chunk of blocks at a time on plain arrays. Every path computes what `gguf.quants.dequantize` does,
+block formats ditto's bundled models use (Q4_0, Q4_1, Q8_0) are decoded with a few whole-tensor
+numpy ops into one preallocated array (numpy, not torch: torch's elementwise ops fan out to
+threads, which on a busy machine cost more than they save); the other block formats (Q5_*,
+K-quants) go through the `gguf` package's block decoders, a chunk of blocks at a time on plain
+arrays. Every path computes what `gguf.quants.dequantize` does,
 op for op, so the values are bit-identical to it (tests/test_gguf_file.py).
 """
 
@@ -22,50 +24,58 @@ _TYPE_IDS = {name: kind for kind, (name, _, _) in GGML_TYPES.items()}
 
 def dequantize(tensor: GGUFTensor) -> torch.Tensor:
     """One tensor as float32, shape (rows, cols); F32 tensors are views of the file's map."""
+    return torch.from_numpy(dequantize_array(tensor))
+
+
+def dequantize_array(tensor: GGUFTensor) -> np.ndarray:
+    """`dequantize` as a numpy array."""
     kind = tensor.type_name
     if kind not in SUPPORTED_TYPES:
         raise GGUFError(f"tensor {tensor.name} has unsupported type {kind}; supported: {sorted(SUPPORTED_TYPES)}")
-    shape = tensor.rows_cols
-    if tensor.n_bytes == 0:
-        return torch.empty(shape, dtype=torch.float32)
-    raw = torch.frombuffer(tensor.data, dtype=torch.uint8)  # (n_bytes,), shares the map
+    raw = tensor.data  # uint8 (n_bytes,), a view of the map
     if kind == "F32":
-        return raw.view(torch.float32).view(shape)
-    if kind in ("F16", "BF16"):
-        return raw.view(torch.float16 if kind == "F16" else torch.bfloat16).float().view(shape)
-    if kind == "Q8_0":
-        blocks = raw.view(-1, 2 + Q4_BLOCK)  # (blocks, 34): fp16 d, 32 int8
-        d = _f16(blocks[:, 0:2])
-        x = blocks[:, 2:].contiguous().view(torch.int8).float()
-        return x.mul_(d).view(shape)  # gguf: x * d
-    if kind in ("Q4_0", "Q4_1"):
-        q, d, m = _q4_parts(tensor, raw)
+        out = raw.view(np.float32)
+    elif kind == "F16":
+        out = raw.view(np.float16).astype(np.float32)
+    elif kind == "BF16":
+        out = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    elif kind == "Q8_0":
+        out = np.empty((tensor.n_bytes // 34, Q4_BLOCK), dtype=np.float32)  # 34-byte blocks: fp16 d, 32 int8
+        out[:] = raw.reshape(-1, 34)[:, 2:].view(np.int8)
+        out *= _halves(raw, 17, 0)  # gguf: x * d
+    elif kind in ("Q4_0", "Q4_1"):
+        out = _q4_values(tensor)
         if kind == "Q4_0":
-            return q.sub_(8).mul_(d).view(shape)  # gguf: d * (q - 8)
-        return q.mul_(d).add_(m).view(shape)  # gguf: (d * q) + m
-    return _gguf_blocks(tensor)
+            out -= 8
+            out *= _halves(raw, 9, 0)  # gguf: d * (q - 8)
+        else:
+            out *= _halves(raw, 10, 0)  # gguf: (d * q) + m
+            out += _halves(raw, 10, 1)
+    else:
+        out = _gguf_blocks(tensor)
+    return out.reshape(tensor.rows_cols)
 
 
-def _f16(two_bytes: torch.Tensor) -> torch.Tensor:
-    """(blocks, 2) uint8 holding one fp16 each -> (blocks, 1) float32."""
-    return two_bytes.contiguous().view(torch.float16).float()
+def _halves(raw: np.ndarray, per_block: int, index: int) -> np.ndarray:
+    """The fp16 at position `index` of every block of `per_block` fp16s, as float32 (blocks, 1)."""
+    return raw.view(np.float16).reshape(-1, per_block)[:, index : index + 1].astype(np.float32)
 
 
-def _q4_parts(tensor: GGUFTensor, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """A Q4_0/Q4_1 tensor's blocks: (q float32 (blocks, 32) in [0, 15], d (blocks, 1), m (blocks, 1) or None).
+def _q4_values(tensor: GGUFTensor) -> np.ndarray:
+    """A Q4_0/Q4_1 tensor's 4-bit numbers as float32 (blocks, 32), each in [0, 15].
 
     Block layout (ggml): fp16 d, [fp16 m for Q4_1], 16 bytes of nibbles; byte j holds value j in its
     low nibble and value j + 16 in its high nibble.
     """
     head = 2 if tensor.type_name == "Q4_0" else 4
-    blocks = raw.view(-1, head + Q4_BLOCK // 2)  # (blocks, 18 | 20)
-    nib = blocks[:, head:]
-    q = torch.cat([nib & 0xF, nib >> 4], dim=1).float()  # (blocks, 16) x2 -> (blocks, 32)
-    m = _f16(blocks[:, 2:4]) if head == 4 else None
-    return q, _f16(blocks[:, 0:2]), m
+    nib = tensor.data.reshape(-1, head + Q4_BLOCK // 2)[:, head:]  # (blocks, 16)
+    out = np.empty((nib.shape[0], 2, Q4_BLOCK // 2), dtype=np.float32)
+    out[:, 0] = nib & 15
+    out[:, 1] = nib >> 4
+    return out.reshape(-1, Q4_BLOCK)
 
 
-def _gguf_blocks(tensor: GGUFTensor) -> torch.Tensor:
+def _gguf_blocks(tensor: GGUFTensor) -> np.ndarray:
     """Formats ditto does not decode itself: the gguf package's block decoder over chunks of blocks."""
     from gguf.constants import GGMLQuantizationType
     from gguf.quants import _type_traits
@@ -78,7 +88,7 @@ def _gguf_blocks(tensor: GGUFTensor) -> torch.Tensor:
     step = max(1, _CHUNK_VALUES // block)
     for i in range(0, blocks.shape[0], step):
         out[i : i + step] = quant.dequantize_blocks(blocks[i : i + step])
-    return torch.from_numpy(out).view(tensor.rows_cols)
+    return out
 
 
 def q4_blocks(tensor: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -87,6 +97,8 @@ def q4_blocks(tensor: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     if tensor.type_name not in ("Q4_0", "Q4_1"):
         raise GGUFError(f"tensor {tensor.name} is {tensor.type_name}, not Q4_0/Q4_1")
     n, k = tensor.rows_cols
-    q, d, m = _q4_parts(tensor, torch.frombuffer(tensor.data, dtype=torch.uint8))
-    m = -8 * d if m is None else m
-    return q.to(torch.uint8).view(n, k), d.view(n, k // Q4_BLOCK), m.view(n, k // Q4_BLOCK)
+    per_block = 9 if tensor.type_name == "Q4_0" else 10  # fp16s per block
+    q = _q4_values(tensor).astype(np.uint8)
+    d = _halves(tensor.data, per_block, 0)
+    m = -8 * d if per_block == 9 else _halves(tensor.data, per_block, 1)
+    return (torch.from_numpy(q.reshape(n, k)), torch.from_numpy(d.reshape(n, -1)), torch.from_numpy(m.reshape(n, -1)))

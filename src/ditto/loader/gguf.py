@@ -6,10 +6,11 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ditto.config import ModelConfig
-from ditto.loader.dequant import SUPPORTED_TYPES, dequantize, q4_blocks
+from ditto.loader.dequant import SUPPORTED_TYPES, dequantize_array, q4_blocks
 from ditto.loader.gguf_file import GGUFError, GGUFFile, GGUFTensor
 
 __all__ = [
@@ -127,11 +128,11 @@ def gguf_to_ditto_name(name: str) -> str | None:
     return None
 
 
-def _unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
+def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's interleaving of Q/K rows so rotate-half RoPE applies (llama family)."""
     half = w.shape[0] // n_head // 2
     # (out, in) -> (heads, half, 2, in) -> swap -> (heads, 2, half, in) -> (out, in)
-    return w.reshape(n_head, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    return np.ascontiguousarray(w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2)).reshape(w.shape)
 
 
 class Q4Source:
@@ -164,7 +165,7 @@ def q4_sources(gguf: GGUFFile, cfg: ModelConfig) -> dict[str, Q4Source]:
         if cfg.family == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             rows = tensor.rows_cols[0]
             heads = cfg.num_heads if "q_proj" in name else cfg.num_kv_heads
-            perm = _unpermute_rope(torch.arange(rows, dtype=torch.int64), heads)
+            perm = torch.from_numpy(_unpermute_rope(np.arange(rows, dtype=np.int64), heads))
         out[name] = Q4Source(tensor, perm)
     return out
 
@@ -172,14 +173,15 @@ def q4_sources(gguf: GGUFFile, cfg: ModelConfig) -> dict[str, Q4Source]:
 def iter_gguf_weights(gguf: GGUFFile, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor, str]]:
     """Yield (ditto name, float32 tensor, ggml type) for every tensor; unknown names raise.
 
-    A tensor the file stores as F32 and ditto uses as is stays a view of the file's map."""
+    A tensor the file stores as F32 and ditto uses as is stays a view of the file's map. numpy, not
+    torch, does the decoding and the reordering: single-threaded, so a busy machine does not stall it."""
     for tensor in gguf.tensors:
         name = gguf_to_ditto_name(tensor.name)
         if name is None:
             raise GGUFError(f"unexpected tensor {tensor.name!r} for architecture {cfg.family}")
-        w = dequantize(tensor)
+        w = dequantize_array(tensor)
         if cfg.family == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             w = _unpermute_rope(w, cfg.num_heads if "q_proj" in name else cfg.num_kv_heads)
         if cfg.family == "gemma3" and name.endswith("norm.weight"):
-            w = w - 1.0  # llama.cpp stores Gemma norms as (1 + w)
-        yield name, w, tensor.type_name
+            w = w - np.float32(1.0)  # llama.cpp stores Gemma norms as (1 + w)
+        yield name, torch.from_numpy(w), tensor.type_name
