@@ -26,20 +26,30 @@ class KVCache:
     a sequence's blocks yields the matmul operands directly (no transpose copies).
 
     int8 stores one fp32 scale per (slot, head): x ~= q * scale with scale = max|x| / 127.
+
+    The cache is reserved, not touched: the tensors come from `torch.empty` (on Linux a large CPU
+    allocation is committed page by page as it is first written), and a block is zeroed when the
+    block manager hands it out (`clear_blocks`, first use or reuse after eviction). The slots of a
+    sequence's last block past its position are read and masked; zeros there keep the masked
+    products exact (0 * NaN would be NaN), so no read can see garbage or another sequence's data.
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype):
-        self.k = [torch.zeros(num_blocks, kv_heads, head_dim, block_size, dtype=dtype) for _ in range(num_layers)]
-        self.v = [torch.zeros(num_blocks, kv_heads, block_size, head_dim, dtype=dtype) for _ in range(num_layers)]
+        self.k = [torch.empty(num_blocks, kv_heads, head_dim, block_size, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.empty(num_blocks, kv_heads, block_size, head_dim, dtype=dtype) for _ in range(num_layers)]
         self.quantized = dtype == torch.int8
         if self.quantized:
-            self.k_scale = [torch.zeros(num_blocks, kv_heads, 1, block_size) for _ in range(num_layers)]
-            self.v_scale = [torch.zeros(num_blocks, kv_heads, block_size, 1) for _ in range(num_layers)]
+            self.k_scale = [torch.empty(num_blocks, kv_heads, 1, block_size) for _ in range(num_layers)]
+            self.v_scale = [torch.empty(num_blocks, kv_heads, block_size, 1) for _ in range(num_layers)]
         self.block_size = block_size
         self.dtype = dtype
 
     def _all(self) -> list[torch.Tensor]:
         return self.k + self.v + (self.k_scale + self.v_scale if self.quantized else [])
+
+    def clear_blocks(self, blocks: list[int]) -> None:
+        """Zero the given blocks (handed out by the block manager since the last step)."""
+        clear_blocks(self._all(), blocks)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
@@ -81,6 +91,15 @@ class KVCache:
         size = torch.empty((), dtype=dtype).element_size()
         extra = 4 if dtype == torch.int8 else 0  # per-head scale
         return 2 * num_layers * kv_heads * (head_dim * size + extra)
+
+
+def clear_blocks(tensors: list[torch.Tensor], blocks: list[int]) -> None:
+    """Zero blocks (dim 0) of every tensor: the ids are the ones the block manager handed out."""
+    if not blocks:
+        return
+    index = torch.tensor(sorted(set(blocks)), dtype=torch.long, device=tensors[0].device)
+    for t in tensors:
+        t.index_fill_(0, index, 0)
 
 
 @dataclass

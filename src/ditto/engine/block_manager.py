@@ -1,6 +1,8 @@
 """Paged KV-cache bookkeeping: fixed-size blocks, reference counts, prefix cache, copy-on-write forks.
 
-The manager owns no tensors; it hands the runner block ids and (src, dst) block copies to perform.
+The manager owns no tensors; it hands the runner block ids, (src, dst) block copies to perform, and
+the blocks it handed out since the last step, which the runner zeroes before anything reads them (the
+cache is reserved uninitialised, and a block reused after eviction holds another sequence's data).
 A full block is registered under a hash of (hash of the previous block, its token ids), so a
 prefix that another sequence already computed is reused instead of recomputed.
 
@@ -42,6 +44,7 @@ class BlockManager:
         # free blocks in eviction order (least recently freed first); values unused
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.pending_copies: list[tuple[int, int]] = []
+        self.pending_clears: list[int] = []  # blocks taken since the last step: zeroed before use
         self.stats = {"prefix_hit_tokens": 0, "cow_copies": 0, "score_hit_tokens": 0}
 
     # ---- accounting -------------------------------------------------------------------------
@@ -78,6 +81,7 @@ class BlockManager:
                 self.scored.pop(h, None)
             self.hash_of[block] = None
         self.ref[block] = 1
+        self.pending_clears.append(block)
         return block
 
     def _release(self, block: int) -> None:
@@ -190,3 +194,8 @@ class BlockManager:
     def take_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []
         return copies
+
+    def take_clears(self) -> list[int]:
+        """Blocks handed out since the last call: the runner zeroes them (before the copies into them)."""
+        clears, self.pending_clears = self.pending_clears, []
+        return clears

@@ -91,6 +91,7 @@ class ModelRunner:
         return StepOutput(out.sample_items, cpu[0], cpu[1], out.score_items, *cpu[2:])
 
     def _run(self, batch: Batch) -> StepOutput:
+        self.cache.clear_blocks(batch.clears)  # first, so a copy-on-write target then gets its copy
         self.cache.copy_blocks(batch.copies)
         ids, positions, ctx = self._metadata(batch)
         hidden = self.model(ids, positions, ctx)  # (T, hidden)

@@ -11,7 +11,7 @@ work down but never crashes it.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ditto.config import EngineConfig
 from ditto.engine.block_manager import BlockManager
@@ -39,6 +39,7 @@ class Batch:
     items: list[ScheduledItem]
     copies: list[tuple[int, int]]
     preempted: list[Sequence]
+    clears: list[int] = field(default_factory=list)  # blocks handed out this step: zeroed before the copies
 
     @property
     def num_tokens(self) -> int:
@@ -132,7 +133,7 @@ class Scheduler:
             items.append(ScheduledItem(seq, seq.num_computed, n))
             scheduled.add(seq.seq_id)
             budget -= n
-        return Batch(items, self.blocks.take_copies(), preempted)
+        return Batch(items, self.blocks.take_copies(), preempted, self.blocks.take_clears())
 
     def finish(self, seq: Sequence) -> None:
         if seq.status is Status.WAITING and seq in self.waiting:

@@ -37,7 +37,7 @@ class Prepared:
     act_dtype: torch.dtype
     kv_dtype: torch.dtype
     mode: object
-    make_cache: Callable = None  # (cfg, num_blocks, block_size) -> cache with copy_blocks()
+    make_cache: Callable = None  # (cfg, num_blocks, block_size) -> cache with clear_blocks(), copy_blocks()
     make_context: Callable = None  # (cache, slots, decode, prefills, cfg) -> AttentionContext
     kv_bytes_per_token: Callable = None  # (cfg) -> bytes
     sample: Callable = sample_row  # (logits_row, params, prompt_ids, output_ids, sample_index, token_index) -> id

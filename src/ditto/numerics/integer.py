@@ -559,11 +559,18 @@ class IntKVCache:
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int):
         shape, sshape = (num_blocks, block_size, kv_heads, head_dim), (num_blocks, block_size, kv_heads, 1)
-        self.k = [torch.zeros(shape, dtype=torch.int8) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=torch.int8) for _ in range(num_layers)]
-        self.ka16 = [torch.zeros(sshape, dtype=torch.int32) for _ in range(num_layers)]  # unused slots: masked
-        self.ksa = [torch.zeros(sshape, dtype=torch.int8) for _ in range(num_layers)]
+        # reserved, not touched (see ditto.engine.attention.KVCache): blocks are zeroed as they are handed out
+        self.k = [torch.empty(shape, dtype=torch.int8) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=torch.int8) for _ in range(num_layers)]
+        self.ka16 = [torch.empty(sshape, dtype=torch.int32) for _ in range(num_layers)]  # unused slots: masked
+        self.ksa = [torch.empty(sshape, dtype=torch.int8) for _ in range(num_layers)]
         self.block_size = block_size
+
+    def clear_blocks(self, blocks: list[int]) -> None:
+        """Zero the given blocks (handed out by the block manager since the last step)."""
+        from ditto.engine.attention import clear_blocks
+
+        clear_blocks(self.k + self.v + self.ka16 + self.ksa, blocks)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if copies:
