@@ -11,7 +11,7 @@ import torch
 from ditto import LLM, SamplingParams
 from ditto.config import EngineConfig, resolve_determinism, resolve_numerics
 from ditto.engine.llm_engine import PromptTooLong
-from ditto.loader.gguf import GGUFError
+from ditto.loader.gguf import GGUFError, GGUFFile
 from ditto.loader.load import WeightError
 
 
@@ -27,12 +27,18 @@ def test_truncated_and_corrupt_gguf(tmp_path):
     truncated = tmp_path / "truncated.gguf"
     with open(src, "rb") as f:
         truncated.write_bytes(f.read(4096))
-    with pytest.raises((GGUFError, ValueError)):
+    with pytest.raises(GGUFError, match="truncated.gguf is not a readable GGUF file"):
         LLM(str(truncated), progress=False)
     garbage = tmp_path / "garbage.gguf"
     garbage.write_bytes(b"not a gguf file at all" * 100)
-    with pytest.raises((GGUFError, ValueError)):
+    with pytest.raises(GGUFError, match="garbage.gguf is not a GGUF file"):
         LLM(str(garbage), progress=False)
+    header = GGUFFile(src).data_offset  # the whole header survives, the tensor data does not
+    cut = tmp_path / "cut.gguf"
+    with open(src, "rb") as f:
+        cut.write_bytes(f.read(header + 1000))
+    with pytest.raises(GGUFError, match="cut.gguf is truncated: tensor"):
+        LLM(str(cut), progress=False)
 
 
 def test_unknown_architecture_gguf(tmp_path):

@@ -199,3 +199,29 @@ def test_bundled_gemma3_matches_gguf_package():
     from ditto.loader.registry import resolve_model
 
     _assert_same_file(resolve_model("gemma3-270m"), every_tensor=False)  # one tensor of each of its 5 types
+
+
+@slow
+def test_loaded_f32_weights_are_the_files_pages():
+    """load(): a weight the file stores as F32 (SmolLM2's norms) is not copied, a decoded one lives elsewhere."""
+    import os
+
+    from ditto.loader.load import load
+
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs Linux's /proc/self/maps")
+    loaded = load("smollm2-135m-instruct", progress=False)
+
+    def mapped_file(ptr: int) -> str | None:
+        for line in maps.read_text().splitlines():
+            fields = line.split(maxsplit=5)
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if start <= ptr < end:
+                return fields[5] if len(fields) == 6 else None
+        return None
+
+    assert loaded.weight_types["norm.weight"] == "F32"
+    assert mapped_file(loaded.model.norm.weight.data_ptr()) == os.path.realpath(loaded.path)
+    assert loaded.weight_types["layers.0.mlp.up_proj.weight"] == "Q4_1"
+    assert mapped_file(loaded.model.layers[0].mlp.up_proj.weight.data_ptr()) != os.path.realpath(loaded.path)

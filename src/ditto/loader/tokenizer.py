@@ -158,8 +158,8 @@ def _add_file_tokens(backend: Backend, tokens: list[str], types: list[int], byte
     alphabet = set(_bytes_to_unicode().values()) if byte_level else None
     control = [t for t, ty in zip(tokens, types) if ty == CONTROL and (alphabet is None or set(t) <= alphabet)]
     backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
-    vocab = backend.get_vocab()
-    user = [t for t, ty in zip(tokens, types) if ty == USER_DEFINED and t in vocab]
+    # token_to_id per candidate, not `in get_vocab()`: that dict of the whole vocabulary costs more than the lookups
+    user = [t for t, ty in zip(tokens, types) if ty == USER_DEFINED and backend.token_to_id(t) is not None]
     backend.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
 
 
