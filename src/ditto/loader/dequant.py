@@ -1,12 +1,12 @@
 """GGUF tensors -> float32 torch tensors in (rows, cols) order, and Q4 blocks as they are stored.
 
-F32 tensors are the file's own pages (a view of the copy-on-write map, no copy). F16/BF16 and the
-block formats ditto's bundled models use (Q4_0, Q4_1, Q8_0) are decoded with a few whole-tensor
-numpy ops into one preallocated array (numpy, not torch: torch's elementwise ops fan out to
-threads, which on a busy machine cost more than they save); the other block formats (Q5_*,
-K-quants) go through the `gguf` package's block decoders, a chunk of blocks at a time on plain
-arrays. Every path computes what `gguf.quants.dequantize` does,
-op for op, so the values are bit-identical to it (tests/test_gguf_file.py).
+F32 tensors are the file's own pages (a view of the copy-on-write map, no copy). F16/BF16, Q8_0
+and the 4/5-bit formats (Q4_0, Q4_1, Q5_0, Q5_1) are decoded with a few whole-tensor numpy ops into
+one preallocated array (numpy, not torch: torch's elementwise ops fan out to threads, which on a
+busy machine cost more than they save); the K-quants go through the `gguf` package's block
+decoders, a chunk of blocks at a time on plain arrays. Every path computes what
+`gguf.quants.dequantize` does, op for op, so the values are bit-identical to it
+(tests/test_gguf_file.py).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
 Q4_BLOCK = 32  # values per Q4_0 / Q4_1 / Q8_0 block
 _CHUNK_VALUES = 1 << 20  # values decoded per call of a gguf block decoder (bounds the temporaries)
 _TYPE_IDS = {name: kind for kind, (name, _, _) in GGML_TYPES.items()}
+# 4/5-bit formats: (bytes of fp16 before the bits: d [, m], offset subtracted from q: 0 when a min m is added)
+_NIBBLE_FORMATS = {"Q4_0": (2, 8), "Q4_1": (4, 0), "Q5_0": (2, 16), "Q5_1": (4, 0)}
 
 
 def dequantize(tensor: GGUFTensor) -> torch.Tensor:
@@ -43,14 +45,16 @@ def dequantize_array(tensor: GGUFTensor) -> np.ndarray:
         out = np.empty((tensor.n_bytes // 34, Q4_BLOCK), dtype=np.float32)  # 34-byte blocks: fp16 d, 32 int8
         out[:] = raw.reshape(-1, 34)[:, 2:].view(np.int8)
         out *= _halves(raw, 17, 0)  # gguf: x * d
-    elif kind in ("Q4_0", "Q4_1"):
-        out = _q4_values(tensor)
-        if kind == "Q4_0":
-            out -= 8
-            out *= _halves(raw, 9, 0)  # gguf: d * (q - 8)
+    elif kind in _NIBBLE_FORMATS:
+        _, offset = _NIBBLE_FORMATS[kind]
+        per_block = GGML_TYPES[_TYPE_IDS[kind]][2] // 2  # fp16s per block
+        out = _nibble_values(tensor)
+        if offset:
+            out -= offset
+            out *= _halves(raw, per_block, 0)  # gguf: d * (q - offset)
         else:
-            out *= _halves(raw, 10, 0)  # gguf: (d * q) + m
-            out += _halves(raw, 10, 1)
+            out *= _halves(raw, per_block, 0)  # gguf: (d * q) + m
+            out += _halves(raw, per_block, 1)
     else:
         out = _gguf_blocks(tensor)
     return out.reshape(tensor.rows_cols)
@@ -61,17 +65,25 @@ def _halves(raw: np.ndarray, per_block: int, index: int) -> np.ndarray:
     return raw.view(np.float16).reshape(-1, per_block)[:, index : index + 1].astype(np.float32)
 
 
-def _q4_values(tensor: GGUFTensor) -> np.ndarray:
-    """A Q4_0/Q4_1 tensor's 4-bit numbers as float32 (blocks, 32), each in [0, 15].
+def _nibble_values(tensor: GGUFTensor) -> np.ndarray:
+    """A Q4_0/Q4_1/Q5_0/Q5_1 tensor's unsigned numbers as float32 (blocks, 32), in [0, 15] or [0, 31].
 
-    Block layout (ggml): fp16 d, [fp16 m for Q4_1], 16 bytes of nibbles; byte j holds value j in its
-    low nibble and value j + 16 in its high nibble.
+    Block layout (ggml): fp16 d, [fp16 m for Q4_1/Q5_1], [u32 of fifth bits for Q5_*: bit j belongs
+    to value j], 16 bytes of nibbles: byte j holds value j in its low nibble, value j + 16 in its high.
     """
-    head = 2 if tensor.type_name == "Q4_0" else 4
-    nib = tensor.data.reshape(-1, head + Q4_BLOCK // 2)[:, head:]  # (blocks, 16)
-    out = np.empty((nib.shape[0], 2, Q4_BLOCK // 2), dtype=np.float32)
-    out[:, 0] = nib & 15
-    out[:, 1] = nib >> 4
+    head, _ = _NIBBLE_FORMATS[tensor.type_name]
+    size = GGML_TYPES[_TYPE_IDS[tensor.type_name]][2]
+    blocks = tensor.data.reshape(-1, size)  # (blocks, bytes per block)
+    nib = blocks[:, size - Q4_BLOCK // 2 :]  # (blocks, 16)
+    out = np.empty((blocks.shape[0], 2, Q4_BLOCK // 2), dtype=np.float32)
+    if size - Q4_BLOCK // 2 == head:  # Q4_*
+        out[:, 0] = nib & 15
+        out[:, 1] = nib >> 4
+    else:  # Q5_*: (blocks, 4) bytes -> (blocks, 32) bits, little-endian like the u32 -> (blocks, 2, 16)
+        q = np.unpackbits(blocks[:, head : head + 4], axis=1, bitorder="little").reshape(-1, 2, Q4_BLOCK // 2) << 4
+        q[:, 0] |= nib & 15
+        q[:, 1] |= nib >> 4
+        out[:] = q
     return out.reshape(-1, Q4_BLOCK)
 
 
@@ -98,7 +110,7 @@ def q4_blocks(tensor: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
         raise GGUFError(f"tensor {tensor.name} is {tensor.type_name}, not Q4_0/Q4_1")
     n, k = tensor.rows_cols
     per_block = 9 if tensor.type_name == "Q4_0" else 10  # fp16s per block
-    q = _q4_values(tensor).astype(np.uint8)
+    q = _nibble_values(tensor).astype(np.uint8)
     d = _halves(tensor.data, per_block, 0)
     m = -8 * d if per_block == 9 else _halves(tensor.data, per_block, 1)
     return (torch.from_numpy(q.reshape(n, k)), torch.from_numpy(d.reshape(n, -1)), torch.from_numpy(m.reshape(n, -1)))
