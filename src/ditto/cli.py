@@ -255,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         "ditto.verify.cli": [eng],
         "ditto.server.cli": [eng],
     }
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["generate"], ["chat"]):  # built-in commands: no other command's module on their start-up path
+        plugins = {}
     for module, parents in plugins.items():
         try:
             mod = __import__(module, fromlist=["add_parser"])

@@ -312,11 +312,15 @@ class LLM:
 
 
 def _fingerprint_fn():
-    try:
+    """(hidden, k) -> fingerprints; ditto.verify (numpy and all) is imported on the first fingerprint,
+    not on the path of every start."""
+
+    def fingerprint(hidden: torch.Tensor, k: int) -> torch.Tensor:
         from ditto.verify.activation_difr import fingerprints
-    except ImportError:  # pragma: no cover
-        return None
-    return lambda hidden, k: fingerprints(hidden.float(), k)
+
+        return fingerprints(hidden.float(), k)
+
+    return fingerprint
 
 
 def _version() -> str:

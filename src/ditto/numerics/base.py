@@ -191,8 +191,14 @@ def _load_builtins() -> None:
 
 
 def get_mode(name: str) -> NumericsMode:
-    """The registered mode called `name`; ValueError listing the available names otherwise."""
-    _load_builtins()
+    """The registered mode called `name`; ValueError listing the available names otherwise. Built-in
+    modules are imported in order only until `name` is registered (fp32 does not import integer's)."""
+    for mod in BUILTIN_MODULES:
+        if name in _MODES:
+            break
+        importlib.import_module(mod)
+    else:
+        _load_builtins()
     try:
         return _MODES[name]
     except KeyError:

@@ -4,8 +4,10 @@ Shared by the project's run-time C kernels (batch_invariant, integer_attention, 
 noise, float_attention). A kernel names its source file; the library is keyed by a hash of that
 file's content and of the local headers it includes (`#include "ditto_int.h"`), the compile flags,
 the compiler's version and the CPU flags, and lives in $DITTO_KERNEL_CACHE (default
-~/.cache/ditto/kernels). OpenMP comes from the libgomp that torch already loaded (torch is imported
-first), so torch.set_num_threads governs the kernels too.
+~/.cache/ditto/kernels). The compiler's `--version` text is remembered there too, by the compiler
+binary's path, size and mtime (compilers.json), so a run whose kernels are cached starts no process.
+OpenMP comes from the libgomp that torch already loaded (torch is imported first), so
+torch.set_num_threads governs the kernels too.
 
 `CLibrary.compile()` raises `KernelBuildError` (with the compiler's own message) when the kernel
 cannot be built; `load()` never raises: without a usable compiler, or when the kernel's
@@ -15,8 +17,11 @@ a pure-torch fallback.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import hashlib
+import json
 import os
 import platform
 import re
@@ -38,6 +43,7 @@ class KernelBuildError(RuntimeError):
     """A C kernel could not be built: no compiler, or the compiler's own error message."""
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_flags() -> str:
     """The CPU feature line of /proc/cpuinfo (part of the cache key: -march=native builds)."""
     try:
@@ -62,15 +68,56 @@ def source_files(source: Path) -> list[Path]:
     return files
 
 
+def kernel_cache_dir() -> Path:
+    return Path(os.environ.get("DITTO_KERNEL_CACHE", Path.home() / ".cache" / "ditto" / "kernels"))
+
+
+def _compiler_stamp(cc: str) -> str | None:
+    """The resolved compiler binary with its size and mtime (a new compiler: a new stamp), or None."""
+    try:
+        real = os.path.realpath(shutil.which(cc) or cc)
+        st = os.stat(real)
+    except OSError:
+        return None
+    return f"{real}|{st.st_size}|{st.st_mtime_ns}"
+
+
+_VERSIONS: dict[str, str] = {}  # compiler stamp -> --version text, this process
+
+
+def _compiler_version(cc: str) -> str:
+    """`cc --version`, remembered by the compiler's stamp in the kernel cache (compilers.json), so a
+    run whose kernels are cached starts no process. KernelBuildError when the compiler cannot run."""
+    stamp = _compiler_stamp(cc)
+    if stamp is not None and stamp in _VERSIONS:
+        return _VERSIONS[stamp]
+    memo = kernel_cache_dir() / "compilers.json"
+    known: dict[str, str] = {}
+    with contextlib.suppress(OSError, ValueError):
+        known = dict(json.loads(memo.read_text()))
+    if stamp is None or not isinstance(known.get(stamp), str):
+        try:
+            version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError) as e:
+            raise KernelBuildError(f"compiler {cc} unusable: {e}") from e
+        if stamp is None:
+            return version
+        known[stamp] = version
+        with contextlib.suppress(OSError):
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known))
+            os.replace(tmp, memo)  # atomic: a concurrent reader sees the old or the new file
+    _VERSIONS[stamp] = known[stamp]
+    return known[stamp]
+
+
 def find_compiler() -> tuple[str, str]:
     """(compiler, its --version text): $CC, else gcc, else cc; KernelBuildError when none works."""
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         raise KernelBuildError("no C compiler found (set CC or install gcc)")
-    try:
-        return cc, subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        raise KernelBuildError(f"compiler {cc} unusable: {e}") from e
+    return cc, _compiler_version(cc)
 
 
 def _compile(cc: str, source: Path, flags: Sequence[str], so_path: Path) -> None:
@@ -127,8 +174,7 @@ class CLibrary:
             digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
         parts = [digest.hexdigest(), version, cpu_flags(), platform.machine(), " ".join(self.flags)]
         key = hashlib.sha256("\0".join(parts).encode()).hexdigest()
-        cache = Path(os.environ.get("DITTO_KERNEL_CACHE", Path.home() / ".cache" / "ditto" / "kernels"))
-        so_path = cache / f"{self.name}_{key[:20]}.so"
+        so_path = kernel_cache_dir() / f"{self.name}_{key[:20]}.so"
         if not so_path.exists():
             _compile(cc, self.source, self.flags, so_path)
         return so_path

@@ -9,10 +9,20 @@ rows of every call up to 16 puts every call in the same regime at almost no cost
 
 Each wrapped layer checks the claim for its own shape once (rows alone vs inside batches of several
 sizes and positions) and falls back to the sequential-FMA C kernel of `batch_invariant.py` when the
-check fails, so the promise holds on CPUs whose BLAS behaves differently.
+check fails, so the promise holds on CPUs whose BLAS behaves differently. A check runs 13 GEMMs of up
+to 308 rows (the LM head's among them: seconds on a small CPU), so its verdict is kept on disk
+beside the kernels (`invariance.json` in the kernel cache), keyed by everything it depends on: the
+layer's class and the mtime of its source, its shape, the dtype, the thread count, torch's version
+and build, and the CPU's flags. A new process with the same key trusts the recorded verdict.
 """
 
 from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import os
 
 import torch
 from torch import nn
@@ -59,12 +69,53 @@ def _in_features(module: nn.Module) -> int:
     return int(module.in_features)
 
 
+def _disk_key(module: nn.Module, key: tuple) -> str:
+    """The verdict's key across processes: `key` plus the layer's source, torch's build and the CPU."""
+    from ditto.numerics.kernels.cbuild import cpu_flags
+
+    try:
+        src = inspect.getsourcefile(type(module)) or ""
+        stamp = f"{src}@{os.stat(src).st_mtime_ns}" if src else ""
+    except (OSError, TypeError):
+        stamp = "?"
+    build = hashlib.sha256((torch.__version__ + torch.__config__.show() + cpu_flags()).encode()).hexdigest()[:16]
+    return "|".join(map(str, (*key, type(module).__module__, stamp, build)))
+
+
+def _verdict_file():
+    from ditto.numerics.kernels.cbuild import kernel_cache_dir
+
+    return kernel_cache_dir() / "invariance.json"
+
+
+def _read_verdicts() -> dict[str, bool]:
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        return {k: v for k, v in dict(json.loads(_verdict_file().read_text())).items() if isinstance(v, bool)}
+    return {}
+
+
+def _record_verdict(disk_key: str, ok: bool) -> None:
+    path = _verdict_file()
+    with contextlib.suppress(OSError):
+        known = _read_verdicts() | {disk_key: ok}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=0))
+        os.replace(tmp, path)  # atomic: concurrent processes read the old or the new file
+
+
 def regime_is_invariant(module: nn.Module, dtype: torch.dtype) -> bool:
-    """Do rows of `module` computed in padded batches of several sizes and positions agree bitwise?"""
+    """Do rows of `module` computed in padded batches of several sizes and positions agree bitwise?
+    Checked once per layer kind, shape, dtype, thread count, torch build and CPU (the verdict is kept on disk)."""
     k = _in_features(module)
     key = (type(module).__name__, k, getattr(module, "out_features", None), dtype, torch.get_num_threads())
     if key in _verdicts:
         return _verdicts[key]
+    disk_key = _disk_key(module, key)
+    recorded = _read_verdicts().get(disk_key)
+    if recorded is not None:
+        _verdicts[key] = recorded
+        return recorded
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(max(_CHECK_SIZES) + 8, k, generator=gen).to(dtype)
     with torch.inference_mode():
@@ -76,6 +127,7 @@ def regime_is_invariant(module: nn.Module, dtype: torch.dtype) -> bool:
                 out = module(_pad_rows(rows)[0])
                 ok &= torch.equal(out[offset : offset + 3], ref)
     _verdicts[key] = bool(ok)
+    _record_verdict(disk_key, _verdicts[key])
     return _verdicts[key]
 
 
