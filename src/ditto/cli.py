@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 
@@ -255,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         "ditto.verify.cli": [eng],
         "ditto.server.cli": [eng],
     }
+    from_command_line = argv is None  # the `ditto` script, not a caller that goes on after main() returns
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["generate"], ["chat"]):  # built-in commands: no other command's module on their start-up path
         plugins = {}
@@ -278,7 +281,10 @@ def main(argv: list[str] | None = None) -> int:
             from ditto.eval.cli import run as run_eval
 
             return run_eval(args, make_backend)
-        return args.func(args)
+        rc = args.func(args)
+        if from_command_line and args.command in ("generate", "chat"):
+            _leave_now(rc)
+        return rc
     except KeyboardInterrupt:
         return 130
     except UsageError as exc:
@@ -287,6 +293,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"ditto: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _leave_now(rc: int) -> None:
+    """The answer is out and nothing is left to write: leave without tearing the interpreter down (freeing
+    the model's and tokenizer's objects one by one costs ~0.6 s after the answer)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more to say
+            stream.flush()
+    os._exit(rc)
 
 
 if __name__ == "__main__":
