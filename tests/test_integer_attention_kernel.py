@@ -215,6 +215,7 @@ def test_paged_context_kernel_equals_torch(window, monkeypatch):
     for use_kernel in (True, False):
         att = _attention_module(heads, kv, d, window, seed=1)
         cache = IntKVCache(1, 16, bs, kv, d)
+        cache.clear_blocks(list(range(16)))  # the engine zeroes each block the block manager hands out
         # step 1: seq A prefills 6 tokens (blocks 3, 7), seq B 5 tokens (blocks 1, 9)
         chunks = [PrefillChunk(0, 6, 0, torch.tensor([3, 7])), PrefillChunk(6, 5, 0, torch.tensor([1, 9]))]
         slots = torch.tensor([12, 13, 14, 15, 28, 29, 4, 5, 6, 7, 36])
