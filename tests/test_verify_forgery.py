@@ -22,13 +22,13 @@ PROMPT = "Natalia sold clips to 48 of her friends"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_dirs):
-    return tiny_dirs["llama"]
+def model_dir(tiny_llama):
+    return tiny_llama
 
 
 @pytest.fixture(scope="module")
-def bi(model_dir):
-    return LLM(str(model_dir), numerics="fp32", determinism="batch_invariant", progress=False)
+def bi(tiny_llama):
+    return LLM(str(tiny_llama), numerics="fp32", determinism="batch_invariant", progress=False)
 
 
 def _receipt(llm, **kw) -> Receipt:

@@ -21,7 +21,6 @@ verdict is HTTP 200: the Verdict's JSON (`status`: exact | consistent | inconsis
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 from collections.abc import Mapping
@@ -34,6 +33,7 @@ from fastapi.responses import Response
 from ditto.server.protocol import ApiError, VerifyRequest
 from ditto.server.validation import parse_body, read_json
 from ditto.verify.receipt import SCHEMA_VERSION, Receipt, load_public_key
+from ditto.verify.replay import precheck_receipt, verify_receipt
 from ditto.verify.verdict import Verdict
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ def parse_receipt(doc: dict, where: str) -> Receipt:
             field = name if where == "body" else f"{where}.{name}"
             raise ApiError(400, f"{field} must be a JSON {want}, got {got}", param=field)
     try:
-        return Receipt.from_json(json.dumps(doc))
+        return Receipt.from_dict(doc)
     except (ValueError, TypeError) as e:
         raise ApiError(400, f"{where} is not a valid {SCHEMA_VERSION} receipt: {e}", param=where) from e
 
@@ -121,14 +121,12 @@ def parse_receipt(doc: dict, where: str) -> Receipt:
 async def verify_response(st: ServerState, inp: VerifyInput) -> dict:
     """Model-free checks here; the replay (if they pass) on the engine thread."""
     receipt = inp.receipt
-    verdict = await asyncio.to_thread(precheck, receipt, inp.public_key)
+    verdict = await asyncio.to_thread(precheck_receipt, receipt, inp.public_key)
     if verdict is None:
-        from ditto.verify.replay import verify_receipt
-
         fut = st.loop.call(lambda llm: verify_receipt(llm, receipt, inp.threshold, inp.public_key))
         try:
             verdict = await asyncio.wrap_future(fut)
-        except ValueError as e:  # a receipt the replay cannot run (the old API's ModelMismatchError is one)
+        except ValueError as e:  # a receipt the replay cannot run
             verdict = Verdict("unverifiable", str(e), id=receipt.content_hash or "", signed=receipt.signed)
     log.info("verify %s -> %s", receipt.content_hash, verdict.status)
     server = {
@@ -139,23 +137,6 @@ async def verify_response(st: ServerState, inp: VerifyInput) -> dict:
         "system_fingerprint": st.system_fingerprint,
     }
     return {"verdict": verdict.status, **verdict.to_dict(), "receipt_id": receipt.content_hash, "server": server}
-
-
-def precheck(receipt: Receipt, public_key: str | None) -> Verdict | None:
-    """ditto.verify.replay.precheck_receipt (hash, signature, the receipt's own consistency): a Verdict when
-    the receipt fails, else None. Before that function existed the integrity check alone stood in for it."""
-    from ditto.verify import replay
-
-    fn = getattr(replay, "precheck_receipt", None)
-    if fn is not None:
-        return fn(receipt, public_key)
-    problems = receipt.check_integrity(public_key)
-    if not problems:
-        return None
-    return Verdict(
-        "inconsistent", "tampered: " + "; ".join(problems), id=receipt.content_hash or "",
-        method="integrity", tampered=True, signed=receipt.signed,
-    )  # fmt: skip
 
 
 # ---- options ------------------------------------------------------------------------------------

@@ -73,6 +73,10 @@ def _plain(obj, where: str):
     raise TypeError(f"{where}: {type(obj).__name__} is not a JSON type")
 
 
+def _no_constants(name):
+    raise ValueError(f"receipt JSON contains the non-standard constant {name}")
+
+
 def canonical_json(obj) -> bytes:
     """The canonical JSON bytes of a JSON-typed object (see the module docstring)."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -300,10 +304,11 @@ class Receipt:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Receipt:
-        def no_constants(name):
-            raise ValueError(f"receipt JSON contains the non-standard constant {name}")
+        return cls.from_dict(json.loads(text, parse_constant=_no_constants))
 
-        doc = json.loads(text, parse_constant=no_constants)
+    @classmethod
+    def from_dict(cls, doc: dict) -> Receipt:
+        """A receipt from its parsed JSON document (the fields must be exactly the schema's)."""
         if not isinstance(doc, dict):
             raise ValueError("a receipt is a JSON object")
         if doc.get("schema") != SCHEMA_VERSION:
@@ -312,6 +317,7 @@ class Receipt:
         if set(doc) != names:
             missing, unknown = sorted(names - set(doc)), sorted(set(doc) - names)
             raise ValueError(f"receipt fields do not match {SCHEMA_VERSION}: missing {missing}, unknown {unknown}")
+        doc = dict(doc)
         if doc["output_logprobs"] is not None:
             doc["output_logprobs"] = [_float_in(x) for x in doc["output_logprobs"]]
         if doc["fingerprints"] is not None:
@@ -331,17 +337,19 @@ class Receipt:
                 raise ValueError(f"{source}: not a receipt: the file is not UTF-8 text (a binary file?)") from None
         if isinstance(data, str):
             try:
-                data = json.loads(data)
+                data = json.loads(data, parse_constant=_no_constants)
             except json.JSONDecodeError as e:
                 raise ValueError(
                     f"{source}: not a receipt: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
                 ) from None
+            except ValueError as e:  # NaN / Infinity constants
+                raise ValueError(f"{source}: not a valid receipt: {e}") from None
         if isinstance(data, dict) and set(data) == {"receipt"} and isinstance(data["receipt"], dict):
             data = data["receipt"]
         if not isinstance(data, dict):
             raise ValueError(f"{source}: not a receipt: a receipt is a JSON object, got {type(data).__name__}")
         try:
-            return cls.from_json(json.dumps(data, allow_nan=True))
+            return cls.from_dict(data)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{source}: not a valid receipt: {e}") from None
 

@@ -69,7 +69,6 @@ from ditto.verify.verdict import (
     DEFAULT_LOGPROB_TOLERANCE,
     DEFAULT_TOKEN_THRESHOLD,
     THRESHOLDS_SCHEMA,
-    ModelMismatchError,
     Thresholds,
     Verdict,
 )
@@ -79,7 +78,6 @@ __all__ = [
     "DEFAULT_LOGPROB_THRESHOLD",
     "DEFAULT_LOGPROB_TOLERANCE",
     "DEFAULT_TOKEN_THRESHOLD",
-    "ModelMismatchError",
     "Thresholds",
     "Verdict",
     "calibrate",
@@ -156,7 +154,7 @@ def _verdict_from_scored(llm, r: Receipt, scored, th: Thresholds, plan: ReplayPl
     if r.fingerprints is not None:
         ref_fp = fingerprints(scored.hidden, r.fingerprint_k, seed=r.fingerprint_seed).double().numpy()  # (T, k)
     reports = compare_fields(res, r.output_logprobs, ref_lp, r.fingerprints, ref_fp, bitwise=plan.bitwise, th=th)
-    act = None
+    act = a = None
     if ref_fp is not None:
         a = activation_difr(r.fingerprints, torch.from_numpy(ref_fp))
         act = {"mean": a.mean, "max": a.max, "exact": a.exact, "threshold": th.activation,
@@ -173,7 +171,7 @@ def _verdict_from_scored(llm, r: Receipt, scored, th: Thresholds, plan: ReplayPl
         n_tokens=res.n_tokens,
         n_exact=res.n_exact,
         margins=res.margins,
-        distances=tuple(np.linalg.norm(np.asarray(r.fingerprints) - ref_fp, axis=1).tolist()) if act else (),
+        distances=a.distances if act else (),
         first_divergence=_first_divergence(llm, res),
         activation=act,
         logprob_max_abs_diff=lp.max_abs_diff if lp is not None else None,
@@ -253,36 +251,29 @@ def calibrate(
     params_list = [p if p.greedy else p.with_seed() for p in params_list]
     if len(params_list) != len(prompts):
         raise ValueError(f"{len(params_list)} params for {len(prompts)} prompts")
-    saved_threads = torch.get_num_threads()
     token_scores, act_scores, lp_diffs, conditions = [], [], [], []
     unbounded = Thresholds(token=math.inf, activation=math.inf, logprob=math.inf, logprob_abs=math.inf)
     all_margins = []
-    try:
-        for n_threads in threads:
-            torch.set_num_threads(n_threads or saved_threads)
-            for bs in batch_sizes:
+    for n_threads in threads:
+        for bs in batch_sizes:
+            with _torch_threads(n_threads):  # honest generations on n_threads; verified on the caller's
+                used = torch.get_num_threads()
                 receipts = []
                 for lo in range(0, len(prompts), bs):
                     outs = llm.generate(list(prompts[lo : lo + bs]), list(params_list[lo : lo + bs]))
                     for o, p in zip(outs, params_list[lo : lo + bs]):
-                        for comp in o.outputs:
-                            receipts.append(receipt_for(llm, o, comp, p))
-                torch.set_num_threads(saved_threads)
-                vs = verify_receipts(llm, receipts, threshold=unbounded, chunk=1)
-                torch.set_num_threads(n_threads or saved_threads)
-                for v in vs:
-                    token_scores.append(v.score if v.score is not None else 0.0)
-                    all_margins.extend(m for m in v.margins if math.isfinite(m))
-                    if v.activation is not None:
-                        act_scores.append(v.activation["mean"])
-                    if v.logprob_max_abs_diff is not None:
-                        lp_diffs.append(v.logprob_max_abs_diff)
-                conditions.append(
-                    {"threads": n_threads or saved_threads, "batch_size": bs, "runs": len(vs),
-                     "exact": sum(v.status == "exact" for v in vs)}
-                )  # fmt: skip
-    finally:
-        torch.set_num_threads(saved_threads)
+                        receipts.extend(receipt_for(llm, o, comp, p) for comp in o.outputs)
+            vs = verify_receipts(llm, receipts, threshold=unbounded, chunk=1)
+            for v in vs:
+                token_scores.append(v.score if v.score is not None else 0.0)
+                all_margins.extend(m for m in v.margins if math.isfinite(m))
+                if v.activation is not None:
+                    act_scores.append(v.activation["mean"])
+                if v.logprob_max_abs_diff is not None:
+                    lp_diffs.append(v.logprob_max_abs_diff)
+            conditions.append(
+                {"threads": used, "batch_size": bs, "runs": len(vs), "exact": sum(v.status == "exact" for v in vs)}
+            )
     q_tok = calibrate_threshold(token_scores, fpr)
     doc = {
         "schema": THRESHOLDS_SCHEMA,

@@ -1,5 +1,5 @@
-"""What verification returns: the Verdict of one receipt or claim, the Thresholds it is judged by, and
-ModelMismatchError (see ditto.verify.replay for how the thresholds were chosen)."""
+"""What verification returns: the Verdict of one receipt or claim, and the Thresholds it is judged by
+(see ditto.verify.replay for how the thresholds were chosen)."""
 
 from __future__ import annotations
 
@@ -20,10 +20,6 @@ DEFAULT_LOGPROB_THRESHOLD = 0.05  # mean |claimed - reference| log-probability (
 DEFAULT_LOGPROB_TOLERANCE = 0.05  # per-token |claimed - reference| log-probability (nats) of a receipt replayed
 # within tolerances (`fast`); honest fast reruns on SmolLM2 stay below it (see replay.calibrate)
 THRESHOLDS_SCHEMA = "ditto.thresholds/v1"
-
-
-class ModelMismatchError(ValueError):
-    """The receipt was produced by a different model (or tokenizer) than the verifier runs."""
 
 
 @dataclass(frozen=True)
