@@ -7,8 +7,9 @@ and meant for tests and fallbacks, never for speed.
 Activations are quantised on the fly, as llama.cpp does, to 8-bit blocks:
 
 * ``A32`` (weights Q4_0, Q4_1, Q5_0, Q5_1, Q8_0): per block of 32 inputs, ``amax = max|x|``,
-  ``dx = amax / 127`` and ``q = rint(x * (127 / amax))`` (round half to even; 0 when amax = 0),
-  ``q`` in [-127, 127] int8, plus ``sx = sum(q)``.
+  ``dx = amax / 127`` and ``q = rint(x * (127 / amax))`` (each an fp32 IEEE operation: one division
+  127 / amax, one multiply, round half to even; scale 0 when amax = 0; a NaN product becomes 0),
+  clamped to [-127, 127] int8, plus ``sx = sum(q)``.
 * ``A256`` (weights Q4_K, Q5_K, Q6_K): the same per super-block of 256 inputs, plus ``bsum``, the
   sum of q over each 16 inputs.
 
@@ -80,8 +81,12 @@ def quantize_activations(x: torch.Tensor, block: int) -> tuple[torch.Tensor, tor
     xb = x.float().reshape(m, k // block, block)  # (M, blocks, block)
     amax = xb.abs().amax(-1)
     dx = amax / 127.0
-    scale = torch.where(amax > 0, 127.0 / torch.where(amax > 0, amax, torch.ones_like(amax)), torch.zeros_like(amax))
-    q = torch.round(xb * scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+    # one IEEE division 127 / amax, as documented (torch's `127.0 / t` is reciprocal(t) * 127: two roundings)
+    scale = torch.where(amax > 0, torch.full_like(amax, 127.0) / safe, torch.zeros_like(amax))
+    # NaN (x * scale for x = 0 with an infinite scale, i.e. amax < 127 / FLT_MAX, or a NaN/inf input)
+    # becomes 0 explicitly: a float NaN cast to int8 is undefined
+    q = torch.round(xb * scale[..., None]).nan_to_num_(0.0).clamp_(-127, 127).to(torch.int8)
     sums = q.to(torch.int32).reshape(m, k // block, block // 16, 16).sum(-1, dtype=torch.int32)
     return q, dx, sums
 
@@ -192,7 +197,9 @@ def _isum(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.einsum("mbi,nbi->mnb", q.double(), v.double()).to(torch.int64)
 
 
-def linear(x: torch.Tensor, raw: np.ndarray | torch.Tensor, kind: str, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, raw: np.ndarray | torch.Tensor, kind: str, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """y = x @ W^T under the contract above; x (M, K) fp32, raw uint8 (N, row_bytes) -> (M, N) fp32."""
     raw = raw.numpy() if isinstance(raw, torch.Tensor) else raw
     m, k = x.shape
