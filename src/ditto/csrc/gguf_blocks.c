@@ -1,0 +1,920 @@
+/* ditto gguf_blocks: a linear layer computed directly on a GGUF file's weight blocks.
+
+   The numerical contract is numerics/kernels/gguf_reference.py (bit for bit):
+   * activations are quantised per block of 32 (A32: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0) or 256 (A256:
+     Q4_K Q5_K Q6_K) inputs: amax = max|x|, dx = amax / 127, q = rint(x * (127 / amax)) (one fp32
+     division, one multiply, half to even, NaN -> 0, clamp [-127, 127]), plus sum(q) per 16 inputs;
+   * each weight block meets its activation block in exact integers (any order);
+   * each output element is ONE fp32 chain over the row's blocks in order from +0.0f:
+       A32:  acc = acc + (d * dx) * (float)isum      [Q4_1/Q5_1: acc = acc + (m * dx) * (float)sx]
+       A256: acc = acc + (d * dx) * (float)A         [Q4_K/Q5_K: acc = acc - (dmin * dx) * (float)B]
+     then y = acc (+ bias), every operation a separate IEEE multiply or add (no FMA: this file must
+     be compiled with -ffp-contract=off, and says so to GCC/clang below as well).
+
+   Weights are the file's rows, unpacked in registers (never repacked in memory).  Three
+   instruction-set paths live in this one library, chosen at run time (ditto_gguf_best_isa, or the
+   caller's choice): portable C, AVX2 (maddubs) and AVX-512 (F/BW/VL, with VNNI vpdpbusd where the
+   CPU has it).  The vector paths compute L = 8 or 16 output rows at once, one per lane: a tile's 16
+   bytes at a given block offset are loaded for every row and transposed (4x4 dwords per 128-bit
+   lane), so lane r of a vector holds 4 consecutive values of row r; vpdpbusd against the activation's
+   matching 4 bytes (broadcast) then accumulates each row's integer block sum in its own lane, with
+   no horizontal reduction, and the fp32 chain runs lane-wise, each lane exactly the scalar chain.
+   Every decoded weight block is used for all the activation rows of a work item (4 at a time), so
+   a batch costs one weight decode per block, not one per row.  OpenMP splits output-row tiles (and
+   activation-row chunks when there are few tiles); tiling only decides who computes an element. */
+#ifndef GG_TEMPLATE
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#define GG_X86 1
+#include <immintrin.h>
+#endif
+
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+/* the vector helpers are static inline inside target regions: no call passes a vector across an
+   ABI boundary, so gcc's note about the AVX-512 / AVX argument ABI does not apply */
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+#define GG_INLINE static inline __attribute__((always_inline))
+
+enum { Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, NKINDS };
+enum { ISA_AUTO = 0, ISA_PORTABLE = 1, ISA_AVX2 = 2, ISA_AVX512 = 3, ISA_AVX512VNNI = 4 };
+
+static const int KPER[NKINDS] = {32, 32, 32, 32, 32, 256, 256, 256};     /* values per block */
+static const int KSIZE[NKINDS] = {18, 20, 22, 24, 34, 144, 176, 210};    /* bytes per block */
+static const int KAUX[NKINDS] = {1, 1, 1, 1, 1, 4, 4, 8};                /* aux ints per block */
+#define MC_MAX 128 /* activation rows per work item (the accumulators of one tile stay in L1) */
+
+/* One GEMM: quantised activations (M rows), weights (N rows of rb bytes), output. */
+typedef struct {
+  const int8_t *q;    /* M x K */
+  const float *dx;    /* M x nb: activation block scales */
+  const int32_t *sums;/* M x K/16: sum(q) per 16 inputs */
+  const int32_t *aux; /* M x nb*KAUX: sx (A32), or int16 pairs of sub-block sums (A256) */
+  const float *sxf;   /* M x nb: (float)sx (A32) */
+  const uint8_t *w;
+  const float *bias;
+  float *y;
+  long M, K, N, rb, ldy, nb, naux, mcs, nmc;
+  int kind;
+} Job;
+
+/* ------------------------------------------------------------------------------------------- */
+/* portable C                                                                                   */
+/* ------------------------------------------------------------------------------------------- */
+
+static float h2f(uint16_t h) { /* IEEE half -> float, exact */
+  uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 31u, m = h & 1023u, u;
+  if (e == 0) {
+    if (m == 0) {
+      u = s;
+    } else { /* subnormal: normalise */
+      e = 113;
+      while (!(m & 1024u)) { m <<= 1; e--; }
+      u = s | (e << 23) | ((m & 1023u) << 13);
+    }
+  } else if (e == 31) {
+    u = s | 0x7f800000u | (m << 13) | (m ? 0x400000u : 0u);
+  } else {
+    u = s | ((e + 112) << 23) | (m << 13);
+  }
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+static inline uint16_t ld16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+static inline int32_t ld32(const void *p) { int32_t v; memcpy(&v, p, 4); return v; }
+static inline int32_t pair16(int32_t lo, int32_t hi) {
+  return (int32_t)((uint32_t)(uint16_t)lo | ((uint32_t)(uint16_t)hi << 16));
+}
+
+typedef struct { int v[256]; int sc[16], mn[8]; float d, m; } PBlock;
+
+/* one weight block -> the integers each weight multiplies and its scales (gguf_reference.decode) */
+static void decode_portable(int kind, const uint8_t *b, PBlock *o) {
+  o->d = h2f(ld16(b));
+  switch (kind) {
+    case Q8_0:
+      for (int j = 0; j < 32; j++) o->v[j] = (int8_t)b[2 + j];
+      break;
+    case Q4_0:
+      for (int j = 0; j < 16; j++) { o->v[j] = (b[2 + j] & 15) - 8; o->v[j + 16] = (b[2 + j] >> 4) - 8; }
+      break;
+    case Q4_1:
+      o->m = h2f(ld16(b + 2));
+      for (int j = 0; j < 16; j++) { o->v[j] = b[4 + j] & 15; o->v[j + 16] = b[4 + j] >> 4; }
+      break;
+    case Q5_0:
+    case Q5_1: {
+      const int off = kind == Q5_0 ? 2 : 4, sub = kind == Q5_0 ? 16 : 0;
+      if (kind == Q5_1) o->m = h2f(ld16(b + 2));
+      const uint32_t qh = (uint32_t)ld32(b + off);
+      for (int j = 0; j < 16; j++) {
+        o->v[j] = ((b[off + 4 + j] & 15) | (int)(((qh >> j) & 1u) << 4)) - sub;
+        o->v[j + 16] = ((b[off + 4 + j] >> 4) | (int)(((qh >> (j + 16)) & 1u) << 4)) - sub;
+      }
+      break;
+    }
+    case Q4_K:
+    case Q5_K: {
+      o->m = h2f(ld16(b + 2)); /* dmin */
+      const uint8_t *s = b + 4;
+      for (int j = 0; j < 4; j++) {
+        o->sc[j] = s[j] & 63;
+        o->mn[j] = s[4 + j] & 63;
+        o->sc[4 + j] = (s[8 + j] & 15) | ((s[j] >> 2) & 48);
+        o->mn[4 + j] = (s[8 + j] >> 4) | ((s[4 + j] >> 2) & 48);
+      }
+      const uint8_t *qs = b + (kind == Q4_K ? 16 : 48), *qh = b + 16;
+      for (int i = 0; i < 4; i++)
+        for (int l = 0; l < 32; l++) {
+          int lo = qs[32 * i + l] & 15, hi = qs[32 * i + l] >> 4;
+          if (kind == Q5_K) { lo |= ((qh[l] >> (2 * i)) & 1) << 4; hi |= ((qh[l] >> (2 * i + 1)) & 1) << 4; }
+          o->v[64 * i + l] = lo;
+          o->v[64 * i + 32 + l] = hi;
+        }
+      break;
+    }
+    case Q6_K: {
+      o->d = h2f(ld16(b + 208));
+      for (int j = 0; j < 16; j++) o->sc[j] = (int8_t)b[192 + j];
+      for (int h = 0; h < 2; h++) {
+        const uint8_t *ql = b + 64 * h, *qh = b + 128 + 32 * h;
+        for (int l = 0; l < 32; l++) {
+          int *v = o->v + 128 * h + l;
+          v[0] = ((ql[l] & 15) | (((qh[l] >> 0) & 3) << 4)) - 32;
+          v[32] = ((ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4)) - 32;
+          v[64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+          v[96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+        }
+      }
+      break;
+    }
+    default:
+      break;
+  }
+}
+
+static inline int dot_portable(const int *v, const int8_t *q, int n) {
+  int s = 0;
+  for (int j = 0; j < n; j++) s += v[j] * q[j];
+  return s;
+}
+
+/* rows [n0, n1) x activation rows [m0, m1): the contract's chain, written out */
+static void tile_portable(const Job *jb, long n0, long n1, long m0, long m1) {
+  const int kind = jb->kind, per = KPER[kind], size = KSIZE[kind];
+  PBlock blk;
+  for (long n = n0; n < n1; n++) {
+    const uint8_t *row = jb->w + n * jb->rb;
+    for (long m = m0; m < m1; m++) jb->y[m * jb->ldy + n] = 0.0f;
+    for (long b = 0; b < jb->nb; b++) {
+      decode_portable(kind, row + b * size, &blk);
+      for (long m = m0; m < m1; m++) {
+        const int8_t *q = jb->q + m * jb->K + b * per;
+        const float dx = jb->dx[m * jb->nb + b];
+        const int32_t *s16 = jb->sums + m * (jb->K / 16) + b * (per / 16);
+        float acc = jb->y[m * jb->ldy + n];
+        if (per == 32) {
+          const int isum = dot_portable(blk.v, q, 32);
+          acc = acc + (blk.d * dx) * (float)isum;
+          if (kind == Q4_1 || kind == Q5_1) acc = acc + (blk.m * dx) * (float)(s16[0] + s16[1]);
+        } else if (kind == Q6_K) {
+          int a = 0;
+          for (int j = 0; j < 16; j++) a += blk.sc[j] * dot_portable(blk.v + 16 * j, q + 16 * j, 16);
+          acc = acc + (blk.d * dx) * (float)a;
+        } else {
+          int a = 0, bm = 0;
+          for (int j = 0; j < 8; j++) {
+            a += blk.sc[j] * dot_portable(blk.v + 32 * j, q + 32 * j, 32);
+            bm += blk.mn[j] * (s16[2 * j] + s16[2 * j + 1]);
+          }
+          acc = acc + (blk.d * dx) * (float)a;
+          acc = acc - (blk.m * dx) * (float)bm;
+        }
+        jb->y[m * jb->ldy + n] = acc;
+      }
+    }
+    if (jb->bias)
+      for (long m = m0; m < m1; m++) jb->y[m * jb->ldy + n] = jb->y[m * jb->ldy + n] + jb->bias[n];
+  }
+}
+
+static void quant_row_portable(const float *x, long K, int block, int8_t *q, float *dx, int32_t *sums) {
+  for (long b = 0; b < K / block; b++) {
+    const float *xb = x + b * block;
+    float amax = 0.0f;
+    int nan = 0;
+    for (int i = 0; i < block; i++) {
+      const float a = fabsf(xb[i]);
+      if (a > amax) amax = a;
+      if (xb[i] != xb[i]) nan = 1;
+    }
+    if (nan) amax = NAN;
+    dx[b] = amax / 127.0f;
+    const float s = amax > 0.0f ? 127.0f / amax : 0.0f;
+    for (int i = 0; i < block; i++) {
+      float r = rintf(xb[i] * s);
+      if (r != r) r = 0.0f;
+      r = r < -127.0f ? -127.0f : (r > 127.0f ? 127.0f : r);
+      q[b * block + i] = (int8_t)(int)r;
+    }
+  }
+  for (long j = 0; j < K / 16; j++) {
+    int32_t s = 0;
+    for (int i = 0; i < 16; i++) s += q[16 * j + i];
+    sums[j] = s;
+  }
+}
+
+/* ------------------------------------------------------------------------------------------- */
+/* vector paths: the template below, instantiated for AVX-512 + VNNI, AVX-512 and AVX2           */
+/* ------------------------------------------------------------------------------------------- */
+
+typedef void (*TileFn)(const Job *, long, long, long);
+typedef void (*QuantFn)(const float *, long, int, int8_t *, float *, int32_t *);
+
+#ifdef GG_X86
+#define GG_TEMPLATE 4
+#include "gguf_blocks.c"
+#undef GG_TEMPLATE
+#define GG_TEMPLATE 3
+#include "gguf_blocks.c"
+#undef GG_TEMPLATE
+#define GG_TEMPLATE 2
+#include "gguf_blocks.c"
+#undef GG_TEMPLATE
+#endif
+
+/* ------------------------------------------------------------------------------------------- */
+/* dispatch                                                                                     */
+/* ------------------------------------------------------------------------------------------- */
+
+int ditto_gguf_isa_supported(int isa) {
+#ifdef GG_X86
+  __builtin_cpu_init();
+  const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  const int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                     __builtin_cpu_supports("avx512vl");
+  switch (isa) {
+    case ISA_PORTABLE: return 1;
+    case ISA_AVX2: return avx2;
+    case ISA_AVX512: return avx512;
+    case ISA_AVX512VNNI: return avx512 && __builtin_cpu_supports("avx512vnni");
+    default: return 0;
+  }
+#else
+  return isa == ISA_PORTABLE;
+#endif
+}
+
+int ditto_gguf_best_isa(void) {
+  for (int isa = ISA_AVX512VNNI; isa > ISA_PORTABLE; isa--)
+    if (ditto_gguf_isa_supported(isa)) return isa;
+  return ISA_PORTABLE;
+}
+
+static int resolve_isa(int isa) {
+  if (isa == ISA_AUTO) return ditto_gguf_best_isa();
+  return ditto_gguf_isa_supported(isa) ? isa : -1;
+}
+
+static QuantFn quant_fn(int isa) {
+  switch (isa) {
+#ifdef GG_X86
+    case ISA_AVX512VNNI:
+    case ISA_AVX512: return quant_row_v3;
+    case ISA_AVX2: return quant_row_v2;
+#endif
+    default: return quant_row_portable;
+  }
+}
+
+/* x (M, K) fp32 rows of stride ldx -> q (M, K) int8, dx (M, K/block), sums (M, K/16).
+   Returns 0, or -1 (bad arguments / ISA not supported). */
+int ditto_gguf_quantize(const float *x, long M, long K, long ldx, int block, int isa, int8_t *q, float *dx,
+                        int32_t *sums) {
+  isa = resolve_isa(isa);
+  if (isa < 0 || (block != 32 && block != 256) || K % block || M < 0) return -1;
+  const QuantFn f = quant_fn(isa);
+  const long nb = K / block;
+#pragma omp parallel for schedule(static) if (M >= 4)
+  for (long m = 0; m < M; m++) f(x + m * ldx, K, block, q + m * K, dx + m * nb, sums + m * (K / 16));
+  return 0;
+}
+
+static TileFn tile_fn(int isa, int kind) {
+#ifdef GG_X86
+  static const TileFn v4[NKINDS] = {tile_q4_0_v4, tile_q4_1_v4, tile_q5_0_v4, tile_q5_1_v4,
+                                    tile_q8_0_v4, tile_q4_k_v4, tile_q5_k_v4, tile_q6_k_v4};
+  static const TileFn v3[NKINDS] = {tile_q4_0_v3, tile_q4_1_v3, tile_q5_0_v3, tile_q5_1_v3,
+                                    tile_q8_0_v3, tile_q4_k_v3, tile_q5_k_v3, tile_q6_k_v3};
+  static const TileFn v2[NKINDS] = {tile_q4_0_v2, tile_q4_1_v2, tile_q5_0_v2, tile_q5_1_v2,
+                                    tile_q8_0_v2, tile_q4_k_v2, tile_q5_k_v2, tile_q6_k_v2};
+  if (isa == ISA_AVX512VNNI) return v4[kind];
+  if (isa == ISA_AVX512) return v3[kind];
+  if (isa == ISA_AVX2) return v2[kind];
+#else
+  (void)kind;
+#endif
+  (void)isa;
+  return 0;
+}
+
+static long max_threads(void) {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+/* y (M, N) (row stride ldy) = the contract's linear of pre-quantised activations (q, dx, sums as
+   ditto_gguf_quantize writes them) with N weight rows of `rb` bytes.  Returns 0, -1 (bad
+   arguments / ISA not supported) or -2 (out of memory). */
+int ditto_gguf_gemm(int kind, int isa, const int8_t *q, const float *dx, const int32_t *sums, long M, long K,
+                    const uint8_t *w, long N, long rb, const float *bias, float *y, long ldy) {
+  isa = resolve_isa(isa);
+  if (isa < 0 || kind < 0 || kind >= NKINDS || M < 0 || N < 0 || K <= 0 || K % KPER[kind] ||
+      rb != K / KPER[kind] * KSIZE[kind] || ldy < N)
+    return -1;
+  if (M == 0 || N == 0) return 0;
+  Job jb;
+  memset(&jb, 0, sizeof(jb));
+  jb.kind = kind;
+  jb.q = q, jb.dx = dx, jb.sums = sums, jb.w = w, jb.bias = bias, jb.y = y;
+  jb.M = M, jb.K = K, jb.N = N, jb.rb = rb, jb.ldy = ldy, jb.nb = K / KPER[kind];
+  jb.naux = jb.nb * KAUX[kind];
+  int32_t *aux = 0;
+  float *sxf = 0;
+  const TileFn tf = tile_fn(isa, kind);
+  if (tf) { /* the vector paths read the activation sums as sx / int16 pairs */
+    aux = (int32_t *)malloc((size_t)(M * jb.naux) * sizeof(int32_t));
+    sxf = (float *)malloc((size_t)(M * jb.nb) * sizeof(float));
+    if (!aux || !sxf) { free(aux); free(sxf); return -2; }
+    for (long m = 0; m < M; m++) {
+      const int32_t *s = sums + m * (K / 16);
+      int32_t *a = aux + m * jb.naux;
+      for (long b = 0; b < jb.nb; b++) {
+        if (KPER[kind] == 32) {
+          a[b] = s[2 * b] + s[2 * b + 1];
+          sxf[m * jb.nb + b] = (float)a[b];
+        } else if (kind == Q6_K) {
+          for (int p = 0; p < 8; p++) a[8 * b + p] = pair16(s[16 * b + 2 * p], s[16 * b + 2 * p + 1]);
+        } else {
+          for (int p = 0; p < 4; p++) {
+            const int32_t *t = s + 16 * b + 4 * p; /* sub-blocks 2p and 2p + 1 of 32 */
+            a[4 * b + p] = pair16(t[0] + t[1], t[2] + t[3]);
+          }
+        }
+      }
+    }
+    jb.aux = aux, jb.sxf = sxf;
+  }
+  const long lanes = isa == ISA_AVX2 ? 8 : 16; /* output rows per tile (portable: 16 as well) */
+  const long ntiles = (N + lanes - 1) / lanes, nt = max_threads();
+  long mcs = M < MC_MAX ? M : MC_MAX;
+  if (ntiles < nt && M > 4) { /* few tiles: split the activation rows too */
+    const long per = (nt + ntiles - 1) / ntiles;
+    const long want = ((M + per - 1) / per + 3) / 4 * 4;
+    if (want < mcs) mcs = want;
+  }
+  jb.mcs = mcs;
+  jb.nmc = (M + mcs - 1) / mcs;
+  const long items = ntiles * jb.nmc;
+#pragma omp parallel for schedule(static)
+  for (long it = 0; it < items; it++) {
+    const long t = it / jb.nmc, m0 = (it % jb.nmc) * mcs, m1 = m0 + mcs < M ? m0 + mcs : M;
+    if (tf) {
+      tf(&jb, t * lanes, m0, m1);
+    } else {
+      tile_portable(&jb, t * lanes, t * lanes + lanes < N ? t * lanes + lanes : N, m0, m1);
+    }
+  }
+  free(aux);
+  free(sxf);
+  return 0;
+}
+
+/* y = linear(x) under the contract: quantise x (M, K) (row stride ldx) and run the GEMM. */
+int ditto_gguf_linear(int kind, int isa, const float *x, long M, long K, long ldx, const uint8_t *w, long N,
+                      long rb, const float *bias, float *y, long ldy) {
+  if (kind < 0 || kind >= NKINDS || M < 0 || K <= 0 || K % KPER[kind] || ldx < K) return -1;
+  isa = resolve_isa(isa);
+  if (isa < 0) return -1;
+  const int block = KPER[kind];
+  int8_t *q = (int8_t *)malloc((size_t)(M * K) + 64);
+  float *dx = (float *)malloc((size_t)(M * (K / block)) * sizeof(float) + 64);
+  int32_t *sums = (int32_t *)malloc((size_t)(M * (K / 16)) * sizeof(int32_t) + 64);
+  int rc = -2;
+  if (q && dx && sums) {
+    rc = ditto_gguf_quantize(x, M, K, ldx, block, isa, q, dx, sums);
+    if (rc == 0) rc = ditto_gguf_gemm(kind, isa, q, dx, sums, M, K, w, N, rb, bias, y, ldy);
+  }
+  free(q);
+  free(dx);
+  free(sums);
+  return rc;
+}
+
+/* 1 when this build keeps a*b+c as two roundings (no FMA contraction), as the contract requires */
+int ditto_gguf_selftest(void) {
+  volatile float a = 1.0f + 0x1p-13f, b = 1.0f - 0x1p-13f, c = -1.0f;
+  const float r = a * b + c; /* fused: -2^-26; rounded product: 1.0f, so 0 */
+  return r == 0.0f;
+}
+
+#else /* ============================ GG_TEMPLATE: one vector instruction set ==================== */
+
+#if GG_TEMPLATE == 4
+#define FN(x) x##_v4
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")
+#endif
+#elif GG_TEMPLATE == 3
+#define FN(x) x##_v3
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx2,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,f16c")
+#endif
+#else
+#define FN(x) x##_v2
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,f16c")
+#endif
+#endif
+
+#if GG_TEMPLATE >= 3 /* ------------------------------------------------ 16 lanes (AVX-512) */
+#define L 16
+#define VI __m512i
+#define VF __m512
+#define VSET1(x) _mm512_set1_epi32(x)
+#define VZERO() _mm512_setzero_si512()
+#define VADD(a, b) _mm512_add_epi32(a, b)
+#define VSUB(a, b) _mm512_sub_epi32(a, b)
+#define VAND(a, b) _mm512_and_si512(a, b)
+#define VOR(a, b) _mm512_or_si512(a, b)
+#define VSRL(a, n) _mm512_srli_epi32(a, n)
+#define VSLL(a, n) _mm512_slli_epi32(a, n)
+#define VSRA(a, n) _mm512_srai_epi32(a, n)
+#define VMUL(a, b) _mm512_mullo_epi32(a, b)
+#define VANDOR(a, b, c) _mm512_ternarylogic_epi32(a, b, c, 0xEA) /* (a & b) | c */
+#define FCVT(a) _mm512_cvtepi32_ps(a)
+#define FMUL(a, b) _mm512_mul_ps(a, b)
+#define FADD(a, b) _mm512_add_ps(a, b)
+#define FSUB(a, b) _mm512_sub_ps(a, b)
+#define FSET1(x) _mm512_set1_ps(x)
+#define FZERO() _mm512_setzero_ps()
+GG_INLINE VF FN(half_lo)(VI v) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v)); }
+GG_INLINE VI FN(gath)(const uint8_t *base, VI idx) { return _mm512_i32gather_epi32(idx, (const void *)base, 1); }
+GG_INLINE VI FN(bq)(const int8_t *q) { return _mm512_set1_epi32(ld32(q)); }
+#if GG_TEMPLATE == 4
+/* sum over 4 bytes of u8 w times s8 q, added to each dword lane */
+GG_INLINE VI FN(dot)(VI acc, VI w, const int8_t *q) { return _mm512_dpbusd_epi32(acc, w, FN(bq)(q)); }
+GG_INLINE VI FN(dotw)(VI acc, VI a, int32_t b) { return _mm512_dpwssd_epi32(acc, a, _mm512_set1_epi32(b)); }
+/* Q8_0's signed weights: w ^ 0x80 = w + 128 as u8, and the sum loses 128 * sx afterwards */
+#define Q8_BIAS 128
+GG_INLINE VI FN(q8w)(VI t) { return _mm512_xor_si512(t, VSET1((int)0x80808080u)); }
+GG_INLINE VI FN(dotq8)(VI acc, VI w, const int8_t *q) { return FN(dot)(acc, w, q); }
+#else
+GG_INLINE VI FN(dot)(VI acc, VI w, const int8_t *q) {
+  const VI p = _mm512_maddubs_epi16(w, FN(bq)(q)); /* no saturation: w <= 63, |q| <= 127 */
+  return VADD(acc, _mm512_madd_epi16(p, _mm512_set1_epi16(1)));
+}
+GG_INLINE VI FN(dotw)(VI acc, VI a, int32_t b) { return VADD(acc, _mm512_madd_epi16(a, _mm512_set1_epi32(b))); }
+#define Q8_BIAS 0
+GG_INLINE VI FN(q8w)(VI t) { return t; }
+GG_INLINE VI FN(dotq8)(VI acc, VI w, const int8_t *q) { /* |w| times q with w's sign: no saturation */
+  const VI b = FN(bq)(q), aw = _mm512_abs_epi8(w);
+  const VI sq = _mm512_mask_sub_epi8(b, _mm512_movepi8_mask(w), _mm512_setzero_si512(), b);
+  return VADD(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(aw, sq), _mm512_set1_epi16(1)));
+}
+#endif
+/* the 16 bytes at p[r] + off of each row r, transposed: o[k] lane r = dword k of row r */
+GG_INLINE void FN(tr4)(const uint8_t *const *p, long off, VI *o) {
+  VI z[4];
+  for (int a = 0; a < 4; a++) {
+    VI v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(p[a] + off)));
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p[4 + a] + off)), 1);
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p[8 + a] + off)), 2);
+    z[a] = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p[12 + a] + off)), 3);
+  }
+  const VI t0 = _mm512_unpacklo_epi32(z[0], z[1]), t1 = _mm512_unpackhi_epi32(z[0], z[1]);
+  const VI t2 = _mm512_unpacklo_epi32(z[2], z[3]), t3 = _mm512_unpackhi_epi32(z[2], z[3]);
+  o[0] = _mm512_unpacklo_epi64(t0, t2);
+  o[1] = _mm512_unpackhi_epi64(t0, t2);
+  o[2] = _mm512_unpacklo_epi64(t1, t3);
+  o[3] = _mm512_unpackhi_epi64(t1, t3);
+}
+GG_INLINE VI FN(row_index)(long nv, long rb) {
+  const VI r = _mm512_min_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                VSET1((int)nv - 1));
+  return VMUL(r, VSET1((int)rb));
+}
+GG_INLINE void FN(store)(float *y, VF v, long nv) {
+  _mm512_mask_storeu_ps(y, (__mmask16)((1u << nv) - 1u), v);
+}
+GG_INLINE VF FN(loadf)(const float *p, long nv) { return _mm512_maskz_loadu_ps((__mmask16)((1u << nv) - 1u), p); }
+
+#else /* ---------------------------------------------------------------------- 8 lanes (AVX2) */
+#define L 8
+#define VI __m256i
+#define VF __m256
+#define VSET1(x) _mm256_set1_epi32(x)
+#define VZERO() _mm256_setzero_si256()
+#define VADD(a, b) _mm256_add_epi32(a, b)
+#define VSUB(a, b) _mm256_sub_epi32(a, b)
+#define VAND(a, b) _mm256_and_si256(a, b)
+#define VOR(a, b) _mm256_or_si256(a, b)
+#define VSRL(a, n) _mm256_srli_epi32(a, n)
+#define VSLL(a, n) _mm256_slli_epi32(a, n)
+#define VSRA(a, n) _mm256_srai_epi32(a, n)
+#define VMUL(a, b) _mm256_mullo_epi32(a, b)
+#define VANDOR(a, b, c) _mm256_or_si256(_mm256_and_si256(a, b), c)
+#define FCVT(a) _mm256_cvtepi32_ps(a)
+#define FMUL(a, b) _mm256_mul_ps(a, b)
+#define FADD(a, b) _mm256_add_ps(a, b)
+#define FSUB(a, b) _mm256_sub_ps(a, b)
+#define FSET1(x) _mm256_set1_ps(x)
+#define FZERO() _mm256_setzero_ps()
+GG_INLINE VF FN(half_lo)(VI v) {
+  const VI p = _mm256_packus_epi32(_mm256_and_si256(v, VSET1(0xFFFF)), _mm256_setzero_si256());
+  return _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(p, 0x08)));
+}
+GG_INLINE VI FN(gath)(const uint8_t *base, VI idx) { return _mm256_i32gather_epi32((const int *)base, idx, 1); }
+GG_INLINE VI FN(bq)(const int8_t *q) { return _mm256_set1_epi32(ld32(q)); }
+GG_INLINE VI FN(dot)(VI acc, VI w, const int8_t *q) {
+  const VI p = _mm256_maddubs_epi16(w, FN(bq)(q)); /* no saturation: w <= 63, |q| <= 127 */
+  return VADD(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+GG_INLINE VI FN(dotw)(VI acc, VI a, int32_t b) { return VADD(acc, _mm256_madd_epi16(a, _mm256_set1_epi32(b))); }
+#define Q8_BIAS 0
+GG_INLINE VI FN(q8w)(VI t) { return t; }
+GG_INLINE VI FN(dotq8)(VI acc, VI w, const int8_t *q) {
+  const VI p = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(FN(bq)(q), w));
+  return VADD(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+GG_INLINE void FN(tr4)(const uint8_t *const *p, long off, VI *o) {
+  VI z[4];
+  for (int a = 0; a < 4; a++)
+    z[a] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(p[a] + off))),
+                                   _mm_loadu_si128((const __m128i *)(p[4 + a] + off)), 1);
+  const VI t0 = _mm256_unpacklo_epi32(z[0], z[1]), t1 = _mm256_unpackhi_epi32(z[0], z[1]);
+  const VI t2 = _mm256_unpacklo_epi32(z[2], z[3]), t3 = _mm256_unpackhi_epi32(z[2], z[3]);
+  o[0] = _mm256_unpacklo_epi64(t0, t2);
+  o[1] = _mm256_unpackhi_epi64(t0, t2);
+  o[2] = _mm256_unpacklo_epi64(t1, t3);
+  o[3] = _mm256_unpackhi_epi64(t1, t3);
+}
+GG_INLINE VI FN(row_index)(long nv, long rb) {
+  const VI r = _mm256_min_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), VSET1((int)nv - 1));
+  return VMUL(r, VSET1((int)rb));
+}
+GG_INLINE VI FN(lanemask)(long nv) {
+  return _mm256_cmpgt_epi32(VSET1((int)nv), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+GG_INLINE void FN(store)(float *y, VF v, long nv) { _mm256_maskstore_ps(y, FN(lanemask)(nv), v); }
+GG_INLINE VF FN(loadf)(const float *p, long nv) { return _mm256_maskload_ps(p, FN(lanemask)(nv)); }
+#endif
+
+#define M4 VSET1(0x0F0F0F0F)
+
+/* decoded weight blocks of one tile (lane r = row r); w[i] multiplies activation bytes 4i..4i+3 */
+typedef struct { VI w[8]; VF d, m; } FN(D32);
+typedef struct { VI w[64]; VI sc[8]; VI mn2[4]; VF d, dmin; } FN(DK);
+typedef struct { VI w[64]; VI sc[16]; VI sc2[8]; VF d; } FN(D6);
+
+/* Q5's fifth bits: bits 4g..4g+3 of qh to bit 4 of bytes 0..3 (disjoint shifts: no carries) */
+GG_INLINE VI FN(q5hi)(VI qh, int g) {
+  return VMUL(VAND(VSRL(qh, 4 * g), VSET1(15)), VSET1(0x02040810));
+}
+
+GG_INLINE void FN(decode32)(const int kind, const uint8_t *const *p, VI idx, long boff, FN(D32) *o) {
+  VI t[8];
+  if (kind == Q8_0) {
+    o->d = FN(half_lo)(FN(gath)(p[0] + boff, idx));
+    FN(tr4)(p, boff + 2, t);
+    FN(tr4)(p, boff + 18, t + 4);
+    for (int g = 0; g < 8; g++) o->w[g] = FN(q8w)(t[g]);
+    return;
+  }
+  const VI dm = FN(gath)(p[0] + boff, idx);
+  o->d = FN(half_lo)(dm);
+  if (kind == Q4_1 || kind == Q5_1) o->m = FN(half_lo)(VSRL(dm, 16));
+  const long qoff = kind == Q4_0 ? 2 : kind == Q4_1 ? 4 : kind == Q5_0 ? 6 : 8;
+  FN(tr4)(p, boff + qoff, t);
+  for (int g = 0; g < 4; g++) {
+    o->w[g] = VAND(t[g], M4);
+    o->w[g + 4] = VAND(VSRL(t[g], 4), M4);
+  }
+  if (kind == Q5_0 || kind == Q5_1) {
+    const VI qh = FN(gath)(p[0] + boff + (kind == Q5_0 ? 2 : 4), idx);
+    for (int g = 0; g < 8; g++) o->w[g] = VANDOR(FN(q5hi)(qh, g), VSET1(0x10101010), o->w[g]);
+  }
+}
+
+/* R activation rows (q: their blocks, already offset) against one decoded A32 block */
+GG_INLINE void FN(compute32)(const int kind, const int R, const FN(D32) *o, const int8_t *const *q,
+                             const float *dx, const int32_t *sx, const float *sxf, VF *acc) {
+  VI s0[4], s1[4];
+  for (int r = 0; r < R; r++) s0[r] = s1[r] = VZERO();
+  for (int g = 0; g < 8; g += 2) {
+    const VI w0 = o->w[g], w1 = o->w[g + 1];
+    for (int r = 0; r < R; r++) {
+      if (kind == Q8_0) {
+        s0[r] = FN(dotq8)(s0[r], w0, q[r] + 4 * g);
+        s1[r] = FN(dotq8)(s1[r], w1, q[r] + 4 * g + 4);
+      } else {
+        s0[r] = FN(dot)(s0[r], w0, q[r] + 4 * g);
+        s1[r] = FN(dot)(s1[r], w1, q[r] + 4 * g + 4);
+      }
+    }
+  }
+  const int corr = kind == Q4_0 ? 8 : kind == Q5_0 ? 16 : kind == Q8_0 ? Q8_BIAS : 0;
+  for (int r = 0; r < R; r++) {
+    VI s = VADD(s0[r], s1[r]);
+    if (corr) s = VSUB(s, VSET1(corr * sx[r]));
+    const VF fdx = FSET1(dx[r]);
+    VF a = FADD(acc[r], FMUL(FMUL(o->d, fdx), FCVT(s)));
+    if (kind == Q4_1 || kind == Q5_1) a = FADD(a, FMUL(FMUL(o->m, fdx), FSET1(sxf[r])));
+    acc[r] = a;
+  }
+}
+
+GG_INLINE VI FN(byte)(VI v, int k) { return VAND(VSRL(v, 8 * k), VSET1(0xFF)); }
+GG_INLINE VI FN(bytepair)(VI v, int k) { /* bytes k, k + 1 as an int16 pair */
+  const VI x = VSRL(v, 8 * k);
+  return VOR(VAND(x, VSET1(0xFF)), VAND(VSLL(x, 8), VSET1(0xFF0000)));
+}
+
+GG_INLINE void FN(decodek)(const int kind, const uint8_t *const *p, VI idx, long boff, FN(DK) *o) {
+  (void)idx;
+  VI h[4], qs[32], qh[8];
+  FN(tr4)(p, boff, h); /* d | dmin, then the 12 scale bytes */
+  o->d = FN(half_lo)(h[0]);
+  o->dmin = FN(half_lo)(VSRL(h[0], 16));
+  const VI lo = h[1], hi = h[2], mix = h[3];
+  const VI sc0 = VAND(lo, VSET1(0x3F3F3F3F));
+  const VI sc1 = VOR(VAND(mix, M4), VAND(VSRL(lo, 2), VSET1(0x30303030)));
+  const VI mn0 = VAND(hi, VSET1(0x3F3F3F3F));
+  const VI mn1 = VOR(VAND(VSRL(mix, 4), M4), VAND(VSRL(hi, 2), VSET1(0x30303030)));
+  for (int k = 0; k < 4; k++) {
+    o->sc[k] = FN(byte)(sc0, k);
+    o->sc[4 + k] = FN(byte)(sc1, k);
+  }
+  o->mn2[0] = FN(bytepair)(mn0, 0);
+  o->mn2[1] = FN(bytepair)(mn0, 2);
+  o->mn2[2] = FN(bytepair)(mn1, 0);
+  o->mn2[3] = FN(bytepair)(mn1, 2);
+  const long qoff = kind == Q4_K ? 16 : 48;
+  for (int c = 0; c < 8; c++) FN(tr4)(p, boff + qoff + 16 * c, qs + 4 * c);
+  if (kind == Q5_K) {
+    FN(tr4)(p, boff + 16, qh);
+    FN(tr4)(p, boff + 32, qh + 4);
+  }
+  for (int i = 0; i < 4; i++)
+    for (int g = 0; g < 8; g++) {
+      const VI v = qs[8 * i + g];
+      VI a = VAND(v, M4), b = VAND(VSRL(v, 4), M4); /* sub-blocks 2i and 2i + 1 */
+      if (kind == Q5_K) { /* bit j of qh byte l is the fifth bit of sub-block j's value l */
+        const int j = 2 * i;
+        const VI x = qh[g];
+        const VI xa = j < 4 ? VSLL(x, 4 - j) : j == 4 ? x : VSRL(x, j - 4);
+        const VI xb = j + 1 < 4 ? VSLL(x, 3 - j) : j + 1 == 4 ? x : VSRL(x, j - 3);
+        a = VANDOR(xa, VSET1(0x10101010), a);
+        b = VANDOR(xb, VSET1(0x10101010), b);
+      }
+      o->w[8 * (2 * i) + g] = a;
+      o->w[8 * (2 * i + 1) + g] = b;
+    }
+}
+
+GG_INLINE void FN(computek)(const int R, const FN(DK) *o, const int8_t *const *q, const float *dx,
+                            const int32_t *const *aux, VF *acc) {
+  VI A[4], B[4];
+  for (int r = 0; r < R; r++) A[r] = B[r] = VZERO();
+  for (int j = 0; j < 8; j++) {
+    VI s0[4], s1[4];
+    for (int r = 0; r < R; r++) s0[r] = s1[r] = VZERO();
+    for (int g = 0; g < 8; g += 2) {
+      const VI w0 = o->w[8 * j + g], w1 = o->w[8 * j + g + 1];
+      for (int r = 0; r < R; r++) {
+        s0[r] = FN(dot)(s0[r], w0, q[r] + 32 * j + 4 * g);
+        s1[r] = FN(dot)(s1[r], w1, q[r] + 32 * j + 4 * g + 4);
+      }
+    }
+    for (int r = 0; r < R; r++) A[r] = VADD(A[r], VMUL(VADD(s0[r], s1[r]), o->sc[j]));
+  }
+  for (int p = 0; p < 4; p++)
+    for (int r = 0; r < R; r++) B[r] = FN(dotw)(B[r], o->mn2[p], aux[r][p]);
+  for (int r = 0; r < R; r++) {
+    const VF fdx = FSET1(dx[r]);
+    VF a = FADD(acc[r], FMUL(FMUL(o->d, fdx), FCVT(A[r])));
+    acc[r] = FSUB(a, FMUL(FMUL(o->dmin, fdx), FCVT(B[r])));
+  }
+}
+
+GG_INLINE void FN(decode6)(const uint8_t *const *p, VI idx, long boff, FN(D6) *o) {
+  VI ql[32], qh[16], sc[4];
+  for (int c = 0; c < 8; c++) FN(tr4)(p, boff + 16 * c, ql + 4 * c);
+  for (int c = 0; c < 4; c++) FN(tr4)(p, boff + 128 + 16 * c, qh + 4 * c);
+  FN(tr4)(p, boff + 192, sc);
+  o->d = FN(half_lo)(VSRL(FN(gath)(p[0] + boff + 206, idx), 16));
+  for (int j = 0; j < 16; j++) o->sc[j] = VSRA(VSLL(sc[j / 4], 24 - 8 * (j % 4)), 24);
+  for (int k = 0; k < 8; k++) o->sc2[k] = VOR(VAND(o->sc[2 * k], VSET1(0xFFFF)), VSLL(o->sc[2 * k + 1], 16));
+  for (int h = 0; h < 2; h++)
+    for (int t = 0; t < 4; t++)
+      for (int g = 0; g < 8; g++) {
+        const VI l = ql[16 * h + 8 * (t & 1) + g], x = qh[8 * h + g];
+        const VI nib = t < 2 ? VAND(l, M4) : VAND(VSRL(l, 4), M4);
+        const VI hb = t == 0 ? VSLL(x, 4) : t == 1 ? VSLL(x, 2) : t == 2 ? x : VSRL(x, 2);
+        o->w[32 * h + 8 * t + g] = VANDOR(hb, VSET1(0x30303030), nib); /* n in [0, 63]; v = n - 32 */
+      }
+}
+
+GG_INLINE void FN(compute6)(const int R, const FN(D6) *o, const int8_t *const *q, const float *dx,
+                            const int32_t *const *aux, VF *acc) {
+  VI A[4], C[4];
+  for (int r = 0; r < R; r++) A[r] = C[r] = VZERO();
+  for (int j = 0; j < 16; j++) {
+    VI s0[4], s1[4];
+    for (int r = 0; r < R; r++) s0[r] = s1[r] = VZERO();
+    for (int g = 0; g < 4; g += 2) {
+      const VI w0 = o->w[4 * j + g], w1 = o->w[4 * j + g + 1];
+      for (int r = 0; r < R; r++) {
+        s0[r] = FN(dot)(s0[r], w0, q[r] + 16 * j + 4 * g);
+        s1[r] = FN(dot)(s1[r], w1, q[r] + 16 * j + 4 * g + 4);
+      }
+    }
+    for (int r = 0; r < R; r++) A[r] = VADD(A[r], VMUL(VADD(s0[r], s1[r]), o->sc[j]));
+  }
+  for (int k = 0; k < 8; k++)
+    for (int r = 0; r < R; r++) C[r] = FN(dotw)(C[r], o->sc2[k], aux[r][k]); /* sum_j sc_j * bsum_j */
+  for (int r = 0; r < R; r++) {
+    const VI a = VSUB(A[r], VSLL(C[r], 5)); /* sum_j sc_j * sum((n - 32) * q) */
+    acc[r] = FADD(acc[r], FMUL(FMUL(o->d, FSET1(dx[r])), FCVT(a)));
+  }
+}
+
+/* one work item: output rows [n0, n0 + L) x activation rows [m0, m1) */
+GG_INLINE void FN(tile)(const int kind, const Job *jb, long n0, long m0, long m1) {
+  const long nv = jb->N - n0 < L ? jb->N - n0 : L, rb = jb->rb, nb = jb->nb;
+  const int per = KPER[kind], size = KSIZE[kind], naux = KAUX[kind];
+  const uint8_t *p[L];
+  for (long r = 0; r < L; r++) p[r] = jb->w + (n0 + (r < nv ? r : nv - 1)) * rb; /* the tail repeats a row */
+  const VI idx = FN(row_index)(nv, rb);
+  VF acc[MC_MAX];
+  for (long m = m0; m < m1; m++) acc[m - m0] = FZERO();
+  union { FN(D32) a; FN(DK) k; FN(D6) s; } dec;
+  for (long b = 0; b < nb; b++) {
+    const long boff = b * size;
+    if (per == 32) FN(decode32)(kind, p, idx, boff, &dec.a);
+    else if (kind == Q6_K) FN(decode6)(p, idx, boff, &dec.s);
+    else FN(decodek)(kind, p, idx, boff, &dec.k);
+    for (long m = m0; m < m1; m += 4) {
+      const int8_t *q[4];
+      float dx[4], sxf[4];
+      int32_t sx[4];
+      const int32_t *aux[4];
+      const int R = m1 - m < 4 ? (int)(m1 - m) : 4;
+      for (int r = 0; r < 4; r++) {
+        const long mm = m + (r < R ? r : 0);
+        q[r] = jb->q + mm * jb->K + b * per;
+        dx[r] = jb->dx[mm * nb + b];
+        aux[r] = jb->aux + mm * jb->naux + b * naux;
+        sx[r] = aux[r][0];
+        sxf[r] = per == 32 ? jb->sxf[mm * nb + b] : 0.0f;
+      }
+      VF *a = acc + (m - m0);
+#define GG_ROWS(RR)                                                             \
+  if (per == 32) FN(compute32)(kind, RR, &dec.a, q, dx, sx, sxf, a);            \
+  else if (kind == Q6_K) FN(compute6)(RR, &dec.s, q, dx, aux, a);               \
+  else FN(computek)(RR, &dec.k, q, dx, aux, a);
+      switch (R) {
+        case 4: GG_ROWS(4) break;
+        case 3: GG_ROWS(3) break;
+        case 2: GG_ROWS(2) break;
+        default: GG_ROWS(1) break;
+      }
+#undef GG_ROWS
+    }
+  }
+  const VF bias = jb->bias ? FN(loadf)(jb->bias + n0, nv) : FZERO();
+  for (long m = m0; m < m1; m++) {
+    const VF v = jb->bias ? FADD(acc[m - m0], bias) : acc[m - m0];
+    FN(store)(jb->y + m * jb->ldy + n0, v, nv);
+  }
+}
+
+static void FN(tile_q4_0)(const Job *j, long n0, long m0, long m1) { FN(tile)(Q4_0, j, n0, m0, m1); }
+static void FN(tile_q4_1)(const Job *j, long n0, long m0, long m1) { FN(tile)(Q4_1, j, n0, m0, m1); }
+static void FN(tile_q5_0)(const Job *j, long n0, long m0, long m1) { FN(tile)(Q5_0, j, n0, m0, m1); }
+static void FN(tile_q5_1)(const Job *j, long n0, long m0, long m1) { FN(tile)(Q5_1, j, n0, m0, m1); }
+static void FN(tile_q8_0)(const Job *j, long n0, long m0, long m1) { FN(tile)(Q8_0, j, n0, m0, m1); }
+static void FN(tile_q4_k)(const Job *j, long n0, long m0, long m1) { FN(tile)(Q4_K, j, n0, m0, m1); }
+static void FN(tile_q5_k)(const Job *j, long n0, long m0, long m1) { FN(tile)(Q5_K, j, n0, m0, m1); }
+static void FN(tile_q6_k)(const Job *j, long n0, long m0, long m1) { FN(tile)(Q6_K, j, n0, m0, m1); }
+
+#if GG_TEMPLATE != 4 /* the activation quantisation does not need VNNI: v3 serves v4 too */
+/* one row: amax, dx = amax / 127, q = rint(x * (127 / amax)) (NaN -> 0, clamp), sums per 16 */
+static void FN(quant_row)(const float *x, long K, int block, int8_t *q, float *dx, int32_t *sums) {
+  for (long b = 0; b < K / block; b++) {
+    const float *xb = x + b * block;
+#if L == 16
+    __m512 mx = _mm512_setzero_ps();
+    __mmask16 nan = 0;
+    for (int i = 0; i < block; i += L) {
+      const __m512 v = _mm512_loadu_ps(xb + i);
+      mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    }
+    float amax = _mm512_reduce_max_ps(mx);
+#else
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 mx = _mm256_setzero_ps(), nanv = _mm256_setzero_ps();
+    for (int i = 0; i < block; i += L) {
+      const __m256 v = _mm256_loadu_ps(xb + i);
+      mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v));
+      nanv = _mm256_or_ps(nanv, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    float t[8], amax = 0.0f;
+    _mm256_storeu_ps(t, mx);
+    for (int i = 0; i < 8; i++) amax = t[i] > amax ? t[i] : amax;
+    const int nan = _mm256_movemask_ps(nanv);
+#endif
+    if (nan) amax = NAN;
+    dx[b] = amax / 127.0f;
+    const float s = amax > 0.0f ? 127.0f / amax : 0.0f;
+    const VF vs = FSET1(s), lo = FSET1(-127.0f), hi = FSET1(127.0f);
+    for (int i = 0; i < block; i += 16) {
+#if L == 16
+      __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(xb + i), vs), _MM_FROUND_TO_NEAREST_INT);
+      r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(r, r, _CMP_ORD_Q), r); /* NaN -> 0 */
+      const __m512i v = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi));
+      _mm_storeu_si128((__m128i *)(q + b * block + i), _mm512_cvtepi32_epi8(v));
+      sums[(b * block + i) / 16] = _mm512_reduce_add_epi32(v);
+#else
+      int32_t s16 = 0;
+      for (int h = 0; h < 16; h += 8) {
+        __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xb + i + h), vs), _MM_FROUND_TO_NEAREST_INT);
+        r = _mm256_and_ps(r, _mm256_cmp_ps(r, r, _CMP_ORD_Q)); /* NaN -> 0 */
+        const __m256i v = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+        int32_t u[8];
+        _mm256_storeu_si256((__m256i *)u, v);
+        for (int k = 0; k < 8; k++) { q[b * block + i + h + k] = (int8_t)u[k]; s16 += u[k]; }
+      }
+      sums[(b * block + i) / 16] = s16;
+#endif
+    }
+  }
+}
+#endif
+
+#undef L
+#undef M4
+#undef Q8_BIAS
+#undef VSET1
+#undef VZERO
+#undef VADD
+#undef VSUB
+#undef VAND
+#undef VOR
+#undef VSRL
+#undef VSLL
+#undef VSRA
+#undef VMUL
+#undef VANDOR
+#undef FCVT
+#undef FMUL
+#undef FADD
+#undef FSUB
+#undef FSET1
+#undef FZERO
+#undef FN
+#undef VI
+#undef VF
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#endif /* GG_TEMPLATE */
