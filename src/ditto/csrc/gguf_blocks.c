@@ -53,7 +53,7 @@ enum { ISA_AUTO = 0, ISA_PORTABLE = 1, ISA_AVX2 = 2, ISA_AVX512 = 3, ISA_AVX512V
 static const int KPER[NKINDS] = {32, 32, 32, 32, 32, 256, 256, 256};     /* values per block */
 static const int KSIZE[NKINDS] = {18, 20, 22, 24, 34, 144, 176, 210};    /* bytes per block */
 static const int KAUX[NKINDS] = {1, 1, 1, 1, 1, 4, 4, 8};                /* aux ints per block */
-#define MC_MAX 128 /* activation rows per work item (the accumulators of one tile stay in L1) */
+#define MC_MAX 256 /* activation rows per work item (cache blocking: they stay in L2 across tiles) */
 
 /* One GEMM: quantised activations (M rows), weights (N rows of rb bytes), output. */
 typedef struct {
@@ -65,7 +65,7 @@ typedef struct {
   const uint8_t *w;
   const float *bias;
   float *y;
-  long M, K, N, rb, ldy, nb, naux, mcs, nmc;
+  long M, K, N, rb, ldy, nb, naux, mcs, nmc, pf_lines;
   int kind;
 } Job;
 
@@ -241,7 +241,8 @@ static void quant_row_portable(const float *x, long K, int block, int8_t *q, flo
 /* vector paths: the template below, instantiated for AVX-512 + VNNI, AVX-512 and AVX2           */
 /* ------------------------------------------------------------------------------------------- */
 
-typedef void (*TileFn)(const Job *, long, long, long);
+typedef void (*TileFn)(const Job *, long, long, long, char *);
+typedef long (*DecBytesFn)(int);
 typedef void (*QuantFn)(const float *, long, int, int8_t *, float *, int32_t *);
 
 #ifdef GG_X86
@@ -284,8 +285,19 @@ int ditto_gguf_best_isa(void) {
   return ISA_PORTABLE;
 }
 
+/* ISA_AUTO: $DITTO_GGUF_ISA (avx512 | avx512_novnni | avx2 | portable) when set, else the best
+   path; -3 when the variable names no path this CPU runs, -1 for an unsupported explicit code */
 static int resolve_isa(int isa) {
-  if (isa == ISA_AUTO) return ditto_gguf_best_isa();
+  if (isa == ISA_AUTO) {
+    const char *e = getenv("DITTO_GGUF_ISA");
+    if (!e || !*e) return ditto_gguf_best_isa();
+    if (!strcmp(e, "avx512")) isa = ditto_gguf_isa_supported(ISA_AVX512VNNI) ? ISA_AVX512VNNI : ISA_AVX512;
+    else if (!strcmp(e, "avx512_novnni")) isa = ISA_AVX512;
+    else if (!strcmp(e, "avx2")) isa = ISA_AVX2;
+    else if (!strcmp(e, "portable")) isa = ISA_PORTABLE;
+    else return -3;
+    return ditto_gguf_isa_supported(isa) ? isa : -3;
+  }
   return ditto_gguf_isa_supported(isa) ? isa : -1;
 }
 
@@ -301,11 +313,13 @@ static QuantFn quant_fn(int isa) {
 }
 
 /* x (M, K) fp32 rows of stride ldx -> q (M, K) int8, dx (M, K/block), sums (M, K/16).
-   Returns 0, or -1 (bad arguments / ISA not supported). */
+   isa: ISA_* (0: $DITTO_GGUF_ISA, else the best path).  Returns 0, -1 (bad arguments / ISA not
+   supported) or -3 ($DITTO_GGUF_ISA names no path this CPU runs). */
 int ditto_gguf_quantize(const float *x, long M, long K, long ldx, int block, int isa, int8_t *q, float *dx,
                         int32_t *sums) {
   isa = resolve_isa(isa);
-  if (isa < 0 || (block != 32 && block != 256) || K % block || M < 0) return -1;
+  if (isa < 0) return isa;
+  if ((block != 32 && block != 256) || K % block || M < 0) return -1;
   const QuantFn f = quant_fn(isa);
   const long nb = K / block;
 #pragma omp parallel for schedule(static) if (M >= 4)
@@ -331,6 +345,17 @@ static TileFn tile_fn(int isa, int kind) {
   return 0;
 }
 
+static DecBytesFn dec_bytes_fn(int isa) {
+#ifdef GG_X86
+  if (isa == ISA_AVX512VNNI) return dec_bytes_v4;
+  if (isa == ISA_AVX512) return dec_bytes_v3;
+  return dec_bytes_v2;
+#else
+  (void)isa;
+  return 0;
+#endif
+}
+
 static long max_threads(void) {
 #ifdef _OPENMP
   return omp_get_max_threads();
@@ -339,49 +364,59 @@ static long max_threads(void) {
 #endif
 }
 
-/* y (M, N) (row stride ldy) = the contract's linear of pre-quantised activations (q, dx, sums as
-   ditto_gguf_quantize writes them) with N weight rows of `rb` bytes.  Returns 0, -1 (bad
-   arguments / ISA not supported) or -2 (out of memory). */
-int ditto_gguf_gemm(int kind, int isa, const int8_t *q, const float *dx, const int32_t *sums, long M, long K,
-                    const uint8_t *w, long N, long rb, const float *bias, float *y, long ldy) {
-  isa = resolve_isa(isa);
-  if (isa < 0 || kind < 0 || kind >= NKINDS || M < 0 || N < 0 || K <= 0 || K % KPER[kind] ||
-      rb != K / KPER[kind] * KSIZE[kind] || ldy < N)
-    return -1;
+/* the vector paths read the activation sums of a row as sx and (float)sx per block (A32), or
+   as int16 pairs of sub-block sums (A256: per 32 for Q4_K/Q5_K, per 16 for Q6_K) */
+static void make_aux(int kind, long K, const int32_t *s, int32_t *a, float *sxf) {
+  const long nb = K / KPER[kind];
+  for (long b = 0; b < nb; b++) {
+    if (KPER[kind] == 32) {
+      a[b] = s[2 * b] + s[2 * b + 1];
+      sxf[b] = (float)a[b];
+    } else if (kind == Q6_K) {
+      for (int p = 0; p < 8; p++) a[8 * b + p] = pair16(s[16 * b + 2 * p], s[16 * b + 2 * p + 1]);
+    } else {
+      for (int p = 0; p < 4; p++) {
+        const int32_t *t = s + 16 * b + 4 * p; /* sub-blocks 2p and 2p + 1 of 32 */
+        a[4 * b + p] = pair16(t[0] + t[1], t[2] + t[3]);
+      }
+    }
+  }
+}
+
+/* activation buffers of one call, carved from one allocation (the stack for small calls) */
+typedef struct { int8_t *q; float *dx, *sxf; int32_t *sums, *aux; } Acts;
+static size_t acts_bytes(int kind, long M, long K) {
+  const long nb = K / KPER[kind];
+  return (size_t)(M * K + 64) + (size_t)(M * (2 * nb + K / 16 + nb * KAUX[kind])) * 4 + 4 * 64;
+}
+static Acts acts_carve(int kind, long M, long K, char *buf) {
+  const long nb = K / KPER[kind];
+  Acts a;
+  size_t o = 0;
+#define GG_CARVE(FIELD, TYPE, COUNT) a.FIELD = (TYPE *)(buf + o), o += ((size_t)(COUNT) * sizeof(TYPE) + 63) / 64 * 64
+  GG_CARVE(q, int8_t, M * K);
+  GG_CARVE(dx, float, M * nb);
+  GG_CARVE(sxf, float, M * nb);
+  GG_CARVE(sums, int32_t, M * (K / 16));
+  GG_CARVE(aux, int32_t, M * nb * KAUX[kind]);
+#undef GG_CARVE
+  return a;
+}
+
+/* the GEMM proper, on validated arguments */
+static int gemm(int kind, int isa, const Acts *a, long M, long K, const uint8_t *w, long N, long rb,
+                const float *bias, float *y, long ldy) {
   if (M == 0 || N == 0) return 0;
   Job jb;
   memset(&jb, 0, sizeof(jb));
   jb.kind = kind;
-  jb.q = q, jb.dx = dx, jb.sums = sums, jb.w = w, jb.bias = bias, jb.y = y;
+  jb.q = a->q, jb.dx = a->dx, jb.sums = a->sums, jb.aux = a->aux, jb.sxf = a->sxf;
+  jb.w = w, jb.bias = bias, jb.y = y;
   jb.M = M, jb.K = K, jb.N = N, jb.rb = rb, jb.ldy = ldy, jb.nb = K / KPER[kind];
   jb.naux = jb.nb * KAUX[kind];
-  int32_t *aux = 0;
-  float *sxf = 0;
   const TileFn tf = tile_fn(isa, kind);
-  if (tf) { /* the vector paths read the activation sums as sx / int16 pairs */
-    aux = (int32_t *)malloc((size_t)(M * jb.naux) * sizeof(int32_t));
-    sxf = (float *)malloc((size_t)(M * jb.nb) * sizeof(float));
-    if (!aux || !sxf) { free(aux); free(sxf); return -2; }
-    for (long m = 0; m < M; m++) {
-      const int32_t *s = sums + m * (K / 16);
-      int32_t *a = aux + m * jb.naux;
-      for (long b = 0; b < jb.nb; b++) {
-        if (KPER[kind] == 32) {
-          a[b] = s[2 * b] + s[2 * b + 1];
-          sxf[m * jb.nb + b] = (float)a[b];
-        } else if (kind == Q6_K) {
-          for (int p = 0; p < 8; p++) a[8 * b + p] = pair16(s[16 * b + 2 * p], s[16 * b + 2 * p + 1]);
-        } else {
-          for (int p = 0; p < 4; p++) {
-            const int32_t *t = s + 16 * b + 4 * p; /* sub-blocks 2p and 2p + 1 of 32 */
-            a[4 * b + p] = pair16(t[0] + t[1], t[2] + t[3]);
-          }
-        }
-      }
-    }
-    jb.aux = aux, jb.sxf = sxf;
-  }
   const long lanes = isa == ISA_AVX2 ? 8 : 16; /* output rows per tile (portable: 16 as well) */
+  jb.pf_lines = (lanes * rb + 64 * jb.nb - 1) / (64 * jb.nb);
   const long ntiles = (N + lanes - 1) / lanes, nt = max_threads();
   long mcs = M < MC_MAX ? M : MC_MAX;
   if (ntiles < nt && M > 4) { /* few tiles: split the activation rows too */
@@ -392,39 +427,90 @@ int ditto_gguf_gemm(int kind, int isa, const int8_t *q, const float *dx, const i
   jb.mcs = mcs;
   jb.nmc = (M + mcs - 1) / mcs;
   const long items = ntiles * jb.nmc;
-#pragma omp parallel for schedule(static)
-  for (long it = 0; it < items; it++) {
-    const long t = it / jb.nmc, m0 = (it % jb.nmc) * mcs, m1 = m0 + mcs < M ? m0 + mcs : M;
-    if (tf) {
-      tf(&jb, t * lanes, m0, m1);
-    } else {
-      tile_portable(&jb, t * lanes, t * lanes + lanes < N ? t * lanes + lanes : N, m0, m1);
+  /* a work item of several rows decodes its tile once into scratch (nb decoded blocks) */
+  const size_t scratch_bytes = tf && mcs > 1 ? (size_t)(jb.nb * dec_bytes_fn(isa)(kind)) : 0;
+  /* threads only for more than a few microseconds of work (thread count never changes a bit) */
+  const int parallel = items > 1 && ntiles * jb.nb * (KPER[kind] / 32) * ((M + 3) / 4) >= 256;
+  int failed = 0;
+#pragma omp parallel if (parallel)
+  {
+    char *scratch = scratch_bytes ? (char *)aligned_alloc(64, (scratch_bytes + 63) / 64 * 64) : 0;
+    if (scratch_bytes && !scratch) {
+#pragma omp atomic write
+      failed = 1;
     }
+#pragma omp for schedule(static)
+    for (long it = 0; it < items; it++) { /* activation-chunk major: a chunk stays in cache across tiles */
+      const long t = it % ntiles, m0 = (it / ntiles) * mcs, m1 = m0 + mcs < M ? m0 + mcs : M;
+      if (tf) {
+        if (!scratch_bytes || scratch) tf(&jb, t * lanes, m0, m1, scratch);
+      } else {
+        tile_portable(&jb, t * lanes, t * lanes + lanes < N ? t * lanes + lanes : N, m0, m1);
+      }
+    }
+    free(scratch);
   }
-  free(aux);
-  free(sxf);
-  return 0;
+  return failed ? -2 : 0;
+}
+
+static int check_gemm(int kind, long M, long K, long N, long rb, long ldy) {
+  return kind >= 0 && kind < NKINDS && M >= 0 && N >= 0 && K > 0 && K % KPER[kind] == 0 &&
+         rb == K / KPER[kind] * KSIZE[kind] && ldy >= N;
+}
+
+#define GG_STACK_BYTES 65536 /* activation buffers up to this size live on the stack */
+
+/* y (M, N) (row stride ldy) = the contract's linear of pre-quantised activations (q, dx, sums as
+   ditto_gguf_quantize writes them) with N weight rows of `rb` bytes.  Returns 0, -1 (bad
+   arguments / ISA not supported), -2 (out of memory) or -3 (bad $DITTO_GGUF_ISA). */
+int ditto_gguf_gemm(int kind, int isa, const int8_t *q, const float *dx, const int32_t *sums, long M, long K,
+                    const uint8_t *w, long N, long rb, const float *bias, float *y, long ldy) {
+  isa = resolve_isa(isa);
+  if (isa < 0) return isa;
+  if (!check_gemm(kind, M, K, N, rb, ldy)) return -1;
+  const size_t need = acts_bytes(kind, M, K);
+  char stack[GG_STACK_BYTES] __attribute__((aligned(64)));
+  char *buf = need <= sizeof(stack) ? stack : (char *)aligned_alloc(64, (need + 63) / 64 * 64);
+  if (!buf) return -2;
+  Acts a = acts_carve(kind, M, K, buf);
+  a.q = (int8_t *)q, a.dx = (float *)dx, a.sums = (int32_t *)sums; /* the caller's; aux and sxf are ours */
+  for (long m = 0; m < M; m++)
+    make_aux(kind, K, sums + m * (K / 16), a.aux + m * (K / KPER[kind]) * KAUX[kind], a.sxf + m * (K / KPER[kind]));
+  const int rc = gemm(kind, isa, &a, M, K, w, N, rb, bias, y, ldy);
+  if (buf != stack) free(buf);
+  return rc;
 }
 
 /* y = linear(x) under the contract: quantise x (M, K) (row stride ldx) and run the GEMM. */
 int ditto_gguf_linear(int kind, int isa, const float *x, long M, long K, long ldx, const uint8_t *w, long N,
                       long rb, const float *bias, float *y, long ldy) {
-  if (kind < 0 || kind >= NKINDS || M < 0 || K <= 0 || K % KPER[kind] || ldx < K) return -1;
   isa = resolve_isa(isa);
-  if (isa < 0) return -1;
+  if (isa < 0) return isa;
+  if (!check_gemm(kind, M, K, N, rb, ldy) || ldx < K) return -1;
+  const size_t need = acts_bytes(kind, M, K);
+  char stack[GG_STACK_BYTES] __attribute__((aligned(64)));
+  char *buf = need <= sizeof(stack) ? stack : (char *)aligned_alloc(64, (need + 63) / 64 * 64);
+  if (!buf) return -2;
+  const Acts a = acts_carve(kind, M, K, buf);
+  const QuantFn f = quant_fn(isa);
   const int block = KPER[kind];
-  int8_t *q = (int8_t *)malloc((size_t)(M * K) + 64);
-  float *dx = (float *)malloc((size_t)(M * (K / block)) * sizeof(float) + 64);
-  int32_t *sums = (int32_t *)malloc((size_t)(M * (K / 16)) * sizeof(int32_t) + 64);
-  int rc = -2;
-  if (q && dx && sums) {
-    rc = ditto_gguf_quantize(x, M, K, ldx, block, isa, q, dx, sums);
-    if (rc == 0) rc = ditto_gguf_gemm(kind, isa, q, dx, sums, M, K, w, N, rb, bias, y, ldy);
+  const long nb = K / block;
+#pragma omp parallel for schedule(static) if (M >= 4)
+  for (long m = 0; m < M; m++) {
+    f(x + m * ldx, K, block, a.q + m * K, a.dx + m * nb, a.sums + m * (K / 16));
+    make_aux(kind, K, a.sums + m * (K / 16), a.aux + m * nb * KAUX[kind], a.sxf + m * nb);
   }
-  free(q);
-  free(dx);
-  free(sums);
+  const int rc = gemm(kind, isa, &a, M, K, w, N, rb, bias, y, ldy);
+  if (buf != stack) free(buf);
   return rc;
+}
+
+/* ditto_gguf_linear with its arguments in one array (a ctypes call converts each argument
+   separately, at some 0.25 us apiece): kind, isa, x, M, K, ldx, w, N, rb, bias, y, ldy */
+int ditto_gguf_linear_packed(const int64_t *a) {
+  return ditto_gguf_linear((int)a[0], (int)a[1], (const float *)(intptr_t)a[2], (long)a[3], (long)a[4], (long)a[5],
+                           (const uint8_t *)(intptr_t)a[6], (long)a[7], (long)a[8], (const float *)(intptr_t)a[9],
+                           (float *)(intptr_t)a[10], (long)a[11]);
 }
 
 /* 1 when this build keeps a*b+c as two roundings (no FMA contraction), as the contract requires */
@@ -508,22 +594,6 @@ GG_INLINE VI FN(dotq8)(VI acc, VI w, const int8_t *q) { /* |w| times q with w's 
   return VADD(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(aw, sq), _mm512_set1_epi16(1)));
 }
 #endif
-/* the 16 bytes at p[r] + off of each row r, transposed: o[k] lane r = dword k of row r */
-GG_INLINE void FN(tr4)(const uint8_t *const *p, long off, VI *o) {
-  VI z[4];
-  for (int a = 0; a < 4; a++) {
-    VI v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(p[a] + off)));
-    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p[4 + a] + off)), 1);
-    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p[8 + a] + off)), 2);
-    z[a] = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p[12 + a] + off)), 3);
-  }
-  const VI t0 = _mm512_unpacklo_epi32(z[0], z[1]), t1 = _mm512_unpackhi_epi32(z[0], z[1]);
-  const VI t2 = _mm512_unpacklo_epi32(z[2], z[3]), t3 = _mm512_unpackhi_epi32(z[2], z[3]);
-  o[0] = _mm512_unpacklo_epi64(t0, t2);
-  o[1] = _mm512_unpackhi_epi64(t0, t2);
-  o[2] = _mm512_unpacklo_epi64(t1, t3);
-  o[3] = _mm512_unpackhi_epi64(t1, t3);
-}
 GG_INLINE VI FN(row_index)(long nv, long rb) {
   const VI r = _mm512_min_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                 VSET1((int)nv - 1));
@@ -572,18 +642,6 @@ GG_INLINE VI FN(dotq8)(VI acc, VI w, const int8_t *q) {
   const VI p = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(FN(bq)(q), w));
   return VADD(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 }
-GG_INLINE void FN(tr4)(const uint8_t *const *p, long off, VI *o) {
-  VI z[4];
-  for (int a = 0; a < 4; a++)
-    z[a] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(p[a] + off))),
-                                   _mm_loadu_si128((const __m128i *)(p[4 + a] + off)), 1);
-  const VI t0 = _mm256_unpacklo_epi32(z[0], z[1]), t1 = _mm256_unpackhi_epi32(z[0], z[1]);
-  const VI t2 = _mm256_unpacklo_epi32(z[2], z[3]), t3 = _mm256_unpackhi_epi32(z[2], z[3]);
-  o[0] = _mm256_unpacklo_epi64(t0, t2);
-  o[1] = _mm256_unpackhi_epi64(t0, t2);
-  o[2] = _mm256_unpacklo_epi64(t1, t3);
-  o[3] = _mm256_unpackhi_epi64(t1, t3);
-}
 GG_INLINE VI FN(row_index)(long nv, long rb) {
   const VI r = _mm256_min_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), VSET1((int)nv - 1));
   return VMUL(r, VSET1((int)rb));
@@ -597,10 +655,70 @@ GG_INLINE VF FN(loadf)(const float *p, long nv) { return _mm256_maskload_ps(p, F
 
 #define M4 VSET1(0x0F0F0F0F)
 
+/* 4x4 dwords within each 128-bit lane: z[a] lane c = row 4c + a -> o[k] lane 4c + a = its dword k */
+GG_INLINE void FN(t44)(const VI *z, VI *o, int nk) {
+#if L == 16
+  const VI t0 = _mm512_unpacklo_epi32(z[0], z[1]), t1 = _mm512_unpackhi_epi32(z[0], z[1]);
+  const VI t2 = _mm512_unpacklo_epi32(z[2], z[3]), t3 = _mm512_unpackhi_epi32(z[2], z[3]);
+  const VI r[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2), _mm512_unpacklo_epi64(t1, t3),
+                   _mm512_unpackhi_epi64(t1, t3)};
+#else
+  const VI t0 = _mm256_unpacklo_epi32(z[0], z[1]), t1 = _mm256_unpackhi_epi32(z[0], z[1]);
+  const VI t2 = _mm256_unpacklo_epi32(z[2], z[3]), t3 = _mm256_unpackhi_epi32(z[2], z[3]);
+  const VI r[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2), _mm256_unpacklo_epi64(t1, t3),
+                   _mm256_unpackhi_epi64(t1, t3)};
+#endif
+  for (int k = 0; k < nk; k++) o[k] = r[k];
+}
+
+/* the 16 bytes at p[r] + off of each row r, transposed: o[k] lane r = dword k of row r (k < nk) */
+GG_INLINE void FN(tr4)(const uint8_t *const *p, long off, int nk, VI *o) {
+  VI z[4];
+  for (int a = 0; a < 4; a++) {
+#if L == 16
+    VI v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(p[a] + off)));
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p[4 + a] + off)), 1);
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p[8 + a] + off)), 2);
+    z[a] = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p[12 + a] + off)), 3);
+#else
+    z[a] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(p[a] + off))),
+                                   _mm_loadu_si128((const __m128i *)(p[4 + a] + off)), 1);
+#endif
+  }
+  FN(t44)(z, o, nk);
+}
+
+#if L == 16
+/* bytes [lo, hi) of the 32 at p[r] + off of each row r, transposed: o[k] lane r = dword k of row r
+   (k < nk); bytes outside [lo, hi) read as 0 and are never touched (masked loads do not fault), so
+   a window may start before a block or end past it, e.g. to bring a block's fp16 scale along */
+GG_INLINE void FN(tr8)(const uint8_t *const *p, long off, int lo, int hi, int nk, VI *o) {
+  const __mmask32 mk = (__mmask32)((hi == 32 ? 0xFFFFFFFFu : (1u << hi) - 1u) & ~((1u << lo) - 1u));
+  VI z0[4], z1[4];
+  for (int a = 0; a < 4; a++) {
+    __m256i y[4];
+    for (int c = 0; c < 4; c++) {
+      const uint8_t *src = p[4 * c + a] + off;
+      y[c] = lo == 0 && hi == 32 ? _mm256_loadu_si256((const __m256i *)src) : _mm256_maskz_loadu_epi8(mk, src);
+    }
+    const VI u = _mm512_inserti64x4(_mm512_castsi256_si512(y[0]), y[1], 1); /* rows a, 4 + a */
+    const VI v = _mm512_inserti64x4(_mm512_castsi256_si512(y[2]), y[3], 1); /* rows 8 + a, 12 + a */
+    z0[a] = _mm512_shuffle_i64x2(u, v, 0x88);                                /* their first 16 bytes */
+    z1[a] = _mm512_shuffle_i64x2(u, v, 0xDD);                                /* their last 16 */
+  }
+  FN(t44)(z0, o, nk < 4 ? nk : 4);
+  if (nk > 4) FN(t44)(z1, o + 4, nk - 4);
+}
+#endif
+
 /* decoded weight blocks of one tile (lane r = row r); w[i] multiplies activation bytes 4i..4i+3 */
 typedef struct { VI w[8]; VF d, m; } FN(D32);
 typedef struct { VI w[64]; VI sc[8]; VI mn2[4]; VF d, dmin; } FN(DK);
 typedef struct { VI w[64]; VI sc[16]; VI sc2[8]; VF d; } FN(D6);
+
+static long FN(dec_bytes)(int kind) {
+  return KPER[kind] == 32 ? (long)sizeof(FN(D32)) : kind == Q6_K ? (long)sizeof(FN(D6)) : (long)sizeof(FN(DK));
+}
 
 /* Q5's fifth bits: bits 4g..4g+3 of qh to bit 4 of bytes 0..3 (disjoint shifts: no carries) */
 GG_INLINE VI FN(q5hi)(VI qh, int g) {
@@ -608,27 +726,39 @@ GG_INLINE VI FN(q5hi)(VI qh, int g) {
 }
 
 GG_INLINE void FN(decode32)(const int kind, const uint8_t *const *p, VI idx, long boff, FN(D32) *o) {
-  VI t[8];
+  VI t[8], qh = VZERO(), dm;
+  const VI *qs = t;
+#if L == 16
+  (void)idx;
+  switch (kind) { /* one 32-byte window per row brings the scales along (no gathers) */
+    case Q4_0: FN(tr8)(p, boff - 2, 2, 20, 5, t); dm = VSRL(t[0], 16); qs = t + 1; break;
+    case Q4_1: FN(tr8)(p, boff, 0, 20, 5, t); dm = t[0]; qs = t + 1; break;
+    case Q5_0: FN(tr8)(p, boff - 2, 2, 24, 6, t); dm = VSRL(t[0], 16); qh = t[1]; qs = t + 2; break;
+    case Q5_1: FN(tr8)(p, boff, 0, 24, 6, t); dm = t[0]; qh = t[1]; qs = t + 2; break;
+    default: FN(tr8)(p, boff + 2, 0, 32, 8, t); dm = FN(gath)(p[0] + boff, idx); break; /* Q8_0 */
+  }
+#else
+  dm = FN(gath)(p[0] + boff, idx);
+  switch (kind) {
+    case Q4_0: FN(tr4)(p, boff + 2, 4, t); break;
+    case Q4_1: FN(tr4)(p, boff + 4, 4, t); break;
+    case Q5_0: FN(tr4)(p, boff + 6, 4, t); qh = FN(gath)(p[0] + boff + 2, idx); break;
+    case Q5_1: FN(tr4)(p, boff + 8, 4, t); qh = FN(gath)(p[0] + boff + 4, idx); break;
+    default: FN(tr4)(p, boff + 2, 4, t); FN(tr4)(p, boff + 18, 4, t + 4); break; /* Q8_0 */
+  }
+#endif
+  o->d = FN(half_lo)(dm);
+  if (kind == Q4_1 || kind == Q5_1) o->m = FN(half_lo)(VSRL(dm, 16));
   if (kind == Q8_0) {
-    o->d = FN(half_lo)(FN(gath)(p[0] + boff, idx));
-    FN(tr4)(p, boff + 2, t);
-    FN(tr4)(p, boff + 18, t + 4);
     for (int g = 0; g < 8; g++) o->w[g] = FN(q8w)(t[g]);
     return;
   }
-  const VI dm = FN(gath)(p[0] + boff, idx);
-  o->d = FN(half_lo)(dm);
-  if (kind == Q4_1 || kind == Q5_1) o->m = FN(half_lo)(VSRL(dm, 16));
-  const long qoff = kind == Q4_0 ? 2 : kind == Q4_1 ? 4 : kind == Q5_0 ? 6 : 8;
-  FN(tr4)(p, boff + qoff, t);
   for (int g = 0; g < 4; g++) {
-    o->w[g] = VAND(t[g], M4);
-    o->w[g + 4] = VAND(VSRL(t[g], 4), M4);
+    o->w[g] = VAND(qs[g], M4);
+    o->w[g + 4] = VAND(VSRL(qs[g], 4), M4);
   }
-  if (kind == Q5_0 || kind == Q5_1) {
-    const VI qh = FN(gath)(p[0] + boff + (kind == Q5_0 ? 2 : 4), idx);
+  if (kind == Q5_0 || kind == Q5_1)
     for (int g = 0; g < 8; g++) o->w[g] = VANDOR(FN(q5hi)(qh, g), VSET1(0x10101010), o->w[g]);
-  }
 }
 
 /* R activation rows (q: their blocks, already offset) against one decoded A32 block */
@@ -665,10 +795,32 @@ GG_INLINE VI FN(bytepair)(VI v, int k) { /* bytes k, k + 1 as an int16 pair */
   return VOR(VAND(x, VSET1(0xFF)), VAND(VSLL(x, 8), VSET1(0xFF0000)));
 }
 
-GG_INLINE void FN(decodek)(const int kind, const uint8_t *const *p, VI idx, long boff, FN(DK) *o) {
-  (void)idx;
+GG_INLINE void FN(decodek)(const int kind, const uint8_t *const *p, long boff, FN(DK) *o) {
   VI h[4], qs[32], qh[8];
-  FN(tr4)(p, boff, h); /* d | dmin, then the 12 scale bytes */
+#if L == 16
+  VI t[8];
+  FN(tr8)(p, boff, 0, 32, 8, t); /* d | dmin, the 12 scale bytes, then 16 bytes of qh (Q5_K) or qs */
+  for (int k = 0; k < 4; k++) h[k] = t[k];
+  if (kind == Q4_K) {
+    for (int k = 0; k < 4; k++) qs[k] = t[4 + k];
+    for (int c = 0; c < 3; c++) FN(tr8)(p, boff + 32 + 32 * c, 0, 32, 8, qs + 4 + 8 * c);
+    FN(tr4)(p, boff + 128, 4, qs + 28);
+  } else {
+    for (int k = 0; k < 4; k++) qh[k] = t[4 + k];
+    FN(tr8)(p, boff + 32, 0, 32, 8, t);
+    for (int k = 0; k < 4; k++) { qh[4 + k] = t[k]; qs[k] = t[4 + k]; }
+    for (int c = 0; c < 3; c++) FN(tr8)(p, boff + 64 + 32 * c, 0, 32, 8, qs + 4 + 8 * c);
+    FN(tr4)(p, boff + 160, 4, qs + 28);
+  }
+#else
+  FN(tr4)(p, boff, 4, h);
+  const long qoff = kind == Q4_K ? 16 : 48;
+  for (int c = 0; c < 8; c++) FN(tr4)(p, boff + qoff + 16 * c, 4, qs + 4 * c);
+  if (kind == Q5_K) {
+    FN(tr4)(p, boff + 16, 4, qh);
+    FN(tr4)(p, boff + 32, 4, qh + 4);
+  }
+#endif
   o->d = FN(half_lo)(h[0]);
   o->dmin = FN(half_lo)(VSRL(h[0], 16));
   const VI lo = h[1], hi = h[2], mix = h[3];
@@ -684,12 +836,6 @@ GG_INLINE void FN(decodek)(const int kind, const uint8_t *const *p, VI idx, long
   o->mn2[1] = FN(bytepair)(mn0, 2);
   o->mn2[2] = FN(bytepair)(mn1, 0);
   o->mn2[3] = FN(bytepair)(mn1, 2);
-  const long qoff = kind == Q4_K ? 16 : 48;
-  for (int c = 0; c < 8; c++) FN(tr4)(p, boff + qoff + 16 * c, qs + 4 * c);
-  if (kind == Q5_K) {
-    FN(tr4)(p, boff + 16, qh);
-    FN(tr4)(p, boff + 32, qh + 4);
-  }
   for (int i = 0; i < 4; i++)
     for (int g = 0; g < 8; g++) {
       const VI v = qs[8 * i + g];
@@ -733,11 +879,19 @@ GG_INLINE void FN(computek)(const int R, const FN(DK) *o, const int8_t *const *q
 }
 
 GG_INLINE void FN(decode6)(const uint8_t *const *p, VI idx, long boff, FN(D6) *o) {
-  VI ql[32], qh[16], sc[4];
-  for (int c = 0; c < 8; c++) FN(tr4)(p, boff + 16 * c, ql + 4 * c);
-  for (int c = 0; c < 4; c++) FN(tr4)(p, boff + 128 + 16 * c, qh + 4 * c);
-  FN(tr4)(p, boff + 192, sc);
+  VI ql[32], qh[16], sc[5];
+#if L == 16
+  (void)idx;
+  for (int c = 0; c < 4; c++) FN(tr8)(p, boff + 32 * c, 0, 32, 8, ql + 8 * c);
+  for (int c = 0; c < 2; c++) FN(tr8)(p, boff + 128 + 32 * c, 0, 32, 8, qh + 8 * c);
+  FN(tr8)(p, boff + 192, 0, 18, 5, sc); /* the 16 scales and d */
+  o->d = FN(half_lo)(sc[4]);
+#else
+  for (int c = 0; c < 8; c++) FN(tr4)(p, boff + 16 * c, 4, ql + 4 * c);
+  for (int c = 0; c < 4; c++) FN(tr4)(p, boff + 128 + 16 * c, 4, qh + 4 * c);
+  FN(tr4)(p, boff + 192, 4, sc);
   o->d = FN(half_lo)(VSRL(FN(gath)(p[0] + boff + 206, idx), 16));
+#endif
   for (int j = 0; j < 16; j++) o->sc[j] = VSRA(VSLL(sc[j / 4], 24 - 8 * (j % 4)), 24);
   for (int k = 0; k < 8; k++) o->sc2[k] = VOR(VAND(o->sc[2 * k], VSET1(0xFFFF)), VSLL(o->sc[2 * k + 1], 16));
   for (int h = 0; h < 2; h++)
@@ -774,64 +928,122 @@ GG_INLINE void FN(compute6)(const int R, const FN(D6) *o, const int8_t *const *q
   }
 }
 
-/* one work item: output rows [n0, n0 + L) x activation rows [m0, m1) */
-GG_INLINE void FN(tile)(const int kind, const Job *jb, long n0, long m0, long m1) {
-  const long nv = jb->N - n0 < L ? jb->N - n0 : L, rb = jb->rb, nb = jb->nb;
-  const int per = KPER[kind], size = KSIZE[kind], naux = KAUX[kind];
-  const uint8_t *p[L];
-  for (long r = 0; r < L; r++) p[r] = jb->w + (n0 + (r < nv ? r : nv - 1)) * rb; /* the tail repeats a row */
-  const VI idx = FN(row_index)(nv, rb);
-  VF acc[MC_MAX];
-  for (long m = m0; m < m1; m++) acc[m - m0] = FZERO();
-  union { FN(D32) a; FN(DK) k; FN(D6) s; } dec;
-  for (long b = 0; b < nb; b++) {
-    const long boff = b * size;
-    if (per == 32) FN(decode32)(kind, p, idx, boff, &dec.a);
-    else if (kind == Q6_K) FN(decode6)(p, idx, boff, &dec.s);
-    else FN(decodek)(kind, p, idx, boff, &dec.k);
-    for (long m = m0; m < m1; m += 4) {
-      const int8_t *q[4];
-      float dx[4], sxf[4];
-      int32_t sx[4];
-      const int32_t *aux[4];
-      const int R = m1 - m < 4 ? (int)(m1 - m) : 4;
-      for (int r = 0; r < 4; r++) {
-        const long mm = m + (r < R ? r : 0);
-        q[r] = jb->q + mm * jb->K + b * per;
-        dx[r] = jb->dx[mm * nb + b];
-        aux[r] = jb->aux + mm * jb->naux + b * naux;
-        sx[r] = aux[r][0];
-        sxf[r] = per == 32 ? jb->sxf[mm * nb + b] : 0.0f;
-      }
-      VF *a = acc + (m - m0);
-#define GG_ROWS(RR)                                                             \
-  if (per == 32) FN(compute32)(kind, RR, &dec.a, q, dx, sx, sxf, a);            \
-  else if (kind == Q6_K) FN(compute6)(RR, &dec.s, q, dx, aux, a);               \
-  else FN(computek)(RR, &dec.k, q, dx, aux, a);
-      switch (R) {
-        case 4: GG_ROWS(4) break;
-        case 3: GG_ROWS(3) break;
-        case 2: GG_ROWS(2) break;
-        default: GG_ROWS(1) break;
-      }
-#undef GG_ROWS
-    }
-  }
-  const VF bias = jb->bias ? FN(loadf)(jb->bias + n0, nv) : FZERO();
-  for (long m = m0; m < m1; m++) {
-    const VF v = jb->bias ? FADD(acc[m - m0], bias) : acc[m - m0];
-    FN(store)(jb->y + m * jb->ldy + n0, v, nv);
+GG_INLINE void FN(decode)(const int kind, const uint8_t *const *p, VI idx, long b, void *dec) {
+  const long boff = b * KSIZE[kind];
+  if (KPER[kind] == 32) FN(decode32)(kind, p, idx, boff, (FN(D32) *)dec);
+  else if (kind == Q6_K) FN(decode6)(p, idx, boff, (FN(D6) *)dec);
+  else FN(decodek)(kind, p, boff, (FN(DK) *)dec);
+}
+
+/* A tile's rows are one contiguous run of L * rb bytes, read block by block across its 16 rows:
+   too many interleaved streams for the hardware prefetcher, so while decoding block b of this tile
+   we prefetch the b-th of nb equal parts of the tile GG_PF_TILES further on. */
+#ifndef GG_PF_TILES
+#define GG_PF_TILES 1
+#endif
+GG_INLINE void FN(prefetch)(const Job *jb, long n0, long b) {
+  const long next = n0 + GG_PF_TILES * L;
+  if (next >= jb->N) return;
+  const long lines = jb->pf_lines; /* ceil(L * rb / 64 / nb) */
+  const char *base = (const char *)(jb->w + next * jb->rb) + b * lines * 64;
+  for (long i = 0; i < lines; i++) _mm_prefetch(base + 64 * i, _MM_HINT_T0);
+}
+
+/* the activation rows rows[0..R) of a work item */
+typedef struct { const int8_t *q[4]; const float *dx[4], *sxf[4]; const int32_t *aux[4]; } FN(Rows);
+
+GG_INLINE void FN(rows)(const int kind, const int R, const Job *jb, long m, long nr, FN(Rows) *a) {
+  for (int r = 0; r < R; r++) {
+    const long row = m + (r < nr ? r : nr - 1); /* rows past nr repeat the last one (not stored) */
+    a->q[r] = jb->q + row * jb->K;
+    a->dx[r] = jb->dx + row * jb->nb;
+    a->aux[r] = jb->aux + row * jb->naux;
+    a->sxf[r] = KPER[kind] == 32 ? jb->sxf + row * jb->nb : 0;
   }
 }
 
-static void FN(tile_q4_0)(const Job *j, long n0, long m0, long m1) { FN(tile)(Q4_0, j, n0, m0, m1); }
-static void FN(tile_q4_1)(const Job *j, long n0, long m0, long m1) { FN(tile)(Q4_1, j, n0, m0, m1); }
-static void FN(tile_q5_0)(const Job *j, long n0, long m0, long m1) { FN(tile)(Q5_0, j, n0, m0, m1); }
-static void FN(tile_q5_1)(const Job *j, long n0, long m0, long m1) { FN(tile)(Q5_1, j, n0, m0, m1); }
-static void FN(tile_q8_0)(const Job *j, long n0, long m0, long m1) { FN(tile)(Q8_0, j, n0, m0, m1); }
-static void FN(tile_q4_k)(const Job *j, long n0, long m0, long m1) { FN(tile)(Q4_K, j, n0, m0, m1); }
-static void FN(tile_q5_k)(const Job *j, long n0, long m0, long m1) { FN(tile)(Q5_K, j, n0, m0, m1); }
-static void FN(tile_q6_k)(const Job *j, long n0, long m0, long m1) { FN(tile)(Q6_K, j, n0, m0, m1); }
+/* acc[0..R) += the contract's terms of block b (decoded in dec) */
+GG_INLINE void FN(apply)(const int kind, const int R, const void *dec, const FN(Rows) *a, long b, VF *acc) {
+  const int per = KPER[kind], naux = KAUX[kind];
+  const int8_t *q[4];
+  const int32_t *aux[4];
+  float dx[4], sxf[4];
+  int32_t sx[4];
+  for (int r = 0; r < R; r++) {
+    q[r] = a->q[r] + b * per;
+    dx[r] = a->dx[r][b];
+    aux[r] = a->aux[r] + b * naux;
+    sx[r] = aux[r][0];
+    sxf[r] = per == 32 ? a->sxf[r][b] : 0.0f;
+  }
+  if (per == 32) FN(compute32)(kind, R, (const FN(D32) *)dec, q, dx, sx, sxf, acc);
+  else if (kind == Q6_K) FN(compute6)(R, (const FN(D6) *)dec, q, dx, aux, acc);
+  else FN(computek)(R, (const FN(DK) *)dec, q, dx, aux, acc);
+}
+
+GG_INLINE void FN(store_rows)(const int R, const Job *jb, long n0, long nv, long m, long nr, const VF *acc) {
+  const VF bias = jb->bias ? FN(loadf)(jb->bias + n0, nv) : FZERO();
+  for (int r = 0; r < R && r < nr; r++)
+    FN(store)(jb->y + (m + r) * jb->ldy + n0, jb->bias ? FADD(acc[r], bias) : acc[r], nv);
+}
+
+/* R activation rows (nr <= R of them real): each block is decoded and used at once, the
+   accumulators stay in registers (used for one row: a batch decodes its tile once into scratch) */
+GG_INLINE void FN(small)(const int kind, const int R, const Job *jb, const uint8_t *const *p, VI idx, long n0,
+                         long nv, long m0, long nr) {
+  FN(Rows) a;
+  FN(rows)(kind, R, jb, m0, nr, &a);
+  VF acc[4];
+  for (int r = 0; r < R; r++) acc[r] = FZERO();
+  union { FN(D32) a; FN(DK) k; FN(D6) s; } dec;
+  for (long b = 0; b < jb->nb; b++) {
+    FN(prefetch)(jb, n0, b);
+    FN(decode)(kind, p, idx, b, &dec);
+    FN(apply)(kind, R, &dec, &a, b, acc);
+  }
+  FN(store_rows)(R, jb, n0, nv, m0, nr, acc);
+}
+
+/* 4 activation rows (nr <= 4 of them real) against a tile decoded into scratch */
+GG_INLINE void FN(group)(const int kind, const Job *jb, const char *scratch, long n0, long nv, long m, long nr) {
+  FN(Rows) a;
+  FN(rows)(kind, 4, jb, m, nr, &a);
+  VF acc[4];
+  for (int r = 0; r < 4; r++) acc[r] = FZERO();
+  const long db = FN(dec_bytes)(kind);
+  for (long b = 0; b < jb->nb; b++) FN(apply)(kind, 4, scratch + b * db, &a, b, acc);
+  FN(store_rows)(4, jb, n0, nv, m, nr, acc);
+}
+
+/* one work item: output rows [n0, n0 + L) x activation rows [m0, m1); scratch: nb decoded blocks */
+GG_INLINE void FN(tile)(const int kind, const Job *jb, long n0, long m0, long m1, char *scratch) {
+  const long nv = jb->N - n0 < L ? jb->N - n0 : L;
+  const uint8_t *p[L];
+  for (long r = 0; r < L; r++) p[r] = jb->w + (n0 + (r < nv ? r : nv - 1)) * jb->rb; /* the tail repeats a row */
+  const VI idx = FN(row_index)(nv, jb->rb);
+  if (m1 - m0 == 1) {
+    FN(small)(kind, 1, jb, p, idx, n0, nv, m0, 1);
+    return;
+  }
+  const long db = FN(dec_bytes)(kind);
+  for (long b = 0; b < jb->nb; b++) {
+    FN(prefetch)(jb, n0, b);
+    FN(decode)(kind, p, idx, b, scratch + b * db);
+  }
+  for (long m = m0; m < m1; m += 4) FN(group)(kind, jb, scratch, n0, nv, m, m1 - m < 4 ? m1 - m : 4);
+}
+
+#define GG_TILE(NAME, KIND) \
+  static void FN(NAME)(const Job *j, long n0, long m0, long m1, char *s) { FN(tile)(KIND, j, n0, m0, m1, s); }
+GG_TILE(tile_q4_0, Q4_0)
+GG_TILE(tile_q4_1, Q4_1)
+GG_TILE(tile_q5_0, Q5_0)
+GG_TILE(tile_q5_1, Q5_1)
+GG_TILE(tile_q8_0, Q8_0)
+GG_TILE(tile_q4_k, Q4_K)
+GG_TILE(tile_q5_k, Q5_K)
+GG_TILE(tile_q6_k, Q6_K)
+#undef GG_TILE
 
 #if GG_TEMPLATE != 4 /* the activation quantisation does not need VNNI: v3 serves v4 too */
 /* one row: amax, dx = amax / 127, q = rint(x * (127 / amax)) (NaN -> 0, clamp), sums per 16 */

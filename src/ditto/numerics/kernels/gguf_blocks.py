@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 
 import numpy as np
 import torch
@@ -44,8 +45,19 @@ KINDS = ref.KINDS
 ISA_ENV = "DITTO_GGUF_ISA"
 DISABLE_ENV = "DITTO_GGUF_DISABLE_KERNEL"
 _KIND_ID = {kind: i for i, kind in enumerate(KINDS)}  # enum order of csrc/gguf_blocks.c
+# kind -> (id, values per block, bytes per block, activation block)
+_KIND_INFO = {kind: (i, *ref.BLOCKS[kind][:2], ref.activation_block(kind)) for i, kind in enumerate(KINDS)}
 _PORTABLE, _AVX2, _AVX512, _AVX512VNNI = 1, 2, 3, 4
 _ERRORS = {-1: "the kernel rejected its arguments", -2: "out of memory"}
+_BAD_ENV = -3  # $DITTO_GGUF_ISA names no path this CPU runs (read by the C library, at each call)
+_ARGS = threading.local()  # per-thread argument arrays: ctypes releases the GIL during a call
+
+
+def _linear_args() -> ctypes.Array:
+    args = getattr(_ARGS, "linear", None)
+    if args is None:
+        args = _ARGS.linear = (ctypes.c_int64 * 12)()
+    return args
 
 
 def _setup(lib: ctypes.CDLL) -> str | None:
@@ -60,6 +72,8 @@ def _setup(lib: ctypes.CDLL) -> str | None:
     lib.ditto_gguf_gemm.restype = i
     lib.ditto_gguf_linear.argtypes = [i, i, p, n, n, n, p, n, n, p, p, n]
     lib.ditto_gguf_linear.restype = i
+    lib.ditto_gguf_linear_packed.argtypes = None  # one int64 array (see _linear_args)
+    lib.ditto_gguf_linear_packed.restype = i
     lib.ditto_gguf_selftest.restype = i
     if lib.ditto_gguf_selftest() != 1:
         return "kernel self-test failed (fp32 a*b+c was contracted to an FMA)"
@@ -84,21 +98,27 @@ def kernel_status() -> str:
     return _LIBRARY.status()
 
 
+_PATHS: dict[str, int] | None = None
+
+
 def _paths() -> dict[str, int]:
     """Path name -> the C library's ISA code, for the paths this CPU runs (best first)."""
+    global _PATHS
     lib = _lib()
     if lib is None:
         return {}
-    out: dict[str, int] = {}
-    if lib.ditto_gguf_isa_supported(_AVX512VNNI):
-        out["avx512"] = _AVX512VNNI
-        out["avx512_novnni"] = _AVX512
-    elif lib.ditto_gguf_isa_supported(_AVX512):
-        out["avx512"] = _AVX512
-    if lib.ditto_gguf_isa_supported(_AVX2):
-        out["avx2"] = _AVX2
-    out["portable"] = _PORTABLE
-    return out
+    if _PATHS is None:
+        out: dict[str, int] = {}
+        if lib.ditto_gguf_isa_supported(_AVX512VNNI):
+            out["avx512"] = _AVX512VNNI
+            out["avx512_novnni"] = _AVX512
+        elif lib.ditto_gguf_isa_supported(_AVX512):
+            out["avx512"] = _AVX512
+        if lib.ditto_gguf_isa_supported(_AVX2):
+            out["avx2"] = _AVX2
+        out["portable"] = _PORTABLE
+        _PATHS = out
+    return _PATHS
 
 
 def isa_paths() -> tuple[str, ...]:
@@ -117,11 +137,6 @@ def _isa_code(isa: str | None) -> int:
         known = "avx512, avx512_novnni, avx2, portable"
         raise ValueError(f"{where}: not a path this CPU runs ({', '.join(paths) or 'no kernel'}; known: {known})")
     return paths[name]
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in _KIND_ID:
-        raise ValueError(f"no gguf block kernel for {kind!r}; supported: {', '.join(KINDS)}")
 
 
 def _as_f32_rows(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -157,8 +172,18 @@ def quantize_activations(
     sums = torch.empty(m, k // block, block // 16, dtype=torch.int32)
     if m:
         rc = lib.ditto_gguf_quantize(
-            xr.data_ptr(), m, k, k, block, _isa_code(isa), q.data_ptr(), dx.data_ptr(), sums.data_ptr()
+            xr.data_ptr(),
+            m,
+            k,
+            k,
+            block,
+            0 if isa is None else _isa_code(isa),
+            q.data_ptr(),
+            dx.data_ptr(),
+            sums.data_ptr(),
         )
+        if rc == _BAD_ENV:
+            _isa_code(None)
         if rc:
             raise RuntimeError(f"ditto_gguf_quantize failed ({rc}: {_ERRORS.get(rc, 'unknown')})")
     return q, dx, sums
@@ -177,8 +202,10 @@ def block_linear(
     x: floating (M, K) (any leading dims: (..., K) -> (..., N)); weight: uint8 (N, row_bytes), the
     tensor's rows as stored in the GGUF file (row-major, contiguous); kind: its ggml type ("Q4_1",
     ...); bias: (N,) or None; isa: force an instruction-set path (see `isa_paths`). Returns fp32."""
-    _check_kind(kind)
-    block = ref.activation_block(kind)
+    info = _KIND_INFO.get(kind)
+    if info is None:
+        raise ValueError(f"no gguf block kernel for {kind!r}; supported: {', '.join(KINDS)}")
+    kind_id, per, size, block = info
     if isinstance(weight, np.ndarray):
         weight = torch.from_numpy(weight)
     if not isinstance(weight, torch.Tensor) or weight.dtype != torch.uint8:
@@ -187,30 +214,38 @@ def block_linear(
         )
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (N, row_bytes), got shape {tuple(weight.shape)}")
-    if weight.device.type != "cpu":
+    if not weight.is_cpu:
         raise ValueError(f"weight must be on the CPU, got {weight.device}")
-    lead, k = tuple(x.shape[:-1]), x.shape[-1] if x.dim() else 0
-    xr = _as_f32_rows(x, block)
+    if isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.dim() == 2 and x.is_contiguous() and x.is_cpu:
+        xr = x  # the common case, without a copy
+        lead, k = (x.shape[0],), x.shape[1]
+        if k == 0 or k % block:
+            raise ValueError(f"K={k} is not a positive multiple of the activation block {block}")
+    else:
+        lead, k = tuple(x.shape[:-1]), x.shape[-1] if x.dim() else 0
+        xr = _as_f32_rows(x, block)
     n, rb = weight.shape
-    if rb != ref.row_bytes(kind, k):
-        raise ValueError(f"{kind} weight rows of {rb} bytes do not hold K={k} inputs ({ref.row_bytes(kind, k)} bytes)")
+    if rb != k // per * size:
+        raise ValueError(f"{kind} weight rows of {rb} bytes do not hold K={k} inputs ({k // per * size} bytes)")
     if not weight.is_contiguous():
         raise ValueError("weight must be contiguous (the file's rows, row-major); got strides " + str(weight.stride()))
     if bias is not None:
         if bias.shape != (n,):
             raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
         bias = bias.to(torch.float32).contiguous()
-    lib = _lib()
+    lib = _LIBRARY.lib or _lib()
     if lib is None:
         if isa is not None:
             _isa_code(isa)  # an explicit path without the kernel is an error, not a silent fallback
         return ref.linear(xr, weight, kind, bias).reshape(*lead, n)
+    code = 0 if isa is None else _isa_code(isa)  # 0: the library reads $DITTO_GGUF_ISA itself
     m = xr.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
     if m and n:
-        rc = lib.ditto_gguf_linear(
-            _KIND_ID[kind],
-            _isa_code(isa),
+        args = _linear_args()
+        args[:] = (
+            kind_id,
+            code,
             xr.data_ptr(),
             m,
             k,
@@ -218,10 +253,15 @@ def block_linear(
             weight.data_ptr(),
             n,
             rb,
-            None if bias is None else bias.data_ptr(),
+            0 if bias is None else bias.data_ptr(),
             y.data_ptr(),
             n,
         )
+        rc = lib.ditto_gguf_linear_packed(args)
         if rc:
+            if rc == _BAD_ENV:
+                _isa_code(None)  # raises the ValueError that names the variable
             raise RuntimeError(f"ditto_gguf_linear failed ({rc}: {_ERRORS.get(rc, 'unknown')})")
-    return y.reshape(*lead, n)
+    elif code == 0 and ISA_ENV in os.environ:
+        _isa_code(None)
+    return y if len(lead) == 1 else y.reshape(*lead, n)
