@@ -19,9 +19,10 @@
    pattern p_gj of its 4 weights' bit j.  T-MAC rounds the tables to int8, which is lossy; here every
    entry stays exact: |T| <= 4 * 127 needs 10 bits, so each activation is split q = 16 * qh + ql
    (ql = q & 15 in [0, 15], qh = q >> 4 in [-8, 7]) and each group gets two int8 tables, L (of ql,
-   entries in [0, 60]) and H (of qh, in [-32, 28]).  The looked-up bytes meet the plane weights
-   2^j (L) and 16 * 2^j (H) in vpdpbusd, which sums each row's 4 planes into an int32 lane: every
-   step is an exact integer operation, so isum is the reference's, whatever the order.
+   entries in [0, 60]) and H (of qh, in [-32, 28]).  Looked-up bytes of up to 4 groups are added as
+   bytes first (L sums stay in [0, 240]: u8, H sums in [-128, 112]: s8), then vpdpbusd multiplies
+   them by the plane weights 2^j (L) and 16 * 2^j (H) and sums each row's 4 planes into an int32
+   lane: every step is an exact integer operation, so isum is the reference's, whatever the order.
 
    Three kernels, chosen per call:
    * portable C (any CPU): the same tables (int16, unsplit) and lookups, one scalar at a time;
@@ -33,11 +34,14 @@
      groups of a block are 2 tables (low / high nibbles) x 2 parts (L / H) = 4 zmm per activation
      block, built once per call and shared by all N rows.  vpdpbusd leaves 4 slot sums per row; a
      4 x 4 transpose-add gives 16 rows' isums in the 16 lanes, and the fp32 chain runs lane-wise.
-   * AVX-512 on a repacked bit-plane layout (ditto_lut_repack; T-MAC's own layout): per tile of 16
-     rows and block, 4 x 64 bytes whose byte 4r + j holds row r's plane-j patterns of groups 2z (low
-     nibble) and 2z + 1 (high nibble), then the 16 rows' fp16 d (and m).  The lookups are vpshufb on
-     64-byte registers with one group's 16-entry table broadcast to every lane, so vpdpbusd lands
-     every row's sum in its own lane: no transpose, no reduction, no gather.
+   * AVX-512 on a repacked bit-plane layout (ditto_lut_repack; T-MAC's own layout, the file's bytes
+     rearranged, same size): per tile of 16 rows and block, 4 x 64 index bytes, byte 4r + j of zmm z
+     holding row r's plane-j patterns of two groups (one per nibble), then the 16 rows' fp16 d (and
+     m).  One gf2p8affineqb per nibble makes the vpermb index (nibble | slot << 4) and every lookup's
+     dword is one row: no bit transpose, no reduction, no gather.  (vpshufb on 64-byte registers
+     with each group's 16-entry table broadcast to the 4 lanes gives the same sums; on Zen 4 it was
+     ~35% slower at M = 32: vpshufb and vpermb both issue one zmm per cycle there, and the 16
+     broadcast table loads per tile and block cost more than 4 zmm tables.)
    The tables are built once per call for every activation row (amortised over all N rows).
    OpenMP splits 16-row output tiles (and 32-row activation chunks); a tile's element chains run in
    one thread, block after block, so the thread count, M and the row's position change no bit. */
@@ -161,9 +165,11 @@ static inline int32_t lut_isum_portable(const uint8_t *qs, const int16_t *t) {
   return s;
 }
 
-/* the packed layout's groups per index zmm z: low nibbles, high nibbles (GROUP_OF_SLOT of the AVX-512
-   tables), and its nibble bit t is element 3 - t of the group */
-static const int PACKED_GROUP[2][4] = {{1, 5, 3, 7}, {0, 4, 2, 6}};
+/* The group that slot s (0..3) of the AVX-512 tables holds: table A (low nibbles) GROUP_OF_SLOT[0][s],
+   table B (high nibbles) GROUP_OF_SLOT[1][s]; the packed layout's index zmm z holds the patterns of
+   groups GROUP_OF_SLOT[0][z] (low nibbles) and GROUP_OF_SLOT[1][z] (high nibbles), nibble bit t being
+   element 3 - t of the group, as the file layout's bit transpose leaves them. */
+static const int GROUP_OF_SLOT[2][4] = {{1, 5, 3, 7}, {0, 4, 2, 6}};
 static const uint8_t REV4[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
 
 /* the same sum from the packed layout: row r's patterns in the (tile, block)'s index bytes */
@@ -172,7 +178,7 @@ static inline int32_t lut_isum_packed_portable(const uint8_t *idx, int r, const 
   for (int z = 0; z < 4; z++)
     for (int j = 0; j < 4; j++) {
       const uint8_t byte = idx[64 * z + 4 * r + j];
-      s += ((int32_t)t[16 * PACKED_GROUP[0][z] + REV4[byte & 15]] + (int32_t)t[16 * PACKED_GROUP[1][z] + REV4[byte >> 4]]) *
+      s += ((int32_t)t[16 * GROUP_OF_SLOT[0][z] + REV4[byte & 15]] + (int32_t)t[16 * GROUP_OF_SLOT[1][z] + REV4[byte >> 4]]) *
            (1 << j);
     }
   return s;
@@ -250,14 +256,13 @@ static int cpu_has_avx512(void) {
          __builtin_cpu_supports("gfni");
 }
 
-/* The file-layout tables.  After the bit transpose (see lut_tile_file_avx512) lane byte 8w + 4h + j
+/* The file-layout tables.  After the bit transpose (see tile_file_body) lane byte 8w + 4h + j
    (w = qs qword, h = 0 for values 0..15 / 1 for 16..31, j = plane) holds in its low nibble the
    pattern of values 8w + 4 .. 8w + 7 (+ 16h), i.e. group 2w + 1 + 4h, and in its high nibble that of
    group 2w + 4h; nibble bit t is element 3 - t of the group (gf2p8affineqb reverses the order).
    Slot s = 2w + h (bits 4-5 of the index) picks the group: low nibbles index table A = groups
    {1, 5, 3, 7}, high nibbles table B = {0, 4, 2, 6}.  Entry (s, p) of a table holds
    sum_t bit_t(p) * a[4 g(s) + 3 - t] for a = ql (part L) or qh (part H). */
-#define GROUP_OF_SLOT PACKED_GROUP
 
 /* activation block q (32 int8) -> 4 zmm tables A_L, A_H, B_L, B_H (256 bytes at t) */
 LUT_INLINE void build_table_avx512(const int8_t *q, uint8_t *t) {
@@ -270,17 +275,21 @@ LUT_INLINE void build_table_avx512(const int8_t *q, uint8_t *t) {
   /* bit t of a pattern is set in the 16-bit mask 0xAAAA, 0xCCCC, 0xF0F0, 0xFF00 (t = 0..3) */
   static const uint64_t BIT[4] = {0xAAAAAAAAAAAAAAAAull, 0xCCCCCCCCCCCCCCCCull, 0xF0F0F0F0F0F0F0F0ull,
                                   0xFF00FF00FF00FF00ull};
-  for (int tb = 0; tb < 2; tb++)
-    for (int part = 0; part < 2; part++) {
-      uint8_t base[64];
-      for (int s = 0; s < 4; s++)
-        for (int p = 0; p < 16; p++) base[16 * s + p] = (uint8_t)(4 * GROUP_OF_SLOT[tb][s] + 32 * part);
-      const __m512i b = _mm512_loadu_si512(base);
-      __m512i acc = _mm512_setzero_si512();
-      for (int e = 0; e < 4; e++) /* element e of the group is bit 3 - e of the pattern */
-        acc = _mm512_add_epi8(acc, _mm512_maskz_permutexvar_epi8(BIT[3 - e], _mm512_add_epi8(b, _mm512_set1_epi8((char)e)), a));
-      _mm512_storeu_si512(t + 64 * (2 * tb + part), acc);
-    }
+  /* table 2 * tb + part (A_L, A_H, B_L, B_H): slot s reads a[4 * GROUP_OF_SLOT[tb][s] + 32 * part + e] */
+#define X16(v) v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v
+  static const uint8_t SLOT_BASE[4][64] __attribute__((aligned(64))) = {
+      {X16(4), X16(20), X16(12), X16(28)},
+      {X16(36), X16(52), X16(44), X16(60)},
+      {X16(0), X16(16), X16(8), X16(24)},
+      {X16(32), X16(48), X16(40), X16(56)}};
+#undef X16
+  for (int t4 = 0; t4 < 4; t4++) {
+    const __m512i b = _mm512_load_si512(SLOT_BASE[t4]);
+    __m512i acc = _mm512_setzero_si512();
+    for (int e = 0; e < 4; e++) /* element e of the group is bit 3 - e of the pattern */
+      acc = _mm512_add_epi8(acc, _mm512_maskz_permutexvar_epi8(BIT[3 - e], _mm512_add_epi8(b, _mm512_set1_epi8((char)e)), a));
+    _mm512_storeu_si512(t + 64 * t4, acc);
+  }
 }
 
 /* quantize_block, 16 lanes at a time: the same operations (max of |x| is exact in any order; one
@@ -322,6 +331,36 @@ LUT_INLINE void store16(const Job *jb, long n0, int nr, long m0, int mr, const _
   }
 }
 
+/* the 16 rows' integer sums of one block from row-major index vectors: ilo[z] / ihi[z] hold slot z of
+   tables A / B (index nibble | z << 4) for 16 rows x 4 planes, one row per dword */
+LUT_INLINE __m512i lookup_rows16(const __m512i *ilo, const __m512i *ihi, const uint8_t *tp) {
+  const __m512i wl = _mm512_set1_epi32(0x08040201), wh = _mm512_set1_epi32((int)0x80402010u);
+  const __m512i al = _mm512_load_si512(tp), ah = _mm512_load_si512(tp + 64);
+  const __m512i bl = _mm512_load_si512(tp + 128), bh = _mm512_load_si512(tp + 192);
+  __m512i s[2];
+  for (int hf = 0; hf < 2; hf++) { /* 4 groups at a time: L in [0, 240] (u8), H in [-128, 112] (s8) */
+    const int z = 2 * hf;
+    const __m512i l = _mm512_add_epi8(
+        _mm512_add_epi8(_mm512_permutexvar_epi8(ilo[z], al), _mm512_permutexvar_epi8(ihi[z], bl)),
+        _mm512_add_epi8(_mm512_permutexvar_epi8(ilo[z + 1], al), _mm512_permutexvar_epi8(ihi[z + 1], bl)));
+    const __m512i h = _mm512_add_epi8(
+        _mm512_add_epi8(_mm512_permutexvar_epi8(ilo[z], ah), _mm512_permutexvar_epi8(ihi[z], bh)),
+        _mm512_add_epi8(_mm512_permutexvar_epi8(ilo[z + 1], ah), _mm512_permutexvar_epi8(ihi[z + 1], bh)));
+    s[hf] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), l, wl), wh, h);
+  }
+  return _mm512_add_epi32(s[0], s[1]);
+}
+
+/* 4 x 4 dword transpose within each lane: x[r] lane L dword s -> y[s] lane L dword r */
+LUT_INLINE void transpose4(const __m512i *x, __m512i *y) {
+  const __m512i t0 = _mm512_unpacklo_epi32(x[0], x[1]), t1 = _mm512_unpackhi_epi32(x[0], x[1]);
+  const __m512i t2 = _mm512_unpacklo_epi32(x[2], x[3]), t3 = _mm512_unpackhi_epi32(x[2], x[3]);
+  y[0] = _mm512_unpacklo_epi64(t0, t2);
+  y[1] = _mm512_unpackhi_epi64(t0, t2);
+  y[2] = _mm512_unpacklo_epi64(t1, t3);
+  y[3] = _mm512_unpackhi_epi64(t1, t3);
+}
+
 /* file layout: output rows [n0, n0 + nr) (nr <= 16) x activation rows [m0, m0 + mr) (mr <= MC) */
 LUT_INLINE void tile_file_body(const Job *jb, long n0, int nr, long m0, int mr) {
   const int kind = jb->kind;
@@ -361,24 +400,35 @@ LUT_INLINE void tile_file_body(const Job *jb, long n0, int nr, long m0, int mr) 
     const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
     const __m512 m = kind == KIND_Q4_1 ? _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dm, 16)))
                                        : _mm512_setzero_ps();
-    for (int i = 0; i < mr; i++) {
-      const long mi = m0 + i;
-      const uint8_t *tp = jb->tab + (mi * nb + b) * TABLE;
-      const __m512i al = _mm512_load_si512(tp), ah = _mm512_load_si512(tp + 64);
-      const __m512i bl = _mm512_load_si512(tp + 128), bh = _mm512_load_si512(tp + 192);
-      __m512i s[4];
-      for (int r = 0; r < 4; r++) {
-        /* L of 2 groups in [0, 120] (u8), H of 2 groups in [-64, 56] (s8): one vpdpbusd each */
-        const __m512i l = _mm512_add_epi8(_mm512_permutexvar_epi8(ilo[r], al), _mm512_permutexvar_epi8(ihi[r], bl));
-        const __m512i h = _mm512_add_epi8(_mm512_permutexvar_epi8(ilo[r], ah), _mm512_permutexvar_epi8(ihi[r], bh));
-        s[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), l, wl), wh, h);
+    if (mr > 1) {
+      /* several activation rows: transpose the indices once to one row per dword (slot z in vector
+         z, as in the packed layout), then every row's lookups need no reduction */
+      __m512i rlo[4], rhi[4];
+      transpose4(ilo, rlo);
+      transpose4(ihi, rhi);
+      for (int i = 0; i < mr; i++) {
+        const long mi = m0 + i;
+        const __m512i isum = lookup_rows16(rlo, rhi, jb->tab + (mi * nb + b) * TABLE);
+        acc[i] = chain16(acc[i], isum, d, m, jb->dx[mi * nb + b], jb->sx[mi * nb + b], kind);
       }
-      /* lane L of s[r] holds row 4L + r's 4 slot sums: add them so dword 4L + r = row 4L + r */
-      const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(s[0], s[1]), _mm512_unpackhi_epi32(s[0], s[1]));
-      const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(s[2], s[3]), _mm512_unpackhi_epi32(s[2], s[3]));
-      const __m512i isum = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
-      acc[i] = chain16(acc[i], isum, d, m, jb->dx[mi * nb + b], jb->sx[mi * nb + b], kind);
+      continue;
     }
+    /* one activation row: look up in the transposed order and reduce the 4 slot sums instead */
+    const uint8_t *tp = jb->tab + (m0 * nb + b) * TABLE;
+    const __m512i al = _mm512_load_si512(tp), ah = _mm512_load_si512(tp + 64);
+    const __m512i bl = _mm512_load_si512(tp + 128), bh = _mm512_load_si512(tp + 192);
+    __m512i s[4];
+    for (int r = 0; r < 4; r++) {
+      /* L of 2 groups in [0, 120] (u8), H of 2 groups in [-64, 56] (s8): one vpdpbusd each */
+      const __m512i l = _mm512_add_epi8(_mm512_permutexvar_epi8(ilo[r], al), _mm512_permutexvar_epi8(ihi[r], bl));
+      const __m512i h = _mm512_add_epi8(_mm512_permutexvar_epi8(ilo[r], ah), _mm512_permutexvar_epi8(ihi[r], bh));
+      s[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), l, wl), wh, h);
+    }
+    /* lane L of s[r] holds row 4L + r's 4 slot sums: add them so dword 4L + r = row 4L + r */
+    const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(s[0], s[1]), _mm512_unpackhi_epi32(s[0], s[1]));
+    const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(s[2], s[3]), _mm512_unpackhi_epi32(s[2], s[3]));
+    const __m512i isum = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+    acc[0] = chain16(acc[0], isum, d, m, jb->dx[m0 * nb + b], jb->sx[m0 * nb + b], kind);
   }
   store16(jb, n0, nr, m0, mr, acc);
 }
@@ -400,7 +450,6 @@ LUT_INLINE void tile_packed_body(const Job *jb, long n0, int nr, long m0, int mr
   const uint8_t *tile = jb->w + (n0 / TILE) * nb * pbs;
   /* gf2p8affineqb: result bit i = parity(matrix byte 7 - i & x) */
   const __m512i keep_lo = _mm512_set1_epi64(0x0102040800000000ll), move_hi = _mm512_set1_epi64(0x1020408000000000ll);
-  const __m512i wl = _mm512_set1_epi32(0x08040201), wh = _mm512_set1_epi32((int)0x80402010u);
   __attribute__((aligned(64))) __m512 acc[MC];
   for (int i = 0; i < mr; i++) acc[i] = _mm512_setzero_ps();
   for (long b = 0; b < nb; b++) {
@@ -425,20 +474,7 @@ LUT_INLINE void tile_packed_body(const Job *jb, long n0, int nr, long m0, int mr
     for (int i = 0; i < mr; i++) {
       const long mi = m0 + i;
       const uint8_t *tp = jb->tab + (mi * nb + b) * TABLE;
-      const __m512i al = _mm512_load_si512(tp), ah = _mm512_load_si512(tp + 64);
-      const __m512i bl = _mm512_load_si512(tp + 128), bh = _mm512_load_si512(tp + 192);
-      __m512i s[2];
-      for (int hf = 0; hf < 2; hf++) { /* 4 groups at a time: L in [0, 240] (u8), H in [-128, 112] (s8) */
-        const int z = 2 * hf;
-        const __m512i l = _mm512_add_epi8(
-            _mm512_add_epi8(_mm512_permutexvar_epi8(ilo[z], al), _mm512_permutexvar_epi8(ihi[z], bl)),
-            _mm512_add_epi8(_mm512_permutexvar_epi8(ilo[z + 1], al), _mm512_permutexvar_epi8(ihi[z + 1], bl)));
-        const __m512i h = _mm512_add_epi8(
-            _mm512_add_epi8(_mm512_permutexvar_epi8(ilo[z], ah), _mm512_permutexvar_epi8(ihi[z], bh)),
-            _mm512_add_epi8(_mm512_permutexvar_epi8(ilo[z + 1], ah), _mm512_permutexvar_epi8(ihi[z + 1], bh)));
-        s[hf] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), l, wl), wh, h);
-      }
-      acc[i] = chain16(acc[i], _mm512_add_epi32(s[0], s[1]), d, m, jb->dx[mi * nb + b], jb->sx[mi * nb + b], kind);
+      acc[i] = chain16(acc[i], lookup_rows16(ilo, ihi, tp), d, m, jb->dx[mi * nb + b], jb->sx[mi * nb + b], kind);
     }
   }
   store16(jb, n0, nr, m0, mr, acc);
@@ -521,8 +557,8 @@ int ditto_lut_repack(int kind, const uint8_t *w, long N, long rb, uint8_t *out) 
           for (int j = 0; j < 4; j++) {
             int lo = 0, hi = 0;
             for (int e = 0; e < 4; e++) { /* element e is nibble bit 3 - e */
-              lo |= ((v[4 * PACKED_GROUP[0][z] + e] >> j) & 1) << (3 - e);
-              hi |= ((v[4 * PACKED_GROUP[1][z] + e] >> j) & 1) << (3 - e);
+              lo |= ((v[4 * GROUP_OF_SLOT[0][z] + e] >> j) & 1) << (3 - e);
+              hi |= ((v[4 * GROUP_OF_SLOT[1][z] + e] >> j) & 1) << (3 - e);
             }
             pb[64 * z + 4 * r + j] = (uint8_t)(lo | (hi << 4));
           }

@@ -8,11 +8,11 @@ thread count and instruction set.
 
 The integer sums come from lookup tables instead of multiplies (T-MAC, arXiv:2407.00088): a 4-bit
 weight is 4 bit planes; for each group of 4 activations the 16 possible partial sums are tabulated
-once per activation row, and every weight row looks its 4-bit plane patterns up (`vpermb` /
-`vpshufb`). T-MAC rounds the tables to int8; here they stay exact (each activation is split into
-two nibbles, 16 * qh + ql, so each group has two int8 tables whose entries meet the plane weights
-in `vpdpbusd` as exact integers). The C source, with the full layout description, is
-ditto/csrc/gguf_lut.c.
+once per activation row, and every weight row looks its 4-bit plane patterns up (`vpermb` on
+64-entry tables of 4 groups; `vpshufb` with broadcast 16-entry tables measured slower on Zen 4).
+T-MAC rounds the tables to int8; here they stay exact (each activation is split into two nibbles,
+16 * qh + ql, so each group has two int8 tables whose entries meet the plane weights in `vpdpbusd`
+as exact integers). The C source, with the full layout description, is ditto/csrc/gguf_lut.c.
 
 Weights are either the file's own rows (uint8 (N, row_bytes), as `GGUFTensor.data` holds them) or
 a `LutWeight` from `repack` (T-MAC's bit-plane layout: the planes are stored ready to index, so
