@@ -415,9 +415,10 @@ static int gemm(int kind, int isa, const Acts *a, long M, long K, const uint8_t 
   jb.M = M, jb.K = K, jb.N = N, jb.rb = rb, jb.ldy = ldy, jb.nb = K / KPER[kind];
   jb.naux = jb.nb * KAUX[kind];
   const TileFn tf = tile_fn(isa, kind);
-  const long lanes = isa == ISA_AVX2 ? 8 : 16; /* output rows per tile (portable: 16 as well) */
+  const long lanes = isa == ISA_AVX2 ? 8 : 16; /* output rows per vector (portable: 16 as well) */
   jb.pf_lines = (lanes * rb + 64 * jb.nb - 1) / (64 * jb.nb);
-  const long ntiles = (N + lanes - 1) / lanes, nt = max_threads();
+  const long rows = tf && M > 1 ? 2 * lanes : lanes; /* output rows per work item */
+  const long ntiles = (N + rows - 1) / rows, nt = max_threads();
   long mcs = M < MC_MAX ? M : MC_MAX;
   if (ntiles < nt && M > 4) { /* few tiles: split the activation rows too */
     const long per = (nt + ntiles - 1) / ntiles;
@@ -428,7 +429,7 @@ static int gemm(int kind, int isa, const Acts *a, long M, long K, const uint8_t 
   jb.nmc = (M + mcs - 1) / mcs;
   const long items = ntiles * jb.nmc;
   /* a work item of several rows decodes its tile once into scratch (nb decoded blocks) */
-  const size_t scratch_bytes = tf && mcs > 1 ? (size_t)(jb.nb * dec_bytes_fn(isa)(kind)) : 0;
+  const size_t scratch_bytes = tf && M > 1 ? (size_t)(2 * jb.nb * dec_bytes_fn(isa)(kind)) : 0;
   /* threads only for more than a few microseconds of work (thread count never changes a bit) */
   const int parallel = items > 1 && ntiles * jb.nb * (KPER[kind] / 32) * ((M + 3) / 4) >= 256;
   int failed = 0;
@@ -443,9 +444,9 @@ static int gemm(int kind, int isa, const Acts *a, long M, long K, const uint8_t 
     for (long it = 0; it < items; it++) { /* activation-chunk major: a chunk stays in cache across tiles */
       const long t = it % ntiles, m0 = (it / ntiles) * mcs, m1 = m0 + mcs < M ? m0 + mcs : M;
       if (tf) {
-        if (!scratch_bytes || scratch) tf(&jb, t * lanes, m0, m1, scratch);
+        if (!scratch_bytes || scratch) tf(&jb, t * rows, m0, m1, scratch);
       } else {
-        tile_portable(&jb, t * lanes, t * lanes + lanes < N ? t * lanes + lanes : N, m0, m1);
+        tile_portable(&jb, t * rows, t * rows + rows < N ? t * rows + rows : N, m0, m1);
       }
     }
     free(scratch);
@@ -574,22 +575,22 @@ GG_INLINE VI FN(gath)(const uint8_t *base, VI idx) { return _mm512_i32gather_epi
 GG_INLINE VI FN(bq)(const int8_t *q) { return _mm512_set1_epi32(ld32(q)); }
 #if GG_TEMPLATE == 4
 /* sum over 4 bytes of u8 w times s8 q, added to each dword lane */
-GG_INLINE VI FN(dot)(VI acc, VI w, const int8_t *q) { return _mm512_dpbusd_epi32(acc, w, FN(bq)(q)); }
+GG_INLINE VI FN(dot)(VI acc, VI w, VI bq) { return _mm512_dpbusd_epi32(acc, w, bq); }
 GG_INLINE VI FN(dotw)(VI acc, VI a, int32_t b) { return _mm512_dpwssd_epi32(acc, a, _mm512_set1_epi32(b)); }
 /* Q8_0's signed weights: w ^ 0x80 = w + 128 as u8, and the sum loses 128 * sx afterwards */
 #define Q8_BIAS 128
 GG_INLINE VI FN(q8w)(VI t) { return _mm512_xor_si512(t, VSET1((int)0x80808080u)); }
-GG_INLINE VI FN(dotq8)(VI acc, VI w, const int8_t *q) { return FN(dot)(acc, w, q); }
+GG_INLINE VI FN(dotq8)(VI acc, VI w, VI bq) { return FN(dot)(acc, w, bq); }
 #else
-GG_INLINE VI FN(dot)(VI acc, VI w, const int8_t *q) {
-  const VI p = _mm512_maddubs_epi16(w, FN(bq)(q)); /* no saturation: w <= 63, |q| <= 127 */
+GG_INLINE VI FN(dot)(VI acc, VI w, VI bq) {
+  const VI p = _mm512_maddubs_epi16(w, bq); /* no saturation: w <= 63, |q| <= 127 */
   return VADD(acc, _mm512_madd_epi16(p, _mm512_set1_epi16(1)));
 }
 GG_INLINE VI FN(dotw)(VI acc, VI a, int32_t b) { return VADD(acc, _mm512_madd_epi16(a, _mm512_set1_epi32(b))); }
 #define Q8_BIAS 0
 GG_INLINE VI FN(q8w)(VI t) { return t; }
-GG_INLINE VI FN(dotq8)(VI acc, VI w, const int8_t *q) { /* |w| times q with w's sign: no saturation */
-  const VI b = FN(bq)(q), aw = _mm512_abs_epi8(w);
+GG_INLINE VI FN(dotq8)(VI acc, VI w, VI b) { /* |w| times q with w's sign: no saturation */
+  const VI aw = _mm512_abs_epi8(w);
   const VI sq = _mm512_mask_sub_epi8(b, _mm512_movepi8_mask(w), _mm512_setzero_si512(), b);
   return VADD(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(aw, sq), _mm512_set1_epi16(1)));
 }
@@ -631,15 +632,15 @@ GG_INLINE VF FN(half_lo)(VI v) {
 }
 GG_INLINE VI FN(gath)(const uint8_t *base, VI idx) { return _mm256_i32gather_epi32((const int *)base, idx, 1); }
 GG_INLINE VI FN(bq)(const int8_t *q) { return _mm256_set1_epi32(ld32(q)); }
-GG_INLINE VI FN(dot)(VI acc, VI w, const int8_t *q) {
-  const VI p = _mm256_maddubs_epi16(w, FN(bq)(q)); /* no saturation: w <= 63, |q| <= 127 */
+GG_INLINE VI FN(dot)(VI acc, VI w, VI bq) {
+  const VI p = _mm256_maddubs_epi16(w, bq); /* no saturation: w <= 63, |q| <= 127 */
   return VADD(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 }
 GG_INLINE VI FN(dotw)(VI acc, VI a, int32_t b) { return VADD(acc, _mm256_madd_epi16(a, _mm256_set1_epi32(b))); }
 #define Q8_BIAS 0
 GG_INLINE VI FN(q8w)(VI t) { return t; }
-GG_INLINE VI FN(dotq8)(VI acc, VI w, const int8_t *q) {
-  const VI p = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(FN(bq)(q), w));
+GG_INLINE VI FN(dotq8)(VI acc, VI w, VI bq) {
+  const VI p = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(bq, w));
   return VADD(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 }
 GG_INLINE VI FN(row_index)(long nv, long rb) {
@@ -720,9 +721,16 @@ static long FN(dec_bytes)(int kind) {
   return KPER[kind] == 32 ? (long)sizeof(FN(D32)) : kind == Q6_K ? (long)sizeof(FN(D6)) : (long)sizeof(FN(DK));
 }
 
-/* Q5's fifth bits: bits 4g..4g+3 of qh to bit 4 of bytes 0..3 (disjoint shifts: no carries) */
-GG_INLINE VI FN(q5hi)(VI qh, int g) {
-  return VMUL(VAND(VSRL(qh, 4 * g), VSET1(15)), VSET1(0x02040810));
+/* w | Q5's fifth bits of group g: bit 4g + i of qh to bit 4 of byte i (i < 4) */
+GG_INLINE VI FN(q5hi)(VI w, VI qh, int g) {
+#if L == 16 /* byte g / 2 of qh into all 4 bytes, test each byte's own bit, add 16 where it is set */
+  const VI at = _mm512_add_epi32(_mm512_set_epi32(12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0), VSET1(g / 2));
+  const VI rep = _mm512_shuffle_epi8(qh, VMUL(at, VSET1(0x01010101)));
+  const __mmask64 k = _mm512_test_epi8_mask(rep, VSET1((int)(0x08040201u << (4 * (g & 1)))));
+  return _mm512_mask_add_epi8(w, k, w, _mm512_set1_epi8(16));
+#else /* (bits 4g..4g+3) * (2^4 + 2^11 + 2^18 + 2^25): disjoint shifts, no carries */
+  return VANDOR(VMUL(VAND(VSRL(qh, 4 * g), VSET1(15)), VSET1(0x02040810)), VSET1(0x10101010), w);
+#endif
 }
 
 GG_INLINE void FN(decode32)(const int kind, const uint8_t *const *p, VI idx, long boff, FN(D32) *o) {
@@ -758,34 +766,35 @@ GG_INLINE void FN(decode32)(const int kind, const uint8_t *const *p, VI idx, lon
     o->w[g + 4] = VAND(VSRL(qs[g], 4), M4);
   }
   if (kind == Q5_0 || kind == Q5_1)
-    for (int g = 0; g < 8; g++) o->w[g] = VANDOR(FN(q5hi)(qh, g), VSET1(0x10101010), o->w[g]);
+    for (int g = 0; g < 8; g++) o->w[g] = FN(q5hi)(o->w[g], qh, g);
 }
 
-/* R activation rows (q: their blocks, already offset) against one decoded A32 block */
-GG_INLINE void FN(compute32)(const int kind, const int R, const FN(D32) *o, const int8_t *const *q,
-                             const float *dx, const int32_t *sx, const float *sxf, VF *acc) {
-  VI s0[4], s1[4];
-  for (int r = 0; r < R; r++) s0[r] = s1[r] = VZERO();
-  for (int g = 0; g < 8; g += 2) {
-    const VI w0 = o->w[g], w1 = o->w[g + 1];
+/* R activation rows (q: their blocks, already offset) against T tiles' decoded A32 block:
+   acc[4 * t + r]; each activation broadcast serves the T tiles */
+GG_INLINE void FN(compute32)(const int kind, const int R, const int T, const FN(D32) *const *o,
+                             const int8_t *const *q, const float *dx, const int32_t *sx, const float *sxf, VF *acc) {
+  VI s[2][4];
+  for (int t = 0; t < T; t++)
+    for (int r = 0; r < R; r++) s[t][r] = VZERO();
+  for (int g = 0; g < 8; g++) {
+    VI w[2];
+    for (int t = 0; t < T; t++) w[t] = o[t]->w[g];
     for (int r = 0; r < R; r++) {
-      if (kind == Q8_0) {
-        s0[r] = FN(dotq8)(s0[r], w0, q[r] + 4 * g);
-        s1[r] = FN(dotq8)(s1[r], w1, q[r] + 4 * g + 4);
-      } else {
-        s0[r] = FN(dot)(s0[r], w0, q[r] + 4 * g);
-        s1[r] = FN(dot)(s1[r], w1, q[r] + 4 * g + 4);
-      }
+      const VI bq = FN(bq)(q[r] + 4 * g);
+      for (int t = 0; t < T; t++)
+        s[t][r] = kind == Q8_0 ? FN(dotq8)(s[t][r], w[t], bq) : FN(dot)(s[t][r], w[t], bq);
     }
   }
   const int corr = kind == Q4_0 ? 8 : kind == Q5_0 ? 16 : kind == Q8_0 ? Q8_BIAS : 0;
   for (int r = 0; r < R; r++) {
-    VI s = VADD(s0[r], s1[r]);
-    if (corr) s = VSUB(s, VSET1(corr * sx[r]));
     const VF fdx = FSET1(dx[r]);
-    VF a = FADD(acc[r], FMUL(FMUL(o->d, fdx), FCVT(s)));
-    if (kind == Q4_1 || kind == Q5_1) a = FADD(a, FMUL(FMUL(o->m, fdx), FSET1(sxf[r])));
-    acc[r] = a;
+    for (int t = 0; t < T; t++) {
+      VI si = s[t][r];
+      if (corr) si = VSUB(si, VSET1(corr * sx[r]));
+      VF a = FADD(acc[4 * t + r], FMUL(FMUL(o[t]->d, fdx), FCVT(si)));
+      if (kind == Q4_1 || kind == Q5_1) a = FADD(a, FMUL(FMUL(o[t]->m, fdx), FSET1(sxf[r])));
+      acc[4 * t + r] = a;
+    }
   }
 }
 
@@ -853,28 +862,35 @@ GG_INLINE void FN(decodek)(const int kind, const uint8_t *const *p, long boff, F
     }
 }
 
-GG_INLINE void FN(computek)(const int R, const FN(DK) *o, const int8_t *const *q, const float *dx,
-                            const int32_t *const *aux, VF *acc) {
-  VI A[4], B[4];
-  for (int r = 0; r < R; r++) A[r] = B[r] = VZERO();
+GG_INLINE void FN(computek)(const int R, const int T, const FN(DK) *const *o, const int8_t *const *q,
+                            const float *dx, const int32_t *const *aux, VF *acc) {
+  VI A[2][4], B[2][4];
+  for (int t = 0; t < T; t++)
+    for (int r = 0; r < R; r++) A[t][r] = B[t][r] = VZERO();
   for (int j = 0; j < 8; j++) {
-    VI s0[4], s1[4];
-    for (int r = 0; r < R; r++) s0[r] = s1[r] = VZERO();
-    for (int g = 0; g < 8; g += 2) {
-      const VI w0 = o->w[8 * j + g], w1 = o->w[8 * j + g + 1];
+    VI s[2][4];
+    for (int t = 0; t < T; t++)
+      for (int r = 0; r < R; r++) s[t][r] = VZERO();
+    for (int g = 0; g < 8; g++) {
+      VI w[2];
+      for (int t = 0; t < T; t++) w[t] = o[t]->w[8 * j + g];
       for (int r = 0; r < R; r++) {
-        s0[r] = FN(dot)(s0[r], w0, q[r] + 32 * j + 4 * g);
-        s1[r] = FN(dot)(s1[r], w1, q[r] + 32 * j + 4 * g + 4);
+        const VI bq = FN(bq)(q[r] + 32 * j + 4 * g);
+        for (int t = 0; t < T; t++) s[t][r] = FN(dot)(s[t][r], w[t], bq);
       }
     }
-    for (int r = 0; r < R; r++) A[r] = VADD(A[r], VMUL(VADD(s0[r], s1[r]), o->sc[j]));
+    for (int t = 0; t < T; t++)
+      for (int r = 0; r < R; r++) A[t][r] = VADD(A[t][r], VMUL(s[t][r], o[t]->sc[j]));
   }
   for (int p = 0; p < 4; p++)
-    for (int r = 0; r < R; r++) B[r] = FN(dotw)(B[r], o->mn2[p], aux[r][p]);
+    for (int t = 0; t < T; t++)
+      for (int r = 0; r < R; r++) B[t][r] = FN(dotw)(B[t][r], o[t]->mn2[p], aux[r][p]);
   for (int r = 0; r < R; r++) {
     const VF fdx = FSET1(dx[r]);
-    VF a = FADD(acc[r], FMUL(FMUL(o->d, fdx), FCVT(A[r])));
-    acc[r] = FSUB(a, FMUL(FMUL(o->dmin, fdx), FCVT(B[r])));
+    for (int t = 0; t < T; t++) {
+      VF a = FADD(acc[4 * t + r], FMUL(FMUL(o[t]->d, fdx), FCVT(A[t][r])));
+      acc[4 * t + r] = FSUB(a, FMUL(FMUL(o[t]->dmin, fdx), FCVT(B[t][r])));
+    }
   }
 }
 
@@ -904,27 +920,35 @@ GG_INLINE void FN(decode6)(const uint8_t *const *p, VI idx, long boff, FN(D6) *o
       }
 }
 
-GG_INLINE void FN(compute6)(const int R, const FN(D6) *o, const int8_t *const *q, const float *dx,
-                            const int32_t *const *aux, VF *acc) {
-  VI A[4], C[4];
-  for (int r = 0; r < R; r++) A[r] = C[r] = VZERO();
+GG_INLINE void FN(compute6)(const int R, const int T, const FN(D6) *const *o, const int8_t *const *q,
+                            const float *dx, const int32_t *const *aux, VF *acc) {
+  VI A[2][4], C[2][4];
+  for (int t = 0; t < T; t++)
+    for (int r = 0; r < R; r++) A[t][r] = C[t][r] = VZERO();
   for (int j = 0; j < 16; j++) {
-    VI s0[4], s1[4];
-    for (int r = 0; r < R; r++) s0[r] = s1[r] = VZERO();
-    for (int g = 0; g < 4; g += 2) {
-      const VI w0 = o->w[4 * j + g], w1 = o->w[4 * j + g + 1];
+    VI s[2][4];
+    for (int t = 0; t < T; t++)
+      for (int r = 0; r < R; r++) s[t][r] = VZERO();
+    for (int g = 0; g < 4; g++) {
+      VI w[2];
+      for (int t = 0; t < T; t++) w[t] = o[t]->w[4 * j + g];
       for (int r = 0; r < R; r++) {
-        s0[r] = FN(dot)(s0[r], w0, q[r] + 16 * j + 4 * g);
-        s1[r] = FN(dot)(s1[r], w1, q[r] + 16 * j + 4 * g + 4);
+        const VI bq = FN(bq)(q[r] + 16 * j + 4 * g);
+        for (int t = 0; t < T; t++) s[t][r] = FN(dot)(s[t][r], w[t], bq);
       }
     }
-    for (int r = 0; r < R; r++) A[r] = VADD(A[r], VMUL(VADD(s0[r], s1[r]), o->sc[j]));
+    for (int t = 0; t < T; t++)
+      for (int r = 0; r < R; r++) A[t][r] = VADD(A[t][r], VMUL(s[t][r], o[t]->sc[j]));
   }
   for (int k = 0; k < 8; k++)
-    for (int r = 0; r < R; r++) C[r] = FN(dotw)(C[r], o->sc2[k], aux[r][k]); /* sum_j sc_j * bsum_j */
+    for (int t = 0; t < T; t++)
+      for (int r = 0; r < R; r++) C[t][r] = FN(dotw)(C[t][r], o[t]->sc2[k], aux[r][k]); /* sum_j sc_j * bsum_j */
   for (int r = 0; r < R; r++) {
-    const VI a = VSUB(A[r], VSLL(C[r], 5)); /* sum_j sc_j * sum((n - 32) * q) */
-    acc[r] = FADD(acc[r], FMUL(FMUL(o->d, FSET1(dx[r])), FCVT(a)));
+    const VF fdx = FSET1(dx[r]);
+    for (int t = 0; t < T; t++) {
+      const VI a = VSUB(A[t][r], VSLL(C[t][r], 5)); /* sum_j sc_j * sum((n - 32) * q) */
+      acc[4 * t + r] = FADD(acc[4 * t + r], FMUL(FMUL(o[t]->d, fdx), FCVT(a)));
+    }
   }
 }
 
@@ -962,8 +986,9 @@ GG_INLINE void FN(rows)(const int kind, const int R, const Job *jb, long m, long
   }
 }
 
-/* acc[0..R) += the contract's terms of block b (decoded in dec) */
-GG_INLINE void FN(apply)(const int kind, const int R, const void *dec, const FN(Rows) *a, long b, VF *acc) {
+/* acc[4 t + r] += the contract's terms of block b of tile t (decoded in dec[t]) for row r */
+GG_INLINE void FN(apply)(const int kind, const int R, const int T, const void *const *dec, const FN(Rows) *a, long b,
+                         VF *acc) {
   const int per = KPER[kind], naux = KAUX[kind];
   const int8_t *q[4];
   const int32_t *aux[4];
@@ -976,61 +1001,79 @@ GG_INLINE void FN(apply)(const int kind, const int R, const void *dec, const FN(
     sx[r] = aux[r][0];
     sxf[r] = per == 32 ? a->sxf[r][b] : 0.0f;
   }
-  if (per == 32) FN(compute32)(kind, R, (const FN(D32) *)dec, q, dx, sx, sxf, acc);
-  else if (kind == Q6_K) FN(compute6)(R, (const FN(D6) *)dec, q, dx, aux, acc);
-  else FN(computek)(R, (const FN(DK) *)dec, q, dx, aux, acc);
+  if (per == 32) FN(compute32)(kind, R, T, (const FN(D32) *const *)dec, q, dx, sx, sxf, acc);
+  else if (kind == Q6_K) FN(compute6)(R, T, (const FN(D6) *const *)dec, q, dx, aux, acc);
+  else FN(computek)(R, T, (const FN(DK) *const *)dec, q, dx, aux, acc);
 }
 
-GG_INLINE void FN(store_rows)(const int R, const Job *jb, long n0, long nv, long m, long nr, const VF *acc) {
+GG_INLINE void FN(store_rows)(const Job *jb, long n0, long nv, long m, long nr, const VF *acc) {
   const VF bias = jb->bias ? FN(loadf)(jb->bias + n0, nv) : FZERO();
-  for (int r = 0; r < R && r < nr; r++)
+  for (int r = 0; r < 4 && r < nr; r++)
     FN(store)(jb->y + (m + r) * jb->ldy + n0, jb->bias ? FADD(acc[r], bias) : acc[r], nv);
 }
 
-/* R activation rows (nr <= R of them real): each block is decoded and used at once, the
-   accumulators stay in registers (used for one row: a batch decodes its tile once into scratch) */
-GG_INLINE void FN(small)(const int kind, const int R, const Job *jb, const uint8_t *const *p, VI idx, long n0,
-                         long nv, long m0, long nr) {
+/* the rows of one tile of L output rows starting at n0 (past N they repeat the last one) */
+GG_INLINE long FN(tile_rows)(const Job *jb, long n0, const uint8_t **p) {
+  const long nv = jb->N - n0 < L ? jb->N - n0 : L;
+  for (long r = 0; r < L; r++) p[r] = jb->w + (n0 + (r < nv ? r : nv - 1)) * jb->rb;
+  return nv;
+}
+
+/* one activation row: each block is decoded and used at once, the accumulator stays in a register */
+GG_INLINE void FN(single)(const int kind, const Job *jb, long n0, long m0) {
+  const uint8_t *p[L];
+  const long nv = FN(tile_rows)(jb, n0, p);
+  const VI idx = FN(row_index)(nv, jb->rb);
   FN(Rows) a;
-  FN(rows)(kind, R, jb, m0, nr, &a);
-  VF acc[4];
-  for (int r = 0; r < R; r++) acc[r] = FZERO();
+  FN(rows)(kind, 1, jb, m0, 1, &a);
+  VF acc[1] = {FZERO()};
   union { FN(D32) a; FN(DK) k; FN(D6) s; } dec;
+  const void *d[1] = {&dec};
   for (long b = 0; b < jb->nb; b++) {
     FN(prefetch)(jb, n0, b);
     FN(decode)(kind, p, idx, b, &dec);
-    FN(apply)(kind, R, &dec, &a, b, acc);
+    FN(apply)(kind, 1, 1, d, &a, b, acc);
   }
-  FN(store_rows)(R, jb, n0, nv, m0, nr, acc);
+  FN(store_rows)(jb, n0, nv, m0, 1, acc);
 }
 
-/* 4 activation rows (nr <= 4 of them real) against a tile decoded into scratch */
-GG_INLINE void FN(group)(const int kind, const Job *jb, const char *scratch, long n0, long nv, long m, long nr) {
-  FN(Rows) a;
-  FN(rows)(kind, 4, jb, m, nr, &a);
-  VF acc[4];
-  for (int r = 0; r < 4; r++) acc[r] = FZERO();
-  const long db = FN(dec_bytes)(kind);
-  for (long b = 0; b < jb->nb; b++) FN(apply)(kind, 4, scratch + b * db, &a, b, acc);
-  FN(store_rows)(4, jb, n0, nv, m, nr, acc);
+/* several activation rows: the work item's two tiles (2 L output rows from n0; a tile past N
+   repeats the last row and stores nothing) are decoded once into scratch, then 4 activation rows
+   at a time run over them, each activation broadcast feeding both tiles */
+GG_INLINE void FN(batch)(const int kind, const Job *jb, long n0, long m0, long m1, char *scratch) {
+  const long db = FN(dec_bytes)(kind), nb = jb->nb;
+  long nv[2];
+  for (int t = 0; t < 2; t++) {
+    const long nt = n0 + t * L < jb->N ? n0 + t * L : n0; /* an empty second tile redoes the first */
+    const uint8_t *p[L];
+    nv[t] = FN(tile_rows)(jb, nt, p);
+    if (t == 1 && nt == n0) nv[1] = 0;
+    const VI idx = FN(row_index)(nv[t] ? nv[t] : nv[0], jb->rb);
+    for (long b = 0; b < nb; b++) {
+      FN(prefetch)(jb, nt, b);
+      FN(decode)(kind, p, idx, b, scratch + (t * nb + b) * db);
+    }
+  }
+  for (long m = m0; m < m1; m += 4) {
+    const long nr = m1 - m < 4 ? m1 - m : 4;
+    FN(Rows) a;
+    FN(rows)(kind, 4, jb, m, nr, &a);
+    VF acc[8];
+    for (int i = 0; i < 8; i++) acc[i] = FZERO();
+    for (long b = 0; b < nb; b++) {
+      const void *d[2] = {scratch + b * db, scratch + (nb + b) * db};
+      FN(apply)(kind, 4, 2, d, &a, b, acc);
+    }
+    for (int t = 0; t < 2; t++)
+      if (nv[t]) FN(store_rows)(jb, n0 + t * L, nv[t], m, nr, acc + 4 * t);
+  }
 }
 
-/* one work item: output rows [n0, n0 + L) x activation rows [m0, m1); scratch: nb decoded blocks */
+/* one work item: output rows [n0, n0 + L) (M = 1) or [n0, n0 + 2 L) (M > 1) x activation rows
+   [m0, m1); scratch: 2 nb decoded blocks */
 GG_INLINE void FN(tile)(const int kind, const Job *jb, long n0, long m0, long m1, char *scratch) {
-  const long nv = jb->N - n0 < L ? jb->N - n0 : L;
-  const uint8_t *p[L];
-  for (long r = 0; r < L; r++) p[r] = jb->w + (n0 + (r < nv ? r : nv - 1)) * jb->rb; /* the tail repeats a row */
-  const VI idx = FN(row_index)(nv, jb->rb);
-  if (m1 - m0 == 1) {
-    FN(small)(kind, 1, jb, p, idx, n0, nv, m0, 1);
-    return;
-  }
-  const long db = FN(dec_bytes)(kind);
-  for (long b = 0; b < jb->nb; b++) {
-    FN(prefetch)(jb, n0, b);
-    FN(decode)(kind, p, idx, b, scratch + b * db);
-  }
-  for (long m = m0; m < m1; m += 4) FN(group)(kind, jb, scratch, n0, nv, m, m1 - m < 4 ? m1 - m : 4);
+  if (jb->M == 1) FN(single)(kind, jb, n0, m0);
+  else FN(batch)(kind, jb, n0, m0, m1, scratch);
 }
 
 #define GG_TILE(NAME, KIND) \
