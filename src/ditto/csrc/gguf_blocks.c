@@ -430,8 +430,11 @@ static int gemm(int kind, int isa, const Acts *a, long M, long K, const uint8_t 
   const long items = ntiles * jb.nmc;
   /* a work item of several rows decodes its tile once into scratch (nb decoded blocks) */
   const size_t scratch_bytes = tf && M > 1 ? (size_t)(2 * jb.nb * dec_bytes_fn(isa)(kind)) : 0;
-  /* threads only for more than a few microseconds of work (thread count never changes a bit) */
-  const int parallel = items > 1 && ntiles * jb.nb * (KPER[kind] / 32) * ((M + 3) / 4) >= 256;
+  /* threads only above ~15 us of work, estimated at ~16 ns per decoded block of 16 rows x 32
+     values plus ~4 ns per activation row (a fork/join costs several us on a VM, and a thread
+     descheduled by another process stalls the whole call): the thread count never changes a bit */
+  const long est_ns = (N + 15) / 16 * jb.nb * (KPER[kind] / 32) * (16 + 4 * M);
+  const int parallel = items > 1 && est_ns >= 15000;
   int failed = 0;
 #pragma omp parallel if (parallel)
   {

@@ -165,6 +165,8 @@ def quantize_activations(
     xr = _as_f32_rows(x, block)
     lib = _lib()
     if lib is None:
+        if isa is not None:
+            _isa_code(isa)  # an explicit path without the kernel is an error
         return ref.quantize_activations(xr, block)
     m, k = xr.shape
     q = torch.empty(m, k // block, block, dtype=torch.int8)
