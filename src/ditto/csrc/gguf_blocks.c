@@ -98,21 +98,28 @@ static inline int32_t pair16(int32_t lo, int32_t hi) {
   return (int32_t)((uint32_t)(uint16_t)lo | ((uint32_t)(uint16_t)hi << 16));
 }
 
-typedef struct { int v[256]; int sc[16], mn[8]; float d, m; } PBlock;
+typedef struct { int8_t v[256]; int sc[16], mn[8]; float d, m; } PBlock;
 
-/* one weight block -> the integers each weight multiplies and its scales (gguf_reference.decode) */
-static void decode_portable(int kind, const uint8_t *b, PBlock *o) {
+/* one weight block -> the integers each weight multiplies and its scales (gguf_reference.decode);
+   every value fits an int8 (Q8_0 [-128, 127], Q4 [-8, 15], Q5 [-16, 31], Q6_K [-32, 31]) */
+GG_INLINE void decode_portable(const int kind, const uint8_t *b, PBlock *o) {
   o->d = h2f(ld16(b));
   switch (kind) {
     case Q8_0:
       for (int j = 0; j < 32; j++) o->v[j] = (int8_t)b[2 + j];
       break;
     case Q4_0:
-      for (int j = 0; j < 16; j++) { o->v[j] = (b[2 + j] & 15) - 8; o->v[j + 16] = (b[2 + j] >> 4) - 8; }
+      for (int j = 0; j < 16; j++) {
+        o->v[j] = (int8_t)((b[2 + j] & 15) - 8);
+        o->v[j + 16] = (int8_t)((b[2 + j] >> 4) - 8);
+      }
       break;
     case Q4_1:
       o->m = h2f(ld16(b + 2));
-      for (int j = 0; j < 16; j++) { o->v[j] = b[4 + j] & 15; o->v[j + 16] = b[4 + j] >> 4; }
+      for (int j = 0; j < 16; j++) {
+        o->v[j] = (int8_t)(b[4 + j] & 15);
+        o->v[j + 16] = (int8_t)(b[4 + j] >> 4);
+      }
       break;
     case Q5_0:
     case Q5_1: {
@@ -120,8 +127,8 @@ static void decode_portable(int kind, const uint8_t *b, PBlock *o) {
       if (kind == Q5_1) o->m = h2f(ld16(b + 2));
       const uint32_t qh = (uint32_t)ld32(b + off);
       for (int j = 0; j < 16; j++) {
-        o->v[j] = ((b[off + 4 + j] & 15) | (int)(((qh >> j) & 1u) << 4)) - sub;
-        o->v[j + 16] = ((b[off + 4 + j] >> 4) | (int)(((qh >> (j + 16)) & 1u) << 4)) - sub;
+        o->v[j] = (int8_t)(((b[off + 4 + j] & 15) | (int)(((qh >> j) & 1u) << 4)) - sub);
+        o->v[j + 16] = (int8_t)(((b[off + 4 + j] >> 4) | (int)(((qh >> (j + 16)) & 1u) << 4)) - sub);
       }
       break;
     }
@@ -140,8 +147,8 @@ static void decode_portable(int kind, const uint8_t *b, PBlock *o) {
         for (int l = 0; l < 32; l++) {
           int lo = qs[32 * i + l] & 15, hi = qs[32 * i + l] >> 4;
           if (kind == Q5_K) { lo |= ((qh[l] >> (2 * i)) & 1) << 4; hi |= ((qh[l] >> (2 * i + 1)) & 1) << 4; }
-          o->v[64 * i + l] = lo;
-          o->v[64 * i + 32 + l] = hi;
+          o->v[64 * i + l] = (int8_t)lo;
+          o->v[64 * i + 32 + l] = (int8_t)hi;
         }
       break;
     }
@@ -151,11 +158,11 @@ static void decode_portable(int kind, const uint8_t *b, PBlock *o) {
       for (int h = 0; h < 2; h++) {
         const uint8_t *ql = b + 64 * h, *qh = b + 128 + 32 * h;
         for (int l = 0; l < 32; l++) {
-          int *v = o->v + 128 * h + l;
-          v[0] = ((ql[l] & 15) | (((qh[l] >> 0) & 3) << 4)) - 32;
-          v[32] = ((ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4)) - 32;
-          v[64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
-          v[96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+          int8_t *v = o->v + 128 * h + l;
+          v[0] = (int8_t)(((ql[l] & 15) | (((qh[l] >> 0) & 3) << 4)) - 32);
+          v[32] = (int8_t)(((ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4)) - 32);
+          v[64] = (int8_t)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+          v[96] = (int8_t)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
         }
       }
       break;
@@ -165,15 +172,15 @@ static void decode_portable(int kind, const uint8_t *b, PBlock *o) {
   }
 }
 
-static inline int dot_portable(const int *v, const int8_t *q, int n) {
+GG_INLINE int dot_portable(const int8_t *v, const int8_t *q, const int n) {
   int s = 0;
   for (int j = 0; j < n; j++) s += v[j] * q[j];
   return s;
 }
 
 /* rows [n0, n1) x activation rows [m0, m1): the contract's chain, written out */
-static void tile_portable(const Job *jb, long n0, long n1, long m0, long m1) {
-  const int kind = jb->kind, per = KPER[kind], size = KSIZE[kind];
+GG_INLINE void tile_portable_k(const int kind, const Job *jb, long n0, long n1, long m0, long m1) {
+  const int per = KPER[kind], size = KSIZE[kind];
   PBlock blk;
   for (long n = n0; n < n1; n++) {
     const uint8_t *row = jb->w + n * jb->rb;
@@ -209,6 +216,22 @@ static void tile_portable(const Job *jb, long n0, long n1, long m0, long m1) {
       for (long m = m0; m < m1; m++) jb->y[m * jb->ldy + n] = jb->y[m * jb->ldy + n] + jb->bias[n];
   }
 }
+
+typedef void (*PortableFn)(const Job *, long, long, long, long);
+#define GG_PTILE(KIND) \
+  static void tile_portable_##KIND(const Job *j, long n0, long n1, long m0, long m1) { tile_portable_k(KIND, j, n0, n1, m0, m1); }
+GG_PTILE(Q4_0)
+GG_PTILE(Q4_1)
+GG_PTILE(Q5_0)
+GG_PTILE(Q5_1)
+GG_PTILE(Q8_0)
+GG_PTILE(Q4_K)
+GG_PTILE(Q5_K)
+GG_PTILE(Q6_K)
+#undef GG_PTILE
+static const PortableFn PORTABLE[NKINDS] = {tile_portable_Q4_0, tile_portable_Q4_1, tile_portable_Q5_0,
+                                           tile_portable_Q5_1, tile_portable_Q8_0, tile_portable_Q4_K,
+                                           tile_portable_Q5_K, tile_portable_Q6_K};
 
 static void quant_row_portable(const float *x, long K, int block, int8_t *q, float *dx, int32_t *sums) {
   for (long b = 0; b < K / block; b++) {
@@ -449,7 +472,7 @@ static int gemm(int kind, int isa, const Acts *a, long M, long K, const uint8_t 
       if (tf) {
         if (!scratch_bytes || scratch) tf(&jb, t * rows, m0, m1, scratch);
       } else {
-        tile_portable(&jb, t * rows, t * rows + rows < N ? t * rows + rows : N, m0, m1);
+        PORTABLE[kind](&jb, t * rows, t * rows + rows < N ? t * rows + rows : N, m0, m1);
       }
     }
     free(scratch);
