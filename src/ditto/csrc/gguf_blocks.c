@@ -11,17 +11,22 @@
      then y = acc (+ bias), every operation a separate IEEE multiply or add (no FMA: this file must
      be compiled with -ffp-contract=off, and says so to GCC/clang below as well).
 
-   Weights are the file's rows, unpacked in registers (never repacked in memory).  Three
-   instruction-set paths live in this one library, chosen at run time (ditto_gguf_best_isa, or the
-   caller's choice): portable C, AVX2 (maddubs) and AVX-512 (F/BW/VL, with VNNI vpdpbusd where the
-   CPU has it).  The vector paths compute L = 8 or 16 output rows at once, one per lane: a tile's 16
-   bytes at a given block offset are loaded for every row and transposed (4x4 dwords per 128-bit
-   lane), so lane r of a vector holds 4 consecutive values of row r; vpdpbusd against the activation's
-   matching 4 bytes (broadcast) then accumulates each row's integer block sum in its own lane, with
-   no horizontal reduction, and the fp32 chain runs lane-wise, each lane exactly the scalar chain.
-   Every decoded weight block is used for all the activation rows of a work item (4 at a time), so
-   a batch costs one weight decode per block, not one per row.  OpenMP splits output-row tiles (and
-   activation-row chunks when there are few tiles); tiling only decides who computes an element. */
+   Weights are the file's rows, decoded in registers (never repacked in memory).  Three
+   instruction-set paths live in this one library, chosen at run time (the best one, the caller's
+   choice, or $DITTO_GGUF_ISA): portable C, AVX2 (maddubs) and AVX-512 (F/BW/VL, with VNNI vpdpbusd
+   where the CPU has it; the file is compiled for the baseline ISA, the vector code through target
+   pragmas).  The vector paths compute L = 8 or 16 output rows at once, one per lane: the same
+   window of bytes of every row of a tile is loaded (AVX-512: 32-byte byte-masked loads, which never
+   touch the masked bytes, so a window may start before a block to bring its fp16 scale along) and
+   transposed (4x4 dwords per 128-bit lane), so that lane r of a vector holds 4 consecutive values
+   of row r; vpdpbusd against the activation's matching 4 bytes (broadcast) accumulates each row's
+   integer block sum in its own lane, without horizontal reductions, and the fp32 chain runs
+   lane-wise, each lane exactly the scalar chain.  One activation row decodes block by block with
+   its accumulator in a register; a batch decodes its work item (two tiles) once into per-thread
+   scratch and runs 4 activation rows at a time over it, each broadcast feeding both tiles.  While
+   a tile is decoded, the next one (a contiguous run of rows) is prefetched.  OpenMP splits work
+   items over output-row tiles (and activation-row chunks when there are few tiles), and is not
+   used at all for a few microseconds of work; tiling only decides who computes an element. */
 #ifndef GG_TEMPLATE
 
 #include <math.h>
@@ -540,11 +545,43 @@ int ditto_gguf_linear_packed(const int64_t *a) {
                            (float *)(intptr_t)a[10], (long)a[11]);
 }
 
-/* 1 when this build keeps a*b+c as two roundings (no FMA contraction), as the contract requires */
+/* 1 when this build keeps a*b+c as two roundings (no FMA contraction), as the contract requires,
+   in scalar code and in every vector path this CPU runs: a small Q4_1 and Q4_K linear (one row and
+   a batch) must give the portable path's bits, which an FMA in any chain would change */
 int ditto_gguf_selftest(void) {
   volatile float a = 1.0f + 0x1p-13f, b = 1.0f - 0x1p-13f, c = -1.0f;
   const float r = a * b + c; /* fused: -2^-26; rounded product: 1.0f, so 0 */
-  return r == 0.0f;
+  if (r != 0.0f) return 0;
+  enum { N = 24, K = 256, M = 5 };
+  static const int kinds[2] = {Q4_1, Q4_K};
+  uint8_t w[N * K / 256 * 176];
+  float x[M * K], y0[M * N], y1[M * N];
+  uint32_t st = 12345u;
+  for (int i = 0; i < M * K; i++) {
+    st = st * 1664525u + 1013904223u;
+    x[i] = (float)(int32_t)st * 0x1p-31f * (float)(1 + i % 7);
+  }
+  for (int k = 0; k < 2; k++) {
+    const int kind = kinds[k], size = KSIZE[kind], nb = K / KPER[kind];
+    const long rb = (long)nb * size;
+    for (long i = 0; i < N * rb; i++) {
+      st = st * 1664525u + 1013904223u;
+      w[i] = (uint8_t)(st >> 24);
+    }
+    for (long blk = 0; blk < (long)N * nb; blk++) { /* finite fp16 scales near 0.01 */
+      w[blk * size + 1] = (uint8_t)(0x20 | (w[blk * size + 1] & 0x83));
+      w[blk * size + 3] = (uint8_t)(0x20 | (w[blk * size + 3] & 0x83));
+    }
+    for (int m = 1; m <= M; m += M - 1) {
+      if (ditto_gguf_linear(kind, ISA_PORTABLE, x, m, K, K, w, N, rb, 0, y0, N)) return 0;
+      for (int isa = ISA_AVX2; isa <= ISA_AVX512VNNI; isa++) {
+        if (!ditto_gguf_isa_supported(isa)) continue;
+        if (ditto_gguf_linear(kind, isa, x, m, K, K, w, N, rb, 0, y1, N)) return 0;
+        if (memcmp(y0, y1, sizeof(float) * (size_t)(m * N))) return 0;
+      }
+    }
+  }
+  return 1;
 }
 
 #else /* ============================ GG_TEMPLATE: one vector instruction set ==================== */

@@ -76,7 +76,7 @@ def _setup(lib: ctypes.CDLL) -> str | None:
     lib.ditto_gguf_linear_packed.restype = i
     lib.ditto_gguf_selftest.restype = i
     if lib.ditto_gguf_selftest() != 1:
-        return "kernel self-test failed (fp32 a*b+c was contracted to an FMA)"
+        return "kernel self-test failed (fp32 a*b+c contracted to an FMA: vector and portable paths differ)"
     return None
 
 
