@@ -75,6 +75,7 @@ enum { LAYOUT_FILE = 0, LAYOUT_PACKED = 1 };
 #define MC 32       /* activation rows per work item */
 #define TABLE 256   /* table bytes per (activation row, block), every layout */
 #define PIDX 256    /* packed layout: index bytes per (tile, block) */
+#define ROWS_PER_THREAD 8 /* with at least this many activation rows per thread, threads split rows */
 
 static inline long block_bytes(int kind) { return kind == KIND_Q4_0 ? 18 : 20; }
 static inline long qs_offset(int kind) { return kind == KIND_Q4_0 ? 2 : 4; }
@@ -190,12 +191,13 @@ static inline int32_t lut_isum_packed_portable(const uint8_t *idx, int r, const 
 
 typedef struct {
   const uint8_t *w;    /* file rows (N, rb) or packed tiles */
-  const uint8_t *tab;  /* (M, nb, TABLE) tables */
-  const float *dx;     /* (M, nb) */
-  const int32_t *sx;   /* (M, nb) */
+  const uint8_t *tab;  /* tables of activation rows mt0.. : (rows, nb, TABLE) */
+  const float *dx;     /* (rows, nb) */
+  const int32_t *sx;   /* (rows, nb) */
   const float *bias;   /* (N,) or NULL */
   float *y;            /* (M, N), row stride ldy */
   long M, N, rb, nb, ldy;
+  long mt0;            /* the first activation row that tab, dx and sx hold */
   int kind, layout;
 } Job;
 
@@ -219,18 +221,18 @@ static void tile_portable(const Job *jb, long n0, long n1, long m0, long m1) {
     for (long m = m0; m < m1; m++) {
       float acc = 0.0f;
       for (long b = 0; b < nb; b++) {
-        const int16_t *t = (const int16_t *)(jb->tab + (m * nb + b) * TABLE);
+        const int16_t *t = (const int16_t *)(jb->tab + ((m - jb->mt0) * nb + b) * TABLE);
         int32_t isum;
         if (jb->layout == LAYOUT_FILE)
           isum = lut_isum_portable(jb->w + n * jb->rb + b * bs + qo, t);
         else
           isum = lut_isum_packed_portable(jb->w + ((n / TILE) * nb + b) * packed_block_bytes(jb->kind),
                                           (int)(n % TILE), t);
-        const int32_t sx = jb->sx[m * nb + b];
+        const int32_t sx = jb->sx[(m - jb->mt0) * nb + b];
         if (jb->kind == KIND_Q4_0) isum -= 8 * sx;
         float d, mm;
         scales_of(jb, n, b, &d, &mm);
-        const float dx = jb->dx[m * nb + b];
+        const float dx = jb->dx[(m - jb->mt0) * nb + b];
         acc = acc + (d * dx) * (float)isum;
         if (jb->kind == KIND_Q4_1) acc = acc + (mm * dx) * (float)sx;
       }
@@ -408,13 +410,13 @@ LUT_INLINE void tile_file_body(const Job *jb, long n0, int nr, long m0, int mr) 
       transpose4(ihi, rhi);
       for (int i = 0; i < mr; i++) {
         const long mi = m0 + i;
-        const __m512i isum = lookup_rows16(rlo, rhi, jb->tab + (mi * nb + b) * TABLE);
-        acc[i] = chain16(acc[i], isum, d, m, jb->dx[mi * nb + b], jb->sx[mi * nb + b], kind);
+        const __m512i isum = lookup_rows16(rlo, rhi, jb->tab + ((mi - jb->mt0) * nb + b) * TABLE);
+        acc[i] = chain16(acc[i], isum, d, m, jb->dx[(mi - jb->mt0) * nb + b], jb->sx[(mi - jb->mt0) * nb + b], kind);
       }
       continue;
     }
     /* one activation row: look up in the transposed order and reduce the 4 slot sums instead */
-    const uint8_t *tp = jb->tab + (m0 * nb + b) * TABLE;
+    const uint8_t *tp = jb->tab + ((m0 - jb->mt0) * nb + b) * TABLE;
     const __m512i al = _mm512_load_si512(tp), ah = _mm512_load_si512(tp + 64);
     const __m512i bl = _mm512_load_si512(tp + 128), bh = _mm512_load_si512(tp + 192);
     __m512i s[4];
@@ -428,7 +430,7 @@ LUT_INLINE void tile_file_body(const Job *jb, long n0, int nr, long m0, int mr) 
     const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(s[0], s[1]), _mm512_unpackhi_epi32(s[0], s[1]));
     const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(s[2], s[3]), _mm512_unpackhi_epi32(s[2], s[3]));
     const __m512i isum = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
-    acc[0] = chain16(acc[0], isum, d, m, jb->dx[m0 * nb + b], jb->sx[m0 * nb + b], kind);
+    acc[0] = chain16(acc[0], isum, d, m, jb->dx[(m0 - jb->mt0) * nb + b], jb->sx[(m0 - jb->mt0) * nb + b], kind);
   }
   store16(jb, n0, nr, m0, mr, acc);
 }
@@ -473,8 +475,8 @@ LUT_INLINE void tile_packed_body(const Job *jb, long n0, int nr, long m0, int mr
                                        : _mm512_setzero_ps();
     for (int i = 0; i < mr; i++) {
       const long mi = m0 + i;
-      const uint8_t *tp = jb->tab + (mi * nb + b) * TABLE;
-      acc[i] = chain16(acc[i], lookup_rows16(ilo, ihi, tp), d, m, jb->dx[mi * nb + b], jb->sx[mi * nb + b], kind);
+      const uint8_t *tp = jb->tab + ((mi - jb->mt0) * nb + b) * TABLE;
+      acc[i] = chain16(acc[i], lookup_rows16(ilo, ihi, tp), d, m, jb->dx[(mi - jb->mt0) * nb + b], jb->sx[(mi - jb->mt0) * nb + b], kind);
     }
   }
   store16(jb, n0, nr, m0, mr, acc);
@@ -600,6 +602,27 @@ long ditto_lut_packed_bytes(int kind, long N, long K) {
   return (N + TILE - 1) / TILE * (K / QK) * packed_block_bytes(kind);
 }
 
+/* tables, dx and sx for `rows` (activation row, block) pairs; nonzero when out of memory */
+static int alloc_tables(long rows, uint8_t **tab, float **dx, int32_t **sx) {
+  *tab = aligned_alloc(64, (size_t)rows * TABLE);
+  *dx = malloc(sizeof(float) * (size_t)rows);
+  *sx = malloc(sizeof(int32_t) * (size_t)rows);
+  if (*tab && *dx && *sx) return 0;
+  free(*tab);
+  free(*dx);
+  free(*sx);
+  *tab = NULL;
+  *dx = NULL;
+  *sx = NULL;
+  return 1;
+}
+
+static void free_tables(uint8_t *tab, float *dx, int32_t *sx) {
+  free(tab);
+  free(dx);
+  free(sx);
+}
+
 /* y (M, N) (row stride ldy) = the contract's linear of x (M, K) (row stride ldx) with N weight rows:
    layout 0, the file's rows of rb bytes; layout 1, ditto_lut_repack's tiles.  Returns 0, -1 (bad
    arguments / ISA not supported) or -2 (out of memory). */
@@ -617,43 +640,51 @@ int ditto_lut_linear(int kind, int layout, int isa, const float *x, long M, long
       for (long n = 0; n < N; n++) y[m * ldy + n] = bias ? 0.0f + bias[n] : 0.0f;
     return 0;
   }
-  const size_t tab_bytes = (size_t)M * (size_t)nb * TABLE;
-  uint8_t *tab = aligned_alloc(64, tab_bytes);
-  float *dx = malloc(sizeof(float) * (size_t)(M * nb));
-  int32_t *sx = malloc(sizeof(int32_t) * (size_t)(M * nb));
-  if (!tab || !dx || !sx) {
-    free(tab);
-    free(dx);
-    free(sx);
-    return -2;
-  }
-  const Job jb = {w, tab, dx, sx, bias, y, M, N, rb, nb, ldy, kind, layout};
-  const long ntiles = (N + TILE - 1) / TILE, nmc = (M + MC - 1) / MC;
-#pragma omp parallel
+  const long ntiles = (N + TILE - 1) / TILE;
+  int failed = 0;
+  /* Every thread builds the tables of the activation rows it uses, in its own buffer: tables written
+     by one core and read by the other cost more (cache-line transfers) than building them twice.
+     Enough rows: each thread takes its own rows (all output tiles), so no table is built twice.
+     Few rows (a decode step): the threads split the output tiles and each builds every row's tables
+     (M * nb * 256 bytes: well under a microsecond a row).  Neither choice changes an element's chain. */
+#pragma omp parallel reduction(| : failed)
   {
-    /* activation quantisation and tables: once per activation row and block, for all N rows */
-#pragma omp for schedule(static)
-    for (long mb = 0; mb < M * nb; mb++) block_tables(isa, x + (mb / nb) * ldx + (mb % nb) * QK, tab + mb * TABLE, dx + mb, sx + mb);
-    /* the tiles (implicit barrier above): who computes an element never changes its chain */
-#pragma omp for schedule(static)
-    for (long job = 0; job < ntiles * nmc; job++) {
-      const long tile = job / nmc, mc = job % nmc;
-      const long n0 = tile * TILE, m0 = mc * MC;
-      const int nr = (int)(N - n0 < TILE ? N - n0 : TILE), mr = (int)(M - m0 < MC ? M - m0 : MC);
-#ifdef LUT_X86
-      if (isa == ISA_AVX512) {
-        if (layout == LAYOUT_FILE)
-          tile_file_avx512(&jb, n0, nr, m0, mr);
-        else
-          tile_packed_avx512(&jb, n0, nr, m0, mr);
-        continue;
-      }
+#ifdef _OPENMP
+    const long nt = omp_get_num_threads(), t = omp_get_thread_num();
+#else
+    const long nt = 1, t = 0;
 #endif
-      tile_portable(&jb, n0, n0 + nr, m0, m0 + mr);
+    const int split_rows = M >= ROWS_PER_THREAD * nt;
+    const long r0 = split_rows ? M * t / nt : 0, r1 = split_rows ? M * (t + 1) / nt : M;
+    const long j0 = split_rows ? 0 : ntiles * t / nt, j1 = split_rows ? ntiles : ntiles * (t + 1) / nt;
+    uint8_t *tab;
+    float *dx;
+    int32_t *sx;
+    if (r1 > r0 && j1 > j0) {
+      if (alloc_tables((r1 - r0) * nb, &tab, &dx, &sx)) {
+        failed = 1;
+      } else {
+        for (long mb = 0; mb < (r1 - r0) * nb; mb++)
+          block_tables(isa, x + (r0 + mb / nb) * ldx + (mb % nb) * QK, tab + mb * TABLE, dx + mb, sx + mb);
+        const Job jb = {w, tab, dx, sx, bias, y, M, N, rb, nb, ldy, r0, kind, layout};
+        for (long m0 = r0; m0 < r1; m0 += MC)
+          for (long tile = j0; tile < j1; tile++) {
+            const long n0 = tile * TILE;
+            const int nr = (int)(N - n0 < TILE ? N - n0 : TILE), mr = (int)(r1 - m0 < MC ? r1 - m0 : MC);
+#ifdef LUT_X86
+            if (isa == ISA_AVX512) {
+              if (layout == LAYOUT_FILE)
+                tile_file_avx512(&jb, n0, nr, m0, mr);
+              else
+                tile_packed_avx512(&jb, n0, nr, m0, mr);
+              continue;
+            }
+#endif
+            tile_portable(&jb, n0, n0 + nr, m0, m0 + mr);
+          }
+        free_tables(tab, dx, sx);
+      }
     }
   }
-  free(tab);
-  free(dx);
-  free(sx);
-  return 0;
+  return failed ? -2 : 0;
 }
