@@ -135,16 +135,30 @@ def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2)).reshape(w.shape)
 
 
-class Q4Source:
-    """Where a linear's weight came from when the file stored it as Q4_0/Q4_1: lets a 4-bit numerics
-    mode use the file's own 4-bit numbers instead of re-quantising the float copy. Decoded on demand
-    (from the file's map); deep copies share it."""
+class BlockSource:
+    """Where a weight came from when the file stored it in quantised blocks (Q4_0 ... Q6_K): lets a
+    numerics mode run on the file's own numbers instead of the dequantised float copy (the `gguf`
+    mode computes on the blocks, the 4-bit modes reuse Q4_0/Q4_1 values). Read on demand from the
+    file's map; deep copies share it."""
 
     def __init__(self, tensor: GGUFTensor, row_perm: torch.Tensor | None):
         self.tensor, self.row_perm = tensor, row_perm
         self.kind = tensor.type_name
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, cols) of the weight: (out_features, in_features) for a linear."""
+        return self.tensor.rows_cols
+
+    def rows(self) -> torch.Tensor:
+        """The weight's raw blocks as uint8 (rows, bytes per row): a view of the file's map, or a copy
+        in ditto's row order where the llama Q/K rows are permuted."""
+        n = self.tensor.rows_cols[0]
+        raw = torch.from_numpy(self.tensor.data.reshape(n, -1))
+        return raw[self.row_perm].contiguous() if self.row_perm is not None else raw
+
     def blocks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q4_0/Q4_1 only: (q uint8 (N, K), d, m) with w = q * d + m (see dequant.q4_blocks)."""
         q, d, m = q4_blocks(self.tensor)
         if self.row_perm is not None:
             q, d, m = q[self.row_perm], d[self.row_perm], m[self.row_perm]
@@ -154,24 +168,41 @@ class Q4Source:
         return self
 
 
-def q4_sources(gguf: GGUFFile, cfg: ModelConfig) -> dict[str, Q4Source]:
-    """ditto weight name -> Q4Source for every Q4_0/Q4_1 tensor of the file."""
+Q4Source = BlockSource  # the name the 4-bit modes knew it by
+
+BLOCK_TYPES = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"})
+
+
+def _row_perm(name: str, rows: int, cfg: ModelConfig) -> torch.Tensor | None:
+    if cfg.family == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+        heads = cfg.num_heads if "q_proj" in name else cfg.num_kv_heads
+        return torch.from_numpy(_unpermute_rope(np.arange(rows, dtype=np.int64), heads))
+    return None
+
+
+def block_sources(gguf: GGUFFile, cfg: ModelConfig) -> dict[str, BlockSource]:
+    """ditto weight name -> BlockSource for every block-quantised tensor of the file."""
     out = {}
     for tensor in gguf.tensors:
         name = gguf_to_ditto_name(tensor.name)
-        if name is None or tensor.type_name not in ("Q4_0", "Q4_1"):
+        if name is None or tensor.type_name not in BLOCK_TYPES:
             continue
-        perm = None
-        if cfg.family == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            rows = tensor.rows_cols[0]
-            heads = cfg.num_heads if "q_proj" in name else cfg.num_kv_heads
-            perm = torch.from_numpy(_unpermute_rope(np.arange(rows, dtype=np.int64), heads))
-        out[name] = Q4Source(tensor, perm)
+        out[name] = BlockSource(tensor, _row_perm(name, tensor.rows_cols[0], cfg))
     return out
 
 
-def iter_gguf_weights(gguf: GGUFFile, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor, str]]:
+def q4_sources(gguf: GGUFFile, cfg: ModelConfig) -> dict[str, BlockSource]:
+    """ditto weight name -> BlockSource for every Q4_0/Q4_1 tensor of the file."""
+    return {name: src for name, src in block_sources(gguf, cfg).items() if src.kind in ("Q4_0", "Q4_1")}
+
+
+def iter_gguf_weights(
+    gguf: GGUFFile, cfg: ModelConfig, *, keep_blocks: bool = False
+) -> Iterator[tuple[str, torch.Tensor, str]]:
     """Yield (ditto name, float32 tensor, ggml type) for every tensor; unknown names raise.
+
+    keep_blocks: block-quantised tensors are not decoded; they come as meta tensors of the right
+    shape, for a numerics mode that runs on the blocks themselves (`BlockSource`, numerics `gguf`).
 
     A tensor the file stores as F32 and ditto uses as is stays a view of the file's map. numpy, not
     torch, does the decoding and the reordering: single-threaded, so a busy machine does not stall it."""
@@ -179,6 +210,9 @@ def iter_gguf_weights(gguf: GGUFFile, cfg: ModelConfig) -> Iterator[tuple[str, t
         name = gguf_to_ditto_name(tensor.name)
         if name is None:
             raise GGUFError(f"unexpected tensor {tensor.name!r} for architecture {cfg.family}")
+        if keep_blocks and tensor.type_name in BLOCK_TYPES:
+            yield name, torch.empty(tensor.rows_cols, device="meta"), tensor.type_name
+            continue
         w = dequantize_array(tensor)
         if cfg.family == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             w = _unpermute_rope(w, cfg.num_heads if "q_proj" in name else cfg.num_kv_heads)

@@ -38,7 +38,10 @@ class WeightError(ValueError):
     """Weights that do not fit the architecture (missing, unexpected or mis-shaped)."""
 
 
-def load(spec: str | Path, *, progress: bool = True) -> LoadedModel:
+def load(spec: str | Path, *, progress: bool = True, keep_blocks: bool = False) -> LoadedModel:
+    """keep_blocks: leave a GGUF file's block-quantised weights undecoded (meta tensors in the model,
+    the blocks reachable through each module's `gguf_source`): for numerics `gguf`, which computes on
+    them, so nothing is dequantised at load. Other modes need the decoded model (the default)."""
     from ditto.loader.tokenizer import Tokenizer
 
     path = resolve_model(spec)
@@ -53,7 +56,7 @@ def load(spec: str | Path, *, progress: bool = True) -> LoadedModel:
         gguf = gguf_loader.open_gguf(path)
         cfg = gguf_loader.config_from_gguf(gguf)
         files = [path]
-        weights = gguf_loader.iter_gguf_weights(gguf, cfg)
+        weights = gguf_loader.iter_gguf_weights(gguf, cfg, keep_blocks=keep_blocks)
         total = len(gguf.tensors)
         tokenizer = Tokenizer.from_gguf(gguf)
         fmt = "gguf"
@@ -61,10 +64,14 @@ def load(spec: str | Path, *, progress: bool = True) -> LoadedModel:
         cfg = _with(cfg, eos_token_ids=(tokenizer.eos_id,))
     model, types = build(cfg, weights, total=total, progress=progress, label=path.name)
     if fmt == "gguf":
-        # 4-bit numerics modes may run a Q4_0/Q4_1 weight on the file's own numbers (numerics.w4)
-        for name, source in gguf_loader.q4_sources(gguf, cfg).items():
+        # numerics modes may run a weight on the file's own blocks (numerics.gguf_native, numerics.w4)
+        sources = gguf_loader.block_sources(gguf, cfg)
+        if cfg.tie_embeddings and "embed.weight" in sources:
+            sources["lm_head.weight"] = sources["embed.weight"]
+        for name, source in sources.items():
             owner = model.get_submodule(name.rsplit(".", 1)[0])
-            if isinstance(owner, torch.nn.Linear):
+            owner.gguf_source = source
+            if isinstance(owner, torch.nn.Linear) and source.kind in ("Q4_0", "Q4_1"):
                 owner.q4_source = source
     return LoadedModel(model, cfg, tokenizer, path, fmt, files, types)
 
