@@ -35,6 +35,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
+        self.qkv_proj: nn.Module | None = None  # q, k and v in one call (set by `fuse_projections`)
         self.q_norm = make_norm(cfg, d) if cfg.qk_norm else None
         self.k_norm = make_norm(cfg, d) if cfg.qk_norm else None
         local = cfg.layer_types[layer] == "sliding" and cfg.rope_local_theta is not None
@@ -43,9 +44,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.h, self.d)  # (T, H, D)
-        k = self.k_proj(x).view(t, self.kv, self.d)  # (T, Hkv, D)
-        v = self.v_proj(x).view(t, self.kv, self.d)  # (T, Hkv, D)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split([self.h * self.d, self.kv * self.d, self.kv * self.d], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(t, self.h, self.d)  # (T, H*D) -> (T, H, D)
+        k = k.view(t, self.kv, self.d)  # (T, Hkv*D) -> (T, Hkv, D)
+        v = v.view(t, self.kv, self.d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(q, positions), self.rotary(k, positions)
@@ -59,10 +64,15 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # gate and up in one call (set by `fuse_projections`)
         self.act = ACTIVATIONS[cfg.activation]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.act(gate) * up)
 
 
 class Block(nn.Module):
@@ -111,3 +121,22 @@ class Decoder(nn.Module):
             cap = self.cfg.final_logit_softcap
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+
+def fuse_projections(model: Decoder, fuse) -> int:
+    """Replace each layer's q/k/v projections by one `qkv_proj`, and gate/up by one `gate_up_proj`,
+    wherever ``fuse(list_of_linears)`` returns a module computing their outputs side by side (None:
+    leave that group alone). Meant for kernels that compute every output element on its own, where
+    fusing cannot change a single bit. Returns the number of groups fused."""
+    fused = 0
+    for block in model.layers:
+        attn, mlp = block.attn, block.mlp
+        qkv = fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+        if qkv is not None:
+            attn.qkv_proj, attn.q_proj, attn.k_proj, attn.v_proj = qkv, None, None, None
+            fused += 1
+        gate_up = fuse([mlp.gate_proj, mlp.up_proj])
+        if gate_up is not None:
+            mlp.gate_up_proj, mlp.gate_proj, mlp.up_proj = gate_up, None, None
+            fused += 1
+    return fused
