@@ -61,7 +61,11 @@ class LLM:
             # modules, so this instance works on its own copy and the caller's model stays untouched
             self.loaded = dataclasses.replace(model, model=copy.deepcopy(model.model))
         else:
-            self.loaded = load(model, progress=progress)
+            from ditto.numerics.base import get_mode
+
+            # a mode that computes on the file's blocks (numerics gguf) skips decoding them at load
+            blocks = getattr(get_mode(self.config.numerics), "runs_on_blocks", False)
+            self.loaded = load(model, progress=progress, keep_blocks=blocks)
         self.tokenizer = self.loaded.tokenizer
         prepared = prepare(self.loaded, self.config)
         self.numerics = prepared

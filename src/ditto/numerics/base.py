@@ -43,6 +43,7 @@ BUILTIN_MODULES = (
     "ditto.numerics.w8a8",
     "ditto.numerics.w4",
     "ditto.numerics.mxint8",
+    "ditto.numerics.gguf_native",
     "ditto.numerics.integer_engine",
 )
 

@@ -1,0 +1,151 @@
+"""Numerics `gguf`: run a GGUF file on its own weight blocks, as llama.cpp does, batch invariant by construction.
+
+Every linear whose weight the file stores in blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K,
+Q6_K) is computed straight from those bytes, a view of the mapped file: nothing is dequantised at
+load, and a decode step reads the file's 4-8 bits per weight instead of 32. Activations are
+quantised to 8-bit blocks on the fly (kernels/gguf_reference.py states the contract; the C kernels
+of kernels/gguf_blocks.py meet it bit for bit). Each output element is one fixed chain over its
+row's blocks, so a row's result never depends on the batch, its position, the thread count or the
+instruction set: the mode is `batch_invariant` at no extra cost.
+
+* The embedding table stays in its blocks too; a lookup decodes only the rows it needs (the values
+  equal the float modes' table bit for bit). With tied embeddings the LM head runs on the same blocks.
+* q/k/v and gate/up projections of the same block type are fused into one call (their rows side by
+  side): the kernel computes every output element on its own, so fusing changes no bit.
+* Norms, rotary embeddings, attention and the residual stream are fp32; the KV cache is fp32.
+* A linear the file stores in float (F32/F16/BF16) runs on the fixed-order fp32 C kernel.
+
+CPU only, GGUF files only: an HF folder has no blocks to run (use fp32, bf16, w4 ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ditto.models.layers import Embedding
+from ditto.numerics.base import NumericsMode, register
+from ditto.numerics.kernels import gguf_reference
+
+
+class GGUFLinear(nn.Module):
+    """nn.Linear replacement computed on raw GGUF blocks: uint8 (out_features, row_bytes), fp32 output."""
+
+    batch_invariant_kernel = True  # rows never depend on the batch (padded.make_invariant skips it)
+
+    def __init__(self, blocks: torch.Tensor, kind: str, in_features: int, bias: torch.Tensor | None = None):
+        super().__init__()
+        if kind not in gguf_reference.BLOCKS:
+            raise ValueError(f"no gguf kernel for {kind}; supported: {', '.join(gguf_reference.KINDS)}")
+        if blocks.shape[1] != gguf_reference.row_bytes(kind, in_features):
+            raise ValueError(f"{kind} rows of {blocks.shape[1]} bytes do not hold {in_features} inputs")
+        self.kind, self.in_features, self.out_features = kind, in_features, blocks.shape[0]
+        self.register_buffer("blocks", blocks, persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone(), persistent=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> GGUFLinear | None:
+        """The block linear for a loaded nn.Linear, or None when its weight has no GGUF blocks."""
+        source = getattr(linear, "gguf_source", None)
+        if source is None or source.kind not in gguf_reference.BLOCKS:
+            return None
+        bias = None if linear.bias is None or linear.bias.is_meta else linear.bias
+        return cls(source.rows(), source.kind, linear.in_features, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ditto.numerics.kernels.gguf_blocks import block_linear
+
+        return block_linear(x, self.blocks, self.kind, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}"
+
+
+def fuse_linears(linears: list[nn.Module]) -> GGUFLinear | None:
+    """One GGUFLinear whose output is the given ones' side by side, when they share block type and
+    input size and all or none have a bias; else None."""
+    if not linears or not all(isinstance(lin, GGUFLinear) for lin in linears):
+        return None
+    first = linears[0]
+    if any(lin.kind != first.kind or lin.in_features != first.in_features for lin in linears):
+        return None
+    biases = [lin.bias for lin in linears]
+    if any(b is None for b in biases) and not all(b is None for b in biases):
+        return None
+    bias = None if biases[0] is None else torch.cat(biases)
+    return GGUFLinear(torch.cat([lin.blocks for lin in linears]), first.kind, first.in_features, bias)
+
+
+class BlockEmbedding(nn.Module):
+    """Embedding lookup that decodes only the looked-up rows from the file's blocks (fp32 output)."""
+
+    def __init__(self, blocks: torch.Tensor, kind: str, dim: int, scale: float = 1.0):
+        super().__init__()
+        self.kind, self.dim, self.scale = kind, dim, scale
+        self.register_buffer("blocks", blocks, persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.blocks[ids.reshape(-1)].numpy()  # (T, row_bytes)
+        x = torch.from_numpy(np.ascontiguousarray(gguf_reference.dequantize(rows, self.kind, self.dim)))
+        x = x.reshape(*ids.shape, self.dim)
+        if self.scale != 1.0:
+            x = x * torch.tensor(self.scale, dtype=torch.float32)  # as Embedding: scale in the table's dtype
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{self.blocks.shape[0]}, {self.dim}, kind={self.kind}"
+
+
+@dataclass(frozen=True)
+class GGUFMode(NumericsMode):
+    runs_on_blocks: bool = True  # LLM loads the file without decoding its blocks
+
+    def convert_linear(self, linear: nn.Linear) -> nn.Module:
+        block = GGUFLinear.from_linear(linear)
+        if block is not None:
+            return block
+        if linear.weight.is_meta:
+            raise ValueError(f"a {type(linear).__name__} has neither GGUF blocks nor loaded weights")
+        from ditto.numerics.kernels.batch_invariant import InvariantLinear
+
+        return InvariantLinear.from_linear(linear, compute_dtype=torch.float32)
+
+    def convert_embedding(self, emb: nn.Module) -> nn.Module:
+        source = getattr(emb, "gguf_source", None)
+        if isinstance(emb, Embedding) and source is not None and source.kind in gguf_reference.BLOCKS:
+            return BlockEmbedding(source.rows(), source.kind, emb.weight.shape[1], emb.scale)
+        return super().convert_embedding(emb)
+
+    def prepare(self, loaded, config):
+        from ditto.models.decoder import fuse_projections
+        from ditto.numerics import Prepared
+
+        if torch.device(config.device).type != "cpu":
+            raise ValueError(f"numerics 'gguf' runs on the CPU only (device {config.device!r}); use fp32 or bf16")
+        if loaded.format != "gguf":
+            raise ValueError(
+                f"numerics 'gguf' computes on a GGUF file's own weight blocks; {loaded.path} is an "
+                f"{loaded.format} folder with none: use fp32, bf16, w8a8 or w4"
+            )
+        model = self.apply(loaded.model)
+        fuse_projections(model, fuse_linears)
+        blocks = [m for m in model.modules() if isinstance(m, GGUFLinear)]
+        kinds = sorted({m.kind for m in blocks})
+        info = {"weight_blocks": kinds, "block_linears": len(blocks)}
+        return Prepared(model, torch.float32, torch.float32, self, info=info)
+
+
+GGUF = register(
+    GGUFMode(
+        "gguf",
+        torch.float32,
+        "the GGUF file's own blocks (Q4_0 ... Q6_K), 8-bit activation blocks",
+        "fp32",
+        description="runs a GGUF file on its own quantised blocks like llama.cpp; batch invariant by construction",
+    )
+)
+
+__all__ = ["GGUF", "BlockEmbedding", "GGUFLinear", "GGUFMode", "fuse_linears"]
