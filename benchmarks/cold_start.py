@@ -5,10 +5,10 @@
 Measured for a 16-token greedy chat answer to "What is 17 * 23?" (each a new process, runs interleaved,
 median and best of --reps):
 
-- `ditto generate` (the CLI, as a user runs it) under the default (`fast`), `--determinism batch_invariant`
-  and `--determinism exact`: total wall time to exit, time to the first byte of the answer on stdout,
-  peak RSS (the child's ru_maxrss from wait4);
-- the Python API in a child process (same three levels, and llama-cpp-python): import, `LLM()` /
+- `ditto generate` (the CLI, as a user runs it) under the default (`fast`), `--determinism batch_invariant`,
+  `--determinism exact` and `--numerics gguf` (the file's own blocks, batch invariant): total wall time to
+  exit, time to the first byte of the answer on stdout, peak RSS (the child's ru_maxrss from wait4);
+- the Python API in a child process (same four configurations, and llama-cpp-python): import, `LLM()` /
   `Llama()` construction, time from launch to the first token, to the answer, peak RSS;
 - `ditto serve`: time from launch until GET /health answers 200, and its peak RSS by then.
 
@@ -35,7 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 DITTO = [str(Path(PY).parent / "ditto")] if (Path(PY).parent / "ditto").exists() else [PY, "-m", "ditto.cli"]
 PROMPT = "What is 17 * 23?"
-LEVELS = {"default": [], "batch_invariant": ["--determinism", "batch_invariant"], "exact": ["--determinism", "exact"]}
+LEVELS = {
+    "default": [],
+    "batch_invariant": ["--determinism", "batch_invariant"],
+    "exact": ["--determinism", "exact"],
+    "gguf": ["--numerics", "gguf", "--determinism", "batch_invariant"],  # the file's own blocks
+}
 
 API_CHILD = r"""
 import json, os, resource, sys, time
@@ -161,8 +166,8 @@ def main() -> int:
     from ditto.loader.registry import resolve_model
 
     gguf = str(resolve_model(args.model))
-    numerics = {"default": "fp32", "batch_invariant": "fp32", "exact": "integer"}
-    det = {"default": "fast", "batch_invariant": "batch_invariant", "exact": "exact"}
+    numerics = {"default": "fp32", "batch_invariant": "fp32", "exact": "integer", "gguf": "gguf"}
+    det = {"default": "fast", "batch_invariant": "batch_invariant", "exact": "exact", "gguf": "batch_invariant"}
     jobs: dict[str, Callable[[], dict]] = {}
     for level in LEVELS:
         jobs[f"ditto generate ({level})"] = lambda lv=level: run_cli(args, lv)
