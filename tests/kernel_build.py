@@ -5,14 +5,31 @@ from __future__ import annotations
 import pytest
 
 from ditto.engine import attention_c
-from ditto.numerics.kernels import batch_invariant, integer_attention_c, integer_elementwise_c, noise_c
+from ditto.numerics.kernels import (
+    batch_invariant,
+    gguf_blocks,
+    gguf_lut,
+    integer_attention_c,
+    integer_elementwise_c,
+    noise_c,
+    rowops,
+)
 from ditto.numerics.kernels.cbuild import CLibrary
 
 PORTABLE_FLAGS = ("-O2", "-fopenmp", "-shared", "-fPIC")
 # every run-time C kernel of the package (one per file in ditto/csrc)
 KERNELS: dict[str, CLibrary] = {
     m.__name__.rsplit(".", 1)[-1]: m._LIBRARY
-    for m in (attention_c, batch_invariant, integer_attention_c, integer_elementwise_c, noise_c)
+    for m in (
+        attention_c,
+        batch_invariant,
+        gguf_blocks,
+        gguf_lut,
+        integer_attention_c,
+        integer_elementwise_c,
+        noise_c,
+        rowops,
+    )
 }
 
 
