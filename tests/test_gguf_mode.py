@@ -8,7 +8,7 @@ import torch
 from ditto import LLM, SamplingParams
 from ditto.loader.load import load
 from ditto.loader.registry import bundled_path
-from ditto.numerics.gguf_native import BlockEmbedding, GGUFLinear
+from ditto.numerics.gguf_native import BlockEmbedding, GGUFLinear, RowRMSNorm, RowRotary
 from ditto.numerics.kernels.gguf_blocks import block_linear
 
 PROMPTS = ["What is 17 * 23?", "Name three primes.", "Say hello in French, then count to five."]
@@ -44,6 +44,8 @@ def test_runs_on_blocks_fused(llm):
     assert isinstance(mlp.gate_up_proj, GGUFLinear) and mlp.gate_proj is None
     assert isinstance(model.embed, BlockEmbedding) and isinstance(model.lm_head, GGUFLinear)
     assert model.lm_head.kind == "Q8_0" and llm.numerics.info["weight_blocks"] == ["Q4_1", "Q8_0"]
+    assert isinstance(model.layers[0].input_norm, RowRMSNorm) and isinstance(model.norm, RowRMSNorm)
+    assert isinstance(attn.rotary, RowRotary)
 
 
 def test_fusion_changes_no_bit():

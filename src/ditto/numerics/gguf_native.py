@@ -13,6 +13,8 @@ instruction set: the mode is `batch_invariant` at no extra cost.
 * q/k/v and gate/up projections of the same block type are fused into one call (their rows side by
   side): the kernel computes every output element on its own, so fusing changes no bit.
 * Norms, rotary embeddings, attention and the residual stream are fp32; the KV cache is fp32.
+  RMSNorm and RoPE run as one C call each (kernels/rowops.py): the norm's sum of squares in a
+  fixed order of its own (the bits depend on the row alone), RoPE bit-equal to the torch ops.
 * A linear the file stores in float (F32/F16/BF16) runs on the fixed-order fp32 C kernel.
 
 CPU only, GGUF files only: an HF folder has no blocks to run (use fp32, bf16, w4 ...).
@@ -26,9 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ditto.models.layers import Embedding
+from ditto.models.layers import Embedding, RMSNorm, Rotary
 from ditto.numerics.base import NumericsMode, register
-from ditto.numerics.kernels import gguf_reference
+from ditto.numerics.kernels import gguf_reference, rowops
 
 
 class GGUFLinear(nn.Module):
@@ -99,6 +101,32 @@ class BlockEmbedding(nn.Module):
         return f"{self.blocks.shape[0]}, {self.dim}, kind={self.kind}"
 
 
+class RowRMSNorm(nn.Module):
+    """RMSNorm in one C call, its sum of squares in a fixed order (kernels/rowops.py): fp32 in and out."""
+
+    def __init__(self, norm: RMSNorm):
+        super().__init__()
+        self.eps, self.offset = float(norm.eps), float(norm.offset)
+        self.register_buffer("weight", norm.weight.detach().float().contiguous(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rowops.rmsnorm(x, self.weight, self.offset, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, offset={self.offset}"
+
+
+class RowRotary(Rotary):
+    """Rotary in one C call: the same bits as Rotary's torch ops, from the same tables."""
+
+    def __init__(self, rotary: Rotary):
+        super().__init__(rotary.dim, rotary.theta, rotary.scaling, rotary.max_position)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.tables(int(positions.max()) + 1)
+        return rowops.rope(x, positions, cos, sin)
+
+
 @dataclass(frozen=True)
 class GGUFMode(NumericsMode):
     runs_on_blocks: bool = True  # LLM loads the file without decoding its blocks
@@ -118,6 +146,12 @@ class GGUFMode(NumericsMode):
         if isinstance(emb, Embedding) and source is not None and source.kind in gguf_reference.BLOCKS:
             return BlockEmbedding(source.rows(), source.kind, emb.weight.shape[1], emb.scale)
         return super().convert_embedding(emb)
+
+    def convert_norm(self, norm: nn.Module) -> nn.Module:
+        return RowRMSNorm(norm)
+
+    def convert_rotary(self, rotary: nn.Module) -> nn.Module:
+        return RowRotary(rotary)
 
     def prepare(self, loaded, config):
         from ditto.models.decoder import fuse_projections
@@ -148,4 +182,4 @@ GGUF = register(
     )
 )
 
-__all__ = ["GGUF", "BlockEmbedding", "GGUFLinear", "GGUFMode", "fuse_linears"]
+__all__ = ["GGUF", "BlockEmbedding", "GGUFLinear", "GGUFMode", "RowRMSNorm", "RowRotary", "fuse_linears"]
