@@ -65,9 +65,21 @@ class KVCache:
         q = torch.round(x.float() / scale[..., None]).clamp_(-127, 127).to(torch.int8)
         return q, scale
 
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v (T, Hkv, D) at flat slot indices (T,) = block * block_size + offset."""
-        block, off = slots // self.block_size, slots % self.block_size
+    def where(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block, offset) of flat slot indices (T,) = block * block_size + offset."""
+        return slots // self.block_size, slots % self.block_size
+
+    def write(
+        self,
+        layer: int,
+        slots: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        where: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """Store k, v (T, Hkv, D) at flat slot indices (T,) = block * block_size + offset (`where`:
+        those slots' (block, offset), when the caller has them already)."""
+        block, off = self.where(slots) if where is None else where
         if self.quantized:
             (kq, ks), (vq, vs) = self._quant(k), self._quant(v)
             self.k[layer][block, :, :, off] = kq  # advanced indices first: (T, Hkv, D)
@@ -182,17 +194,23 @@ class PagedAttention:
         self.scale = scale
         self.h = num_heads
         self._kernel_rows: tuple | None = None
+        self._where: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None):
-        self.cache.write(layer, self.slots, k, v)  # write before reading: every path reads the cache
+        if self._where is None:  # the same slots in every layer: their (block, offset) once per step
+            self._where = self.cache.where(self.slots)
+        self.cache.write(layer, self.slots, k, v, self._where)  # write before reading: every path reads the cache
         qf = q.float() * self.scale
         out = torch.empty(q.shape, dtype=torch.float32)
         if self._kernel_rows is None:  # decided once per step: the C kernel when it can read this cache
             use = not self.cache.quantized and attention_c.supports(self.cache.k[0])
-            self._kernel_rows = kernel_rows(self.decode, self.prefills) if use else ()
+            rows = kernel_rows(self.decode, self.prefills) if use else ()
+            if rows:  # checked once: every layer's call reads the same rows
+                rows = attention_c.check_rows(*rows, self.cache.block_size, q.shape[0])
+            self._kernel_rows = rows
         if self._kernel_rows:
             attention_c.attend(
-                qf.contiguous(), self.cache.k[layer], self.cache.v[layer], *self._kernel_rows, window, out
+                qf.contiguous(), self.cache.k[layer], self.cache.v[layer], *self._kernel_rows, window, out, checked=True
             )
             return out.to(q.dtype)
         if self.decode is not None:

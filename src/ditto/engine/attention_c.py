@@ -27,7 +27,7 @@ import torch
 
 from ditto.numerics.kernels.cbuild import CLibrary
 
-__all__ = ["attend", "kernel_available", "kernel_status", "supports"]
+__all__ = ["attend", "check_rows", "kernel_available", "kernel_status", "supports"]
 
 
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -57,6 +57,23 @@ def supports(k: torch.Tensor) -> bool:
     return k.device.type == "cpu" and k.dtype in _KINDS and kernel_available()
 
 
+def check_rows(
+    tokens: torch.Tensor, positions: torch.Tensor, table: torch.Tensor, table_row: torch.Tensor, bs: int, t: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The row description `attend` reads (int64, contiguous), checked against a cache of block size
+    bs and t query tokens: done once per step, then every layer calls attend(..., checked=True)."""
+    tokens, positions = tokens.to(torch.int64).contiguous(), positions.to(torch.int64).contiguous()
+    table, table_row = table.to(torch.int64).contiguous(), table_row.to(torch.int64).contiguous()
+    if tokens.numel() and (
+        int(positions.max()) >= table.shape[1] * bs
+        or int(positions.min()) < 0
+        or int(tokens.max()) >= t
+        or int(table_row.max()) >= len(table)
+    ):
+        raise ValueError("attend: a position, token or table row is out of range")
+    return tokens, positions, table, table_row
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -67,6 +84,8 @@ def attend(
     table_row: torch.Tensor,
     window: int | None,
     out: torch.Tensor,
+    *,
+    checked: bool = False,
 ) -> None:
     """Attention of query rows over one layer's paged cache, written into `out`.
 
@@ -88,10 +107,8 @@ def attend(
     n = tokens.numel()
     if n == 0:
         return
-    tokens, positions = tokens.to(torch.int64).contiguous(), positions.to(torch.int64).contiguous()
-    table, table_row = table.to(torch.int64).contiguous(), table_row.to(torch.int64).contiguous()
-    if int(positions.max()) >= table.shape[1] * bs or int(tokens.max()) >= t or int(table_row.max()) >= len(table):
-        raise ValueError("attend: a position, token or table row is out of range")
+    if not checked:
+        tokens, positions, table, table_row = check_rows(tokens, positions, table, table_row, bs, t)
     win = -1 if window is None else max(0, int(window))
     rc = lib.ditto_attend(
         q.data_ptr(), h, hkv, d, k.data_ptr(), v.data_ptr(), bs, _KINDS[k.dtype],
