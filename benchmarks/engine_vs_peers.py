@@ -4,6 +4,10 @@
         [--single-tokens 128] [--engines ditto-fp32,ditto-bf16,hf-fp32,hf-bf16,llama.cpp,vllm-fp32,vllm-bf16]
         [--json out.json]
 
+A ditto engine is `ditto-<numerics>[@<determinism>]`: `ditto-fp32@batch_invariant`, `ditto-gguf` (the
+file's own Q4_1 blocks, batch invariant by construction), `ditto-integer@exact`; without `@` the
+level is `fast`.
+
 Model: the bundled SmolLM2-135M-Instruct Q4_1 GGUF (``--model``), loaded by ditto (dequantised to the
 mode's dtype), by transformers' GGUF loader (``from_pretrained(dir, gguf_file=name)``, dequantised to
 fp32 or bf16), by llama-cpp-python (runs the Q4_1 weights as they are) and by vLLM's CPU build (an HF
@@ -67,14 +71,17 @@ def load() -> float:
 
 
 class DittoEngine:
-    def __init__(self, model: str, numerics: str, threads: int, max_num_seqs: int):
+    def __init__(self, model: str, spec: str, threads: int, max_num_seqs: int):
+        """spec: `<numerics>[@<determinism>]` (fp32, bf16@batch_invariant, gguf, integer@exact ...)."""
         from ditto import LLM
 
-        self.name = f"ditto-{numerics}"
+        numerics, _, determinism = spec.partition("@")
+        self.name = f"ditto-{spec}"
         self.dtype = numerics
         self.llm = LLM(
             model,
             numerics=numerics,
+            determinism=determinism or "fast",
             progress=False,
             threads=threads,
             max_num_seqs=max_num_seqs,
@@ -383,12 +390,21 @@ def agreement(ids: dict[str, list[list[int]]]) -> dict:
     for name, mine in ids.items():
         if name == "ditto-fp32":
             continue
-        refs = dict.fromkeys(r for r in (SAME_DTYPE_DITTO.get(name), "ditto-fp32") if r in ids)
+        same = SAME_DTYPE_DITTO.get(name) or (base(name) if base(name) != name else None)
+        refs = dict.fromkeys(r for r in (same, "ditto-fp32") if r in ids and r != name)
         for ref in refs:
             out[f"{name} vs {ref}"] = _compare(mine, ids[ref])
     if "vllm-fp32" in ids and "hf-fp32" in ids:
         out["vllm-fp32 vs hf-fp32"] = _compare(ids["vllm-fp32"], ids["hf-fp32"])
+    for name in ids:  # the engines that run the file's own blocks
+        if base(name) == "ditto-gguf" and "llama.cpp" in ids:
+            out[f"{name} vs llama.cpp"] = _compare(ids[name], ids["llama.cpp"])
     return out
+
+
+def base(name: str) -> str:
+    """An engine's name without its determinism level: ditto-fp32@batch_invariant -> ditto-fp32."""
+    return name.partition("@")[0]
 
 
 def ratio(a: float | None, b: float | None) -> str:
@@ -423,8 +439,8 @@ def print_tables(res: dict) -> None:
         llama = single.get("llama.cpp", {}).get("decode_tok_s")
         for name, r in single.items():
             roof = res["roofline"].get(name, {}).get("sum_tok_s")
-            hf = single.get(hf_of.get(name, ""), {}).get("decode_tok_s")
-            vl = single.get(vllm_of.get(name, ""), {}).get("decode_tok_s")
+            hf = single.get(hf_of.get(base(name), ""), {}).get("decode_tok_s")
+            vl = single.get(vllm_of.get(base(name), ""), {}).get("decode_tok_s")
             t.add_row(
                 name,
                 f"{r['decode_tok_s']:.1f}",
@@ -453,8 +469,8 @@ def print_tables(res: dict) -> None:
             t.add_column(c, justify="left" if c in ("engine", "note") else "right")
         llama = batched.get("llama.cpp", {}).get("tok_s")
         for name, r in batched.items():
-            hf = batched.get(hf_of.get(name, ""), {}).get("tok_s")
-            vl = batched.get(vllm_of.get(name, ""), {}).get("tok_s")
+            hf = batched.get(hf_of.get(base(name), ""), {}).get("tok_s")
+            vl = batched.get(vllm_of.get(base(name), ""), {}).get("tok_s")
             note = ""
             if name == "llama.cpp":
                 note = f"best single stream {r['best_single_decode_tok_s']:.1f} tok/s"
