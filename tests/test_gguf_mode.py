@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from ditto import LLM, SamplingParams
 from ditto.loader.load import load
 from ditto.loader.registry import bundled_path
-from ditto.numerics.gguf_native import BlockEmbedding, GGUFLinear, RowRMSNorm, RowRotary
+from ditto.numerics.gguf_native import BlockEmbedding, GGUFBlock, GGUFLinear, RowRMSNorm, RowRotary
 from ditto.numerics.kernels.gguf_blocks import block_linear
 
 PROMPTS = ["What is 17 * 23?", "Name three primes.", "Say hello in French, then count to five."]
@@ -39,12 +40,14 @@ def test_loads_without_decoding_blocks():
 
 def test_runs_on_blocks_fused(llm):
     model = llm.numerics.model
-    attn, mlp = model.layers[0].attn, model.layers[0].mlp
+    assert all(isinstance(b, GGUFBlock) for b in model.layers) and llm.numerics.info["lean_layers"] == 30
+    layer = model.layers[0].block
+    attn, mlp = layer.attn, layer.mlp
     assert isinstance(attn.qkv_proj, GGUFLinear) and attn.q_proj is None
     assert isinstance(mlp.gate_up_proj, GGUFLinear) and mlp.gate_proj is None
     assert isinstance(model.embed, BlockEmbedding) and isinstance(model.lm_head, GGUFLinear)
     assert model.lm_head.kind == "Q8_0" and llm.numerics.info["weight_blocks"] == ["Q4_1", "Q8_0"]
-    assert isinstance(model.layers[0].input_norm, RowRMSNorm) and isinstance(model.norm, RowRMSNorm)
+    assert isinstance(layer.input_norm, RowRMSNorm) and isinstance(model.norm, RowRMSNorm)
     assert isinstance(attn.rotary, RowRotary)
 
 
@@ -58,6 +61,20 @@ def test_fusion_changes_no_bit():
 
     fused = fuse_linears([GGUFLinear.from_linear(p) for p in parts])
     assert torch.equal(fused(x), alone)
+
+
+def test_lean_blocks_change_no_bit(llm):
+    """GGUFBlock calls the same kernels as the modules it wraps: the same tokens and logprobs, bit for bit."""
+    model = llm.numerics.model
+    lean_layers = model.layers
+    lean = _run(llm, PROMPTS)
+    model.layers = nn.ModuleList(b.block for b in lean_layers)
+    try:
+        modules = _run(llm, PROMPTS)
+    finally:
+        model.layers = lean_layers
+    assert [t for t, _ in lean] == [t for t, _ in modules]
+    assert all(torch.equal(_logprob_tensor(a), _logprob_tensor(b)) for (_, a), (_, b) in zip(lean, modules))
 
 
 def test_embedding_rows_equal_the_decoded_table():
@@ -95,7 +112,7 @@ def test_gemma_k_quants_unfused_where_types_differ():
     kinds = llm.numerics.info["weight_blocks"]
     assert {"Q4_K", "Q6_K", "Q5_0", "Q8_0"} <= set(kinds)
     layers = llm.numerics.model.layers
-    fused = [blk.attn.qkv_proj is not None for blk in layers]
+    fused = [getattr(blk, "block", blk).attn.qkv_proj is not None for blk in layers]
     assert any(fused) and not all(fused)  # v is Q8_0 in half of the layers: those stay three calls
     out = _run(llm, ["The capital of France is"], n=6)[0]
     assert len(out[0]) == 6 and torch.isfinite(_logprob_tensor(out[1])).all()

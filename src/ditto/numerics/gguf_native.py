@@ -127,6 +127,64 @@ class RowRotary(Rotary):
         return rowops.rope(x, positions, cos, sin)
 
 
+class GGUFBlock(nn.Module):
+    """A decoder layer of this mode with the fewest Python dispatches: the same kernels, on the same
+    values, in the same order as `Block`'s modules (so the same bits), called directly instead of
+    through eleven module calls; q and k rotate in one call (both are views of the fused qkv rows).
+
+    At batch 1 a decode step of a small model is mostly dispatch: this keeps only the kernels.
+    Built by `GGUFBlock.wrap` for a block whose parts this mode converted (fused qkv and gate/up on
+    blocks, C norms and rotary); any other block stays as it is."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+        attn = block.attn
+        self.h, self.kv, self.d = attn.h, attn.kv, attn.d
+        self.layer, self.window = attn.layer, attn.window
+        self.q_cols, self.kv_cols = attn.h * attn.d, attn.kv * attn.d
+
+    @staticmethod
+    def wrap(block: nn.Module) -> nn.Module:
+        attn, mlp = block.attn, block.mlp
+        norms = [block.input_norm, block.pre_ffn_norm, block.post_attn_norm, block.post_ffn_norm]
+        ok = (
+            isinstance(attn.qkv_proj, GGUFLinear)
+            and isinstance(attn.o_proj, GGUFLinear)
+            and isinstance(mlp.gate_up_proj, GGUFLinear)
+            and isinstance(mlp.down_proj, GGUFLinear)
+            and all(n is None or isinstance(n, RowRMSNorm) for n in norms)
+            and attn.q_norm is None
+            and isinstance(attn.rotary, RowRotary)
+        )
+        return GGUFBlock(block) if ok else block
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
+        b = self.block
+        attn, mlp = b.attn, b.mlp
+        t = x.shape[0]
+        n = b.input_norm.weight
+        h = rowops.rmsnorm(x, n, b.input_norm.offset, b.input_norm.eps)
+        qkv = attn.qkv_proj.forward(h)  # (T, (H + 2 Hkv) D)
+        cos, sin = attn.rotary.tables(int(positions.max()) + 1)
+        qk = qkv[:, : self.q_cols + self.kv_cols].view(t, self.h + self.kv, self.d)  # (T, H + Hkv, D)
+        qk = rowops.rope(qk, positions, cos, sin)
+        q, k = qk[:, : self.h], qk[:, self.h :]
+        v = qkv[:, self.q_cols + self.kv_cols :].view(t, self.kv, self.d)  # (T, Hkv, D)
+        out = ctx.attention(self.layer, q, k, v, self.window)  # (T, H, D)
+        a = attn.o_proj.forward(out.reshape(t, self.q_cols))
+        if b.post_attn_norm is not None:
+            a = b.post_attn_norm.forward(a)
+        x = x + a
+        n = b.pre_ffn_norm
+        h = rowops.rmsnorm(x, n.weight, n.offset, n.eps)
+        gate, up = mlp.gate_up_proj.forward(h).chunk(2, dim=-1)
+        f = mlp.down_proj.forward(mlp.act.forward(gate) * up)
+        if b.post_ffn_norm is not None:
+            f = b.post_ffn_norm.forward(f)
+        return x + f
+
+
 @dataclass(frozen=True)
 class GGUFMode(NumericsMode):
     runs_on_blocks: bool = True  # LLM loads the file without decoding its blocks
@@ -166,9 +224,11 @@ class GGUFMode(NumericsMode):
             )
         model = self.apply(loaded.model)
         fuse_projections(model, fuse_linears)
+        model.layers = nn.ModuleList(GGUFBlock.wrap(b) for b in model.layers)
         blocks = [m for m in model.modules() if isinstance(m, GGUFLinear)]
         kinds = sorted({m.kind for m in blocks})
-        info = {"weight_blocks": kinds, "block_linears": len(blocks)}
+        lean = sum(isinstance(b, GGUFBlock) for b in model.layers)
+        info = {"weight_blocks": kinds, "block_linears": len(blocks), "lean_layers": lean}
         return Prepared(model, torch.float32, torch.float32, self, info=info)
 
 
@@ -182,4 +242,4 @@ GGUF = register(
     )
 )
 
-__all__ = ["GGUF", "BlockEmbedding", "GGUFLinear", "GGUFMode", "RowRMSNorm", "RowRotary", "fuse_linears"]
+__all__ = ["GGUF", "BlockEmbedding", "GGUFBlock", "GGUFLinear", "GGUFMode", "RowRMSNorm", "RowRotary", "fuse_linears"]
