@@ -65,9 +65,20 @@ class KVCache:
         q = torch.round(x.float() / scale[..., None]).clamp_(-127, 127).to(torch.int8)
         return q, scale
 
-    def where(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(block, offset) of flat slot indices (T,) = block * block_size + offset."""
-        return slots // self.block_size, slots % self.block_size
+    def where(self, slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Where flat slot indices (T,) = block * block_size + offset live: (block, offset), and for a
+        float cache the element indices of every (token, head, channel) in one layer's K and V
+        tensors taken flat, so that a write is one `put_` per tensor (the same indices in every layer)."""
+        block, off = slots // self.block_size, slots % self.block_size
+        if self.quantized:
+            return block, off
+        _, hkv, d, bs = self.k[0].shape
+        heads = torch.arange(hkv)[None, :, None]  # (1, Hkv, 1)
+        chans = torch.arange(d)[None, None, :]  # (1, 1, D)
+        head_block = block[:, None, None] * hkv + heads  # (T, Hkv, 1)
+        k_index = (head_block * d + chans) * bs + off[:, None, None]  # (T, Hkv, D) into (NB, Hkv, D, bs)
+        v_index = (head_block * bs + off[:, None, None]) * d + chans  # (T, Hkv, D) into (NB, Hkv, bs, D)
+        return block, off, k_index.reshape(-1), v_index.reshape(-1)
 
     def write(
         self,
@@ -75,20 +86,21 @@ class KVCache:
         slots: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        where: tuple[torch.Tensor, torch.Tensor] | None = None,
+        where: tuple[torch.Tensor, ...] | None = None,
     ) -> None:
         """Store k, v (T, Hkv, D) at flat slot indices (T,) = block * block_size + offset (`where`:
-        those slots' (block, offset), when the caller has them already)."""
-        block, off = self.where(slots) if where is None else where
-        if self.quantized:
+        `self.where(slots)`, when the caller has it already)."""
+        where = self.where(slots) if where is None else where
+        if not self.quantized:
+            self.k[layer].put_(where[2], k.to(self.dtype).reshape(-1))  # (T, Hkv, D) flat
+            self.v[layer].put_(where[3], v.to(self.dtype).reshape(-1))
+        else:
+            block, off = where[0], where[1]
             (kq, ks), (vq, vs) = self._quant(k), self._quant(v)
             self.k[layer][block, :, :, off] = kq  # advanced indices first: (T, Hkv, D)
             self.v[layer][block, :, off, :] = vq
             self.k_scale[layer][block, :, 0, off] = ks
             self.v_scale[layer][block, :, off, 0] = vs
-        else:
-            self.k[layer][block, :, :, off] = k.to(self.dtype)
-            self.v[layer][block, :, off, :] = v.to(self.dtype)
 
     def read(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 K^T (nb, Hkv, D, bs) and V (nb, Hkv, bs, D) of the given blocks."""
@@ -194,10 +206,10 @@ class PagedAttention:
         self.scale = scale
         self.h = num_heads
         self._kernel_rows: tuple | None = None
-        self._where: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._where: tuple[torch.Tensor, ...] | None = None
 
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None):
-        if self._where is None:  # the same slots in every layer: their (block, offset) once per step
+        if self._where is None:  # the same slots in every layer: where they live, once per step
             self._where = self.cache.where(self.slots)
         self.cache.write(layer, self.slots, k, v, self._where)  # write before reading: every path reads the cache
         qf = q.float() * self.scale
