@@ -3,7 +3,8 @@
 Endpoints
   GET  /v1/models                 the one served model (+ `ditto`: numerics, determinism, digests, engine)
   POST /v1/completions            prompt: str | [str] | [int] | [[int]]; stream, n, seed, logprobs (0-20), stop,
-                                  max_tokens, temperature, top_p, presence/frequency_penalty
+                                  max_tokens, temperature, top_p, presence/frequency_penalty; echo with
+                                  max_tokens 0 scores the prompt (its logprobs, see ditto.server.echo)
   POST /v1/chat/completions       messages (text content); logprobs + top_logprobs; max_tokens or
                                   max_completion_tokens (both: default 512, capped at the room the context leaves)
   GET  /v1/receipts/{id}          a receipt this server issued (canonical JSON)
@@ -18,7 +19,8 @@ Identifiers (model id, receipt id, system_fingerprint): see ditto.server.state.
 
 ditto extensions accepted in both generation bodies: top_k, min_p, repetition_penalty, min_tokens,
 ignore_eos, stop_token_ids, skip_special_tokens, include_stop_str_in_output, fingerprint_k
-(Activation-DiFR fingerprints in the receipt) and ditto_receipt (inline the receipts). Unknown
+(Activation-DiFR fingerprints in the receipt), ditto_receipt (inline the receipts) and vLLM's
+return_tokens_as_token_ids (logprobs name tokens "token_id:<id>"). Unknown
 fields are a 400 (a misspelt sampling option must not silently change nothing); logit_bias and
 best_of != n are refused because they would not be replayable. A request without `seed` gets a
 random one, reported back.
@@ -47,6 +49,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ditto.server.echo import echo_response
 from ditto.server.engine_loop import Metrics
 from ditto.server.protocol import (
     ApiError,
@@ -173,10 +176,10 @@ def _add_generation_routes(app: FastAPI, st: ServerState, guarded: list) -> None
     async def completions(request: Request):
         body = parse_body(CompletionRequest, await read_json(request, st.max_body_bytes))
         check_model(st, body.model)
-        if body.echo:
-            raise ApiError(400, "echo is not supported", param="echo")
         if body.suffix:
             raise ApiError(400, "suffix is not supported", param="suffix")
+        if body.echo:
+            return await echo_response(st, body)
         prompts = completion_prompts(st, body.prompt)
         max_tokens = max_tokens_for(st, body.max_tokens, prompts)
         params = sampling_params(body, max_tokens, body.logprobs)

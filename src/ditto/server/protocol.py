@@ -73,6 +73,7 @@ class _SamplingFields(_Strict):
     include_stop_str_in_output: bool = False
     fingerprint_k: Literal[0, 8, 16, 32] = 0
     ditto_receipt: bool = False  # also return the full receipts inline (ids are always returned)
+    return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens "token_id:<id>", not by text
     # accepted only at their neutral values (anything else changes sampling in ways ditto does not do)
     logit_bias: dict[str, float] | None = None
     best_of: int | None = None
@@ -81,7 +82,7 @@ class _SamplingFields(_Strict):
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = None
-    echo: bool = False
+    echo: bool = False  # scoring only (max_tokens 0): the prompt's logprobs, see ditto.server.echo
     suffix: str | None = None
 
 

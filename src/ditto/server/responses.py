@@ -9,6 +9,7 @@ import json
 import math
 import time
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from fastapi import Request
@@ -78,39 +79,47 @@ def _clean(x: float) -> float:
     return x if math.isfinite(x) else -9999.0
 
 
-def _logprobs(st: ServerState, kind: str, c: _Choice, start: int, end: int, want_top: bool, offset: int = 0):
+def piece_namer(st: ServerState, body) -> Callable[[int], str]:
+    """How tokens are named in logprobs: their text, or "token_id:<id>" when the request sets vLLM's
+    `return_tokens_as_token_ids` (so clients get exact ids for sampled and top tokens)."""
+    if getattr(body, "return_tokens_as_token_ids", False):
+        return lambda t: f"token_id:{t}"
+    return st.piece
+
+
+def _logprobs(name: Callable[[int], str], kind: str, c: _Choice, start: int, end: int, want_top: bool, offset=0):
     ids, lps, tops = c.ids[start:end], c.logprobs[start:end], c.tops[start:end]
     if kind == "chat":
         content = []
         for i, tok in enumerate(ids):
-            piece = st.piece(tok)
+            piece = name(tok)
             top = []
             if want_top and i < len(tops):
                 top = [
-                    {"token": st.piece(t), "logprob": _clean(v), "bytes": list(st.piece(t).encode())}
+                    {"token": name(t), "logprob": _clean(v), "bytes": list(name(t).encode())}
                     for t, v in tops[i].items()
                 ]
             content.append(
                 {"token": piece, "logprob": _clean(lps[i]), "bytes": list(piece.encode()), "top_logprobs": top}
             )
         return {"content": content}
-    tokens = [st.piece(t) for t in ids]
+    tokens = [name(t) for t in ids]
     offsets, at = [], offset
     for t in tokens:
         offsets.append(at)
         at += len(t)
     top = None
     if want_top:
-        top = [_top_dict(st, tops[i]) if i < len(tops) else {} for i in range(len(ids))]
+        top = [_top_dict(name, tops[i]) if i < len(tops) else {} for i in range(len(ids))]
     return {"tokens": tokens, "token_logprobs": [_clean(x) for x in lps], "top_logprobs": top, "text_offset": offsets}
 
 
-def _top_dict(st: ServerState, top: dict[int, float]) -> dict[str, float]:
+def _top_dict(name: Callable[[int], str], top: dict[int, float]) -> dict[str, float]:
     """OpenAI's completions format keys top logprobs by token text; two ids with the same text (e.g.
     partial UTF-8 bytes) would collide, so a repeat is keyed "token_id:<id>" instead."""
     out: dict[str, float] = {}
     for t, v in top.items():
-        key = st.piece(t)
+        key = name(t)
         out[key if key not in out else f"token_id:{t}"] = _clean(v)
     return out
 
@@ -230,7 +239,7 @@ async def generate_response(request: Request, st: ServerState, kind: str, body, 
     out = []
     for c in ordered:
         text = c.text(tok, params)
-        lp = _logprobs(st, kind, c, 0, len(c.ids), want_top) if want_logprobs else None
+        lp = _logprobs(piece_namer(st, body), kind, c, 0, len(c.ids), want_top) if want_logprobs else None
         if kind == "chat":
             msg = ChatMessageOut(content=text)
             out.append(ChatChoice(index=c.index, message=msg, logprobs=lp, finish_reason=c.finish_reason))
@@ -255,6 +264,7 @@ async def _stream(st, kind, rid, created, body, handles, choices, params, q, com
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
     tok = st.llm.tokenizer
     want_logprobs = params.logprobs is not None
+    name = piece_namer(st, body)
 
     def chunk(choice_list, ditto=None, usage_=None) -> str:
         d = {"id": rid, "object": obj, "created": created, "model": st.name, "choices": choice_list}
@@ -286,7 +296,7 @@ async def _stream(st, kind, rid, created, body, handles, choices, params, q, com
                 offset = len(c.sent)
                 c.add(d)
                 text = c.take_text(tok, params)
-                lp = _logprobs(st, kind, c, start, len(c.ids), want_top, offset) if want_logprobs else None
+                lp = _logprobs(name, kind, c, start, len(c.ids), want_top, offset) if want_logprobs else None
                 if c.finish_reason is not None:
                     await finish(c, request_id)
                 if kind == "chat":
