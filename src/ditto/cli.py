@@ -85,6 +85,25 @@ def sampling_parent() -> argparse.ArgumentParser:
     return p
 
 
+def backend_parent() -> argparse.ArgumentParser:
+    """--backend and the `openai` backend's server flags (eval, eval --strategy, repro)."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("backend")
+    g.add_argument(
+        "--backend",
+        default="ditto",
+        choices=["ditto", "transformers", "llama_cpp", "openai"],
+        help="engine that runs the model (peers for comparison); openai: any OpenAI-compatible server "
+        "(vLLM, llama.cpp, `ditto serve`) at --base-url, with --model naming its tokenizer",
+    )
+    g.add_argument("--base-url", default=None, help="openai backend: the server, e.g. http://127.0.0.1:8000/v1")
+    g.add_argument("--api-key", default=None, help="openai backend: bearer key (default: $OPENAI_API_KEY)")
+    g.add_argument("--served-model", default=None, help="openai backend: model id to request (default: the first)")
+    g.add_argument("--max-concurrency", type=int, default=8, help="openai backend: requests in flight")
+    g.add_argument("--request-timeout", type=float, default=600.0, help="openai backend: seconds per request")
+    return p
+
+
 def make_llm(args, progress: bool = True):
     from ditto import LLM
 
@@ -124,6 +143,17 @@ def make_backend(args):
         from ditto.loader.registry import resolve_model
 
         return LlamaCppBackend(str(resolve_model(args.model)), threads=args.threads)
+    if backend == "openai":
+        from ditto.backends.openai import OpenAIBackend
+
+        return OpenAIBackend(
+            args.base_url,
+            tokenizer=args.model,
+            api_key=args.api_key or os.environ.get("OPENAI_API_KEY") or None,
+            served_model=args.served_model,
+            max_concurrency=args.max_concurrency,
+            timeout_s=args.request_timeout,
+        )
     raise SystemExit(f"unknown backend {backend!r}")
 
 
@@ -241,13 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--system", default=None, help="system message")
     c.set_defaults(func=cmd_chat)
 
-    backend = argparse.ArgumentParser(add_help=False)
-    backend.add_argument(
-        "--backend",
-        default="ditto",
-        choices=["ditto", "transformers", "llama_cpp"],
-        help="engine that runs the model (peers for comparison)",
-    )
+    backend = backend_parent()
     plugins = {
         "ditto.models_cmd": [],
         "ditto.bench": [eng],
@@ -293,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"ditto: error: {exc}", file=sys.stderr)
         return 2
+    except ConnectionError as exc:  # a server behind --backend openai failed (run folders resume)
+        hint = "; finished problems are kept: run the same command again to resume" if args.command == "eval" else ""
+        print(f"ditto {args.command}: error: {exc}{hint}", file=sys.stderr)
+        return 1
 
 
 def _leave_now(rc: int) -> None:

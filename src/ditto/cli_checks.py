@@ -168,3 +168,33 @@ def prompt_text(parts: list[str] | None) -> str:
     if not text.strip():
         raise UsageError("the prompt is empty")
     return text
+
+
+OPENAI_FLAGS = ("base_url", "api_key", "served_model")
+
+
+def backend_flags(args) -> None:
+    """--backend openai needs an http(s) --base-url; the server flags belong to that backend only."""
+    backend = getattr(args, "backend", None)
+    if backend is None:
+        return
+    if backend != "openai":
+        for name in OPENAI_FLAGS:
+            if getattr(args, name, None) is not None:
+                raise UsageError(f"argument {flag(name)}: only with --backend openai (not --backend {backend})")
+        return
+    url = getattr(args, "base_url", None)
+    if not url:
+        raise UsageError("argument --base-url: --backend openai needs the server's URL, e.g. http://127.0.0.1:8000/v1")
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    check(parts.scheme in ("http", "https") and bool(parts.hostname), "base_url", "an http(s):// URL with a host", url)
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise UsageError(f"argument --base-url: bad port in {url!r}") from None
+    served = getattr(args, "served_model", None)
+    check(served is None or bool(served.strip()), "served_model", "a non-empty model id", served)
+    positive(args, "max_concurrency")
+    positive_number(args, "request_timeout")

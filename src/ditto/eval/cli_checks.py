@@ -24,6 +24,7 @@ def check_args(args, config, out: str) -> None:
         temperature=config.temperature,
         max_tokens=config.max_tokens,
     )
+    check.backend_flags(args)
     if getattr(args, "backend", "ditto") == "ditto" and hasattr(args, "max_num_seqs"):
         check.engine(args)
     elif getattr(args, "model", None) and getattr(args, "backend", None) != "transformers":

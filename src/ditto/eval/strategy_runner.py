@@ -276,6 +276,9 @@ def run_strategy_eval(
     if spec.args.get("prompt") == "task":
         template, renderer = task_renderer(config, task.name)
     example = build_strategy(spec, config.max_tokens, seed=config.seed, second=second, renderer=renderer)
+    for scored in example.scoring_backends(backend):  # a backend that cannot score: refuse before any work
+        if callable(getattr(scored, "require_scoring", None)):
+            scored.require_scoring()
     instruction = example.instruction
     if renderer is not None and example.uses_task_prompt:
         prompt_rec = template.record(task.name) | {"note": "strategy prompts rendered with the eval's template"}

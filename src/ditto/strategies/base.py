@@ -195,6 +195,14 @@ class Strategy:
             return self.prompt_renderer(backend, problem)
         return format_prompt(backend, problem, self.instruction)
 
+    def scoring_backends(self, policy: Backend) -> list[Backend]:
+        """The backends `run` asks for teacher-forced logprobs (`score`), so that one that cannot score
+        (e.g. a server without echo/prompt logprobs) is refused before any problem starts."""
+        scorer = getattr(self, "scorer", None)
+        if getattr(scorer, "scores_with_backend", False):
+            return [scorer.backend or policy]
+        return []
+
     def run(self, problem: str, backend: Backend, budget: Budget | None = None) -> Result:
         meter = Meter(budget or Budget(), backend)
         trace: dict = {"strategy": self.name, "config": self.config()}

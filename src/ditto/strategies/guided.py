@@ -59,6 +59,9 @@ class ChunkGuided(Strategy):
         self.temperature = temperature
         self.seed = seed
 
+    def scoring_backends(self, policy: Backend) -> list[Backend]:
+        return [self.large]
+
     def _run(self, problem: str, meter: Meter, trace: dict):
         small_prompt = self.prompt(meter.policy, problem)
         large_prompt = self.prompt(self.large, problem)

@@ -34,6 +34,8 @@ class ProcessRewardModel(Protocol):
 class LikelihoodScorer:
     """exp(mean log p(solution | prompt)) under `backend` (None: the policy being run)."""
 
+    scores_with_backend = True  # calls backend.score (see Strategy.scoring_backends)
+
     def __init__(self, backend: Backend | None = None, instruction: str | None = None):
         self.backend = backend
         self.instruction = instruction
