@@ -309,4 +309,34 @@ def test_base_url_only_with_openai(tiny_llama, capsys, tmp_path):
 
     argv = ["eval", "--model", str(tiny_llama), "--task", "arith", "--base-url", "http://x", "--out", str(tmp_path)]
     assert main(argv) == 2
-    assert "--base-url: only with --backend openai" in capsys.readouterr().err
+    assert "--base-url: only for the openai backend (this run uses ditto)" in capsys.readouterr().err
+
+
+def test_repro_config_through_the_server(served, tiny_llama, tmp_path, capsys):
+    from ditto.cli import main
+    from ditto.repro.runner import RunConfig, Workload, load_config_results, run_config
+
+    work = Workload(model=str(tiny_llama), task="arith", limit=4, max_tokens=8, temperature=0.8, seed=1)
+    work.prepare()
+    remote_cfg = RunConfig.parse("openai:-:-:4", 1)
+    assert (remote_cfg.numerics, remote_cfg.determinism) == ("server", "server")
+    opts = {"max_num_batched_tokens": 256, "openai": {"base_url": served.url, "retry": FAST_RETRY}}
+    man = run_config(remote_cfg, work, tmp_path, opts)
+    assert man["backend_info"]["system_fingerprint"].startswith("ditto-")
+    run_config(RunConfig.parse("ditto:fp32:batch_invariant:2", 1), work, tmp_path, opts)
+    got, want = (
+        load_config_results(tmp_path / "configs" / n) for n in (remote_cfg.name, "ditto-fp32-batch_invariant-b2-t1")
+    )
+    assert [r["token_ids"] for r in got.values()] == [r["token_ids"] for r in want.values()]
+    argv = [
+        "repro",
+        "--model",
+        str(tiny_llama),
+        "--task",
+        "arith",
+        "--backends",
+        "ditto,openai",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(argv) == 2 and "--base-url: --backend openai needs" in capsys.readouterr().err

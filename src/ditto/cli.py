@@ -85,9 +85,20 @@ def sampling_parent() -> argparse.ArgumentParser:
     return p
 
 
-def backend_parent() -> argparse.ArgumentParser:
-    """--backend and the `openai` backend's server flags (eval, eval --strategy, repro)."""
+def server_parent() -> argparse.ArgumentParser:
+    """The `openai` backend's server flags (eval and repro)."""
     p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("openai backend (any OpenAI-compatible server)")
+    g.add_argument("--base-url", default=None, help="the server, e.g. http://127.0.0.1:8000/v1")
+    g.add_argument("--api-key", default=None, help="bearer key (default: $OPENAI_API_KEY)")
+    g.add_argument("--served-model", default=None, help="model id to request (default: the server's first)")
+    g.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request before a retry")
+    return p
+
+
+def backend_parent() -> argparse.ArgumentParser:
+    """--backend (eval, eval --strategy) with the `openai` backend's flags."""
+    p = argparse.ArgumentParser(add_help=False, parents=[server_parent()])
     g = p.add_argument_group("backend")
     g.add_argument(
         "--backend",
@@ -96,11 +107,7 @@ def backend_parent() -> argparse.ArgumentParser:
         help="engine that runs the model (peers for comparison); openai: any OpenAI-compatible server "
         "(vLLM, llama.cpp, `ditto serve`) at --base-url, with --model naming its tokenizer",
     )
-    g.add_argument("--base-url", default=None, help="openai backend: the server, e.g. http://127.0.0.1:8000/v1")
-    g.add_argument("--api-key", default=None, help="openai backend: bearer key (default: $OPENAI_API_KEY)")
-    g.add_argument("--served-model", default=None, help="openai backend: model id to request (default: the first)")
     g.add_argument("--max-concurrency", type=int, default=8, help="openai backend: requests in flight")
-    g.add_argument("--request-timeout", type=float, default=600.0, help="openai backend: seconds per request")
     return p
 
 
@@ -277,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         "ditto.bench": [eng],
         "ditto.quality": [eng],
         "ditto.eval.cli": [eng, backend],
-        "ditto.repro.cli": [eng],
+        "ditto.repro.cli": [eng, server_parent()],
         "ditto.verify.cli": [eng],
         "ditto.server.cli": [eng],
     }

@@ -181,7 +181,7 @@ def backend_flags(args) -> None:
     if backend != "openai":
         for name in OPENAI_FLAGS:
             if getattr(args, name, None) is not None:
-                raise UsageError(f"argument {flag(name)}: only with --backend openai (not --backend {backend})")
+                raise UsageError(f"argument {flag(name)}: only for the openai backend (this run uses {backend})")
         return
     url = getattr(args, "base_url", None)
     if not url:

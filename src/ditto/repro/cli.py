@@ -18,7 +18,8 @@ EPILOG = """examples:
       --task arith-easy --limit 20 --out runs/repro-small
   ditto repro --report-only --out runs/repro            re-render the report of a finished study
 
-Config spec (--configs): backend:numerics:determinism:batch[:threads], '-' for the backend default.
+Config spec (--configs): backend:numerics:determinism:batch[:threads], '-' for the backend default;
+openai:-:-:8 is the server at --base-url with 8 requests in flight (its numerics and determinism are the server's).
 The matrix flags (--backends, --numerics, --determinism, --batch-sizes, --threads) take comma lists;
 invalid combinations (integer numerics without determinism exact, transformers integer, llama_cpp
 batch > 1) are skipped and listed with a reason. A study folder is resumable per config.
@@ -44,7 +45,12 @@ def add_parser(subparsers, parents: list[argparse.ArgumentParser] | None = None)
     )
     _comma_lists(p, ("numerics", "determinism", "threads"))
     p.set_defaults(numerics="fp32", determinism="fast,batch_invariant", threads=None)
-    p.add_argument("--backends", default="ditto", help="comma list of ditto, transformers, llama_cpp")
+    p.add_argument(
+        "--backends",
+        default="ditto",
+        help="comma list of ditto, transformers, llama_cpp, openai (a server at --base-url; its batch sizes are "
+        "requests in flight)",
+    )
     p.add_argument("--batch-sizes", default="1,8", help="comma list (ditto: max_num_seqs; transformers: batch)")
     p.add_argument("--configs", default=None, help="explicit configs, comma separated (added to the matrix)")
     p.add_argument("--no-matrix", action="store_true", help="run only --configs, not the matrix flags")
@@ -117,6 +123,13 @@ def _engine_options(args) -> dict:
             opts[k] = v
     if getattr(args, "no_prefix_caching", False):
         opts["enable_prefix_caching"] = False
+    if getattr(args, "base_url", None):
+        opts["openai"] = {
+            "base_url": args.base_url,
+            "api_key": args.api_key or os.environ.get("OPENAI_API_KEY") or None,
+            "served_model": args.served_model,
+            "timeout_s": args.request_timeout,
+        }
     return opts
 
 
@@ -137,7 +150,7 @@ def check_args(args) -> None:
     for flag, values, known in (
         ("numerics", _csv(args.numerics), names),
         ("determinism", _csv(args.determinism), list(DETERMINISM_LEVELS)),
-        ("backends", _csv(args.backends), ["ditto", "transformers", "llama_cpp"]),
+        ("backends", _csv(args.backends), ["ditto", "transformers", "llama_cpp", "openai"]),
     ):
         bad = [v for v in values if v not in known]
         check.check(not bad, flag, "a comma list of " + ", ".join(known), ",".join(bad))
@@ -150,6 +163,9 @@ def check_args(args) -> None:
             getattr(args, flag),
         )
     check.model(args.model)
+    specs = _csv(args.backends) * (not args.no_matrix) + [c.split(":")[0] for c in _csv(args.configs)]
+    uses_server = "openai" in specs
+    check.backend_flags(argparse.Namespace(**(vars(args) | {"backend": "openai" if uses_server else "ditto"})))
     from ditto.eval.tasks import get_task
 
     try:

@@ -40,7 +40,8 @@ from ditto.eval.runner import problem_seed
 from ditto.eval.tasks import get_task
 from ditto.sampling import SamplingParams
 
-BACKENDS = ("ditto", "transformers", "llama_cpp")
+BACKENDS = ("ditto", "transformers", "llama_cpp", "openai")
+SERVER = "server"  # the openai backend's numerics and determinism: whatever the server runs
 HF_NUMERICS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -68,6 +69,8 @@ class RunConfig:
             raise ValueError(f"bad config {spec!r}: expected backend:numerics:determinism:batch[:threads]")
         parts += [""] * (5 - len(parts))
         backend, num, det, batch, thr = parts
+        if backend == "openai":  # the server fixes numerics and determinism; batch = requests in flight
+            return cls(backend, SERVER, SERVER, int(batch or 1), default_threads)
         num = num if num not in ("", "-") else {"llama_cpp": "gguf"}.get(backend, "fp32")
         det = det if det not in ("", "-") else ("fast" if backend == "ditto" else "none")
         if backend != "ditto":
@@ -107,6 +110,11 @@ def expand_matrix(
     for be in backends:
         if be not in BACKENDS:
             raise ValueError(f"unknown backend {be!r}; choose from {', '.join(BACKENDS)}")
+        if be == "openai":
+            for b in batch_sizes:
+                if (cfg := RunConfig(be, SERVER, SERVER, b, threads[0])) not in configs:
+                    configs.append(cfg)
+            continue
         for num in numerics if be != "llama_cpp" else ["gguf"]:
             for det in determinism if be == "ditto" else ["none"]:
                 for b in batch_sizes:
@@ -205,7 +213,7 @@ def build_backend(cfg: RunConfig, model: str, engine_options: dict | None = None
     if cfg.backend == "ditto":
         from ditto import LLM
 
-        opts = dict(engine_options or {})
+        opts = {k: v for k, v in (engine_options or {}).items() if k != "openai"}
         opts.update(max_num_seqs=cfg.batch_size, threads=cfg.threads)
         return LLM(model, numerics=cfg.numerics, determinism=cfg.determinism, progress=False, **opts)
     path = resolve_model(model)
@@ -217,6 +225,11 @@ def build_backend(cfg: RunConfig, model: str, engine_options: dict | None = None
         from ditto.backends.llama_cpp import LlamaCppBackend
 
         return LlamaCppBackend(str(path), threads=cfg.threads)
+    if cfg.backend == "openai":  # engine_options["openai"]: base_url, api_key, served_model, timeout_s
+        from ditto.backends.openai import OpenAIBackend
+
+        server = dict((engine_options or {}).get("openai") or {})
+        return OpenAIBackend(server.pop("base_url"), tokenizer=str(path), max_concurrency=cfg.batch_size, **server)
     raise ValueError(f"unknown backend {cfg.backend!r}")
 
 
@@ -307,6 +320,7 @@ def run_config(cfg: RunConfig, workload: Workload, out: Path, engine_options: di
             "ditto": f"max_num_seqs={cfg.batch_size}; all prompts submitted at once (continuous batching)",
             "transformers": f"{cfg.batch_size} prompts per generate() call, left padded",
             "llama_cpp": "sequential, one request at a time",
+            "openai": f"{cfg.batch_size} requests in flight; the server batches them as it does",
         }[cfg.backend],
         "complete": True,
     }
