@@ -340,3 +340,15 @@ def test_repro_config_through_the_server(served, tiny_llama, tmp_path, capsys):
         str(tmp_path),
     ]
     assert main(argv) == 2 and "--base-url: --backend openai needs" in capsys.readouterr().err
+
+
+def test_ditto_eval_cli_through_the_server(served, tiny_llama, tmp_path, capsys):
+    from ditto.cli import main
+
+    argv = ["eval", "--backend", "openai", "--base-url", served.url, "--model", str(tiny_llama), "--task", "arith"]
+    argv += ["--limit", "2", "--max-tokens", "6", "--grader-workers", "1", "--no-progress", "--json"]
+    assert main(argv + ["--out", str(tmp_path)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["problems"] == 2
+    backend = json.loads((tmp_path / "manifest.json").read_text())["backend"]
+    assert backend["backend"] == "openai" and backend["server_model_card"]["id"] == MODEL
