@@ -294,6 +294,7 @@ def test_server_without_scoring_refused_before_work(served, tiny_llama, tmp_path
         (["--base-url", "ftp://example.org"], "--base-url: must be an http(s):// URL with a host"),
         (["--base-url", "http://127.0.0.1:8000", "--served-model", " "], "--served-model: must be a non-empty"),
         (["--base-url", "http://127.0.0.1:8000", "--max-concurrency", "0"], "--max-concurrency: must be a positive"),
+        (["--base-url", "http://h:1", "--second-model", "x"], "--second-model: not with --backend openai"),
     ],
 )
 def test_cli_flags_checked_before_anything_loads(flags, message, tiny_llama, capsys, tmp_path):

@@ -30,6 +30,11 @@ def check_args(args, config, out: str) -> None:
     elif getattr(args, "model", None) and getattr(args, "backend", None) != "transformers":
         check.model(args.model)
     if getattr(args, "second_model", None):
+        if getattr(args, "backend", None) == "openai":
+            raise check.UsageError(
+                "argument --second-model: not with --backend openai (one --base-url serves one model; "
+                "the second model would be asked of the same server)"
+            )
         check.model(args.second_model)
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
