@@ -211,7 +211,8 @@ def main() -> int:
         "answers": {k: rs[0].get("text") for k, rs in runs.items() if rs and "text" in rs[0]},
     }
     args.out.write_text(json.dumps(record, indent=1))
-    print(f"\nwritten to {args.out.relative_to(ROOT)}", file=sys.stderr)
+    shown = args.out.resolve()
+    print(f"\nwritten to {shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown}", file=sys.stderr)
     return 0
 
 
