@@ -37,7 +37,8 @@ def engine_parent() -> argparse.ArgumentParser:
     g.add_argument(
         "--numerics",
         default=d.numerics,
-        help="fp32 | bf16 | fp16 | layercast | int8 | w8a8 | w4 | w4-g128 | w4-asym | mxint8 | integer",
+        help="fp32 | bf16 | fp16 | layercast | int8 | w8a8 | w4 | w4-g128 | w4-asym | mxint8 | integer | "
+        "gguf (a GGUF file run on its own quantised blocks, as llama.cpp does; batch invariant at no cost)",
     )
     g.add_argument(
         "--determinism",
