@@ -36,7 +36,7 @@ static inline float f16f(uint16_t h) { _Float16 f; memcpy(&f, &h, 2); return (fl
 static inline __attribute__((always_inline)) void NAME##_body(                                         \
     const float *q, const T *K, const T *V, const long Hkv, const long D, const long G, const long bs,  \
     const int64_t *trw, const int64_t lo, const int64_t cnt, const long g, float *sc, float *o) {      \
-  float acc[G * bs], row[D > bs ? D : bs], sum[G];                                                             \
+  float acc[G * bs], row[D > bs ? D : bs], sum[G], ob[G * D]; /* ob: o, kept local (no aliasing) */        \
   int64_t l = 0;                                                                                       \
   for (int64_t p = lo; p < lo + cnt;) { /* scores: one fmaf chain over d per key (all bs slots) */      \
     const int64_t b = trw[p / bs], s0 = p % bs;                                                        \
@@ -55,14 +55,18 @@ static inline __attribute__((always_inline)) void NAME##_body(                  
     l += s1 - s0;                                                                                      \
     p += s1 - s0;                                                                                      \
   }                                                                                                    \
-  for (long j = 0; j < G; j++) { /* softmax numerators and their sum, in key order */                  \
-    float *r = sc + j * cnt, mx = r[0], t = 0.f;                                                       \
-    for (int64_t i = 1; i < cnt; i++) mx = r[i] > mx ? r[i] : mx;                                      \
-    for (int64_t i = 0; i < cnt; i++) r[i] = exp_neg(r[i] - mx);                                       \
-    for (int64_t i = 0; i < cnt; i++) t += r[i];                                                       \
-    sum[j] = t;                                                                                        \
-    for (long d = 0; d < D; d++) o[j * D + d] = 0.f;                                                   \
-  }                                                                                                    \
+  /* softmax numerators and their sums: each head's max and sum run in key order, the G heads'         \
+     chains side by side (independent, so they overlap instead of waiting on one another) */           \
+  float mx[G];                                                                                         \
+  for (long j = 0; j < G; j++) mx[j] = sc[j * cnt];                                                    \
+  for (int64_t i = 1; i < cnt; i++)                                                                    \
+    for (long j = 0; j < G; j++) mx[j] = sc[j * cnt + i] > mx[j] ? sc[j * cnt + i] : mx[j];            \
+  for (long j = 0; j < G; j++)                                                                         \
+    for (int64_t i = 0; i < cnt; i++) sc[j * cnt + i] = exp_neg(sc[j * cnt + i] - mx[j]);              \
+  for (long j = 0; j < G; j++) sum[j] = 0.f;                                                           \
+  for (int64_t i = 0; i < cnt; i++)                                                                    \
+    for (long j = 0; j < G; j++) sum[j] += sc[j * cnt + i];                                            \
+  for (long i = 0; i < G * D; i++) ob[i] = 0.f;                                                        \
   l = 0;                                                                                               \
   for (int64_t p = lo; p < lo + cnt;) { /* o_j = sum_l e_jl v_l: one fmaf chain per channel */          \
     const int64_t b = trw[p / bs], s0 = p % bs;                                                        \
@@ -72,18 +76,26 @@ static inline __attribute__((always_inline)) void NAME##_body(                  
       for (long d = 0; d < D; d++) row[d] = LOAD(vb[s * D + d]);                                       \
       for (long j = 0; j < G; j++) {                                                                   \
         const float e = sc[j * cnt + l];                                                               \
-        for (long d = 0; d < D; d++) o[j * D + d] = fmaf(e, row[d], o[j * D + d]);                     \
+        for (long d = 0; d < D; d++) ob[j * D + d] = fmaf(e, row[d], ob[j * D + d]);                   \
       }                                                                                                \
     }                                                                                                  \
     p += s1 - s0;                                                                                      \
   }                                                                                                    \
   for (long j = 0; j < G; j++)                                                                         \
-    for (long d = 0; d < D; d++) o[j * D + d] /= sum[j];                                               \
+    for (long d = 0; d < D; d++) o[j * D + d] = ob[j * D + d] / sum[j];                                \
 }                                                                                                      \
 static void NAME(const float *q, const T *K, const T *V, long Hkv, long D, long G, long bs,              \
                  const int64_t *trw, int64_t lo, int64_t cnt, long g, float *sc, float *o) {            \
-  if (bs == 16 && D == 64) NAME##_body(q, K, V, Hkv, 64, G, 16, trw, lo, cnt, g, sc, o);                \
+  /* constant head dim, block size and group size: accumulators live in registers */                   \
+  if (bs == 16 && D == 64 && G == 3) NAME##_body(q, K, V, Hkv, 64, 3, 16, trw, lo, cnt, g, sc, o);      \
+  else if (bs == 16 && D == 64 && G == 4) NAME##_body(q, K, V, Hkv, 64, 4, 16, trw, lo, cnt, g, sc, o); \
+  else if (bs == 16 && D == 64 && G == 7) NAME##_body(q, K, V, Hkv, 64, 7, 16, trw, lo, cnt, g, sc, o); \
+  else if (bs == 16 && D == 64) NAME##_body(q, K, V, Hkv, 64, G, 16, trw, lo, cnt, g, sc, o);           \
+  else if (bs == 16 && D == 128 && G == 2) NAME##_body(q, K, V, Hkv, 128, 2, 16, trw, lo, cnt, g, sc, o); \
+  else if (bs == 16 && D == 128 && G == 4) NAME##_body(q, K, V, Hkv, 128, 4, 16, trw, lo, cnt, g, sc, o); \
+  else if (bs == 16 && D == 128 && G == 7) NAME##_body(q, K, V, Hkv, 128, 7, 16, trw, lo, cnt, g, sc, o); \
   else if (bs == 16 && D == 128) NAME##_body(q, K, V, Hkv, 128, G, 16, trw, lo, cnt, g, sc, o);         \
+  else if (bs == 16 && D == 256 && G == 4) NAME##_body(q, K, V, Hkv, 256, 4, 16, trw, lo, cnt, g, sc, o); \
   else if (bs == 16 && D == 256) NAME##_body(q, K, V, Hkv, 256, G, 16, trw, lo, cnt, g, sc, o);         \
   else NAME##_body(q, K, V, Hkv, D, G, bs, trw, lo, cnt, g, sc, o);                                    \
 }
