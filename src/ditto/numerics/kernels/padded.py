@@ -134,6 +134,23 @@ def regime_is_invariant(module: nn.Module, dtype: torch.dtype) -> bool:
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 
 
+def _c_kernel_first(module: nn.Module, act_dtype: torch.dtype) -> bool:
+    """fp32 linears go straight to the fixed-order C kernel when it is built: it is invariant by
+    construction and, on the CPUs measured, faster than MKL at every row count (M = 1: a GEMV
+    instead of a 16-row padded GEMM, 4-7x; M = 32 to 2048: 1.1-1.6x), so padding buys nothing."""
+    from ditto.numerics.kernels.batch_invariant import kernel_available
+
+    weight = getattr(module, "weight", None)
+    return (
+        isinstance(module, nn.Linear)
+        and act_dtype == torch.float32
+        and weight is not None
+        and weight.dtype == torch.float32
+        and weight.device.type == "cpu"
+        and kernel_available()
+    )
+
+
 def make_invariant(model: nn.Module, act_dtype: torch.dtype = torch.float32) -> nn.Module:
     """Wrap every projection and the LM head so that each row's result is independent of the batch."""
     from ditto.numerics.kernels.batch_invariant import InvariantLinear
@@ -149,7 +166,9 @@ def make_invariant(model: nn.Module, act_dtype: torch.dtype = torch.float32) -> 
             continue  # a kernel whose rows never depend on the batch (e.g. layercast on the C kernel)
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         attr = name.split(".")[-1]
-        if regime_is_invariant(mod, act_dtype):
+        if _c_kernel_first(mod, act_dtype):
+            setattr(parent, attr, InvariantLinear.from_linear(mod, compute_dtype=torch.float32))
+        elif regime_is_invariant(mod, act_dtype):
             setattr(parent, attr, PaddedLinear(mod))
         elif isinstance(mod, nn.Linear):
             setattr(parent, attr, InvariantLinear.from_linear(mod))
