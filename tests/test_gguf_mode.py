@@ -77,6 +77,24 @@ def test_lean_blocks_change_no_bit(llm):
     assert all(torch.equal(_logprob_tensor(a), _logprob_tensor(b)) for (_, a), (_, b) in zip(lean, modules))
 
 
+def test_lut_and_multiply_add_give_the_same_bits(llm):
+    """Single-row calls take the lookup-table kernel (its weight copy made at the first one), batches
+    multiply-add; turning the LUT off changes no token and no logprob bit."""
+    linears = [m for m in llm.numerics.model.modules() if isinstance(m, GGUFLinear)]
+    assert llm.numerics.info["lut_linears"] == sum(m.lut_ok for m in linears) == 120  # every Q4_1 linear
+    with_lut = _run(llm, PROMPTS[:1])
+    assert all(m.lut is not None for m in linears if m.lut_ok)
+    for m in linears:
+        m.lut_ok = False
+    try:
+        without = _run(llm, PROMPTS[:1])
+    finally:
+        for m in linears:
+            m.lut_ok = m.lut is not None
+    assert with_lut[0][0] == without[0][0]
+    assert torch.equal(_logprob_tensor(with_lut[0][1]), _logprob_tensor(without[0][1]))
+
+
 def test_embedding_rows_equal_the_decoded_table():
     full = load("smollm2-135m-instruct", progress=False)
     emb = BlockEmbedding(full.model.embed.gguf_source.rows(), "Q8_0", 576)

@@ -8,6 +8,12 @@ of kernels/gguf_blocks.py meet it bit for bit). Each output element is one fixed
 row's blocks, so a row's result never depends on the batch, its position, the thread count or the
 instruction set: the mode is `batch_invariant` at no extra cost.
 
+* Two kernels meet that contract: multiply-add (gguf_blocks, vpdpbusd) and T-MAC-style lookup
+  tables (gguf_lut, Q4_0/Q4_1 on a bit-plane copy of the weight). The LUT is faster for one or two
+  rows (single-stream decode: 1.4-1.7x per linear here), multiply-add from three or four rows on,
+  so a call picks by its row count; the bits are the same either way. The LUT's weight copy is
+  made at the first one- or two-row call and costs the Q4 weights' bytes once more in memory when
+  both kernels run (prefill and batches take multiply-add); DITTO_GGUF_LUT=0 keeps to multiply-add.
 * The embedding table stays in its blocks too; a lookup decodes only the rows it needs (the values
   equal the float modes' table bit for bit). With tied embeddings the LM head runs on the same blocks.
 * q/k/v and gate/up projections of the same block type are fused into one call (their rows side by
@@ -22,6 +28,7 @@ CPU only, GGUF files only: an HF folder has no blocks to run (use fp32, bf16, w4
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +38,9 @@ from torch import nn
 from ditto.models.layers import Embedding, RMSNorm, Rotary
 from ditto.numerics.base import NumericsMode, register
 from ditto.numerics.kernels import gguf_reference, rowops
+
+LUT_MAX_ROWS = 2  # calls of at most this many rows take the LUT kernel (it wins at M = 1-2, MAD from 3-4 on)
+LUT_ENV = "DITTO_GGUF_LUT"  # "0": the multiply-add kernel for every call
 
 
 class GGUFLinear(nn.Module):
@@ -45,6 +55,8 @@ class GGUFLinear(nn.Module):
         if blocks.shape[1] != gguf_reference.row_bytes(kind, in_features):
             raise ValueError(f"{kind} rows of {blocks.shape[1]} bytes do not hold {in_features} inputs")
         self.kind, self.in_features, self.out_features = kind, in_features, blocks.shape[0]
+        self.lut_ok = False  # may small calls use the LUT kernel (allow_lut)
+        self.lut = None  # its weight copy, once made (not a buffer: the same bytes as `blocks`)
         self.register_buffer("blocks", blocks, persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone(), persistent=False)
 
@@ -60,7 +72,23 @@ class GGUFLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ditto.numerics.kernels.gguf_blocks import block_linear
 
+        if self.lut_ok and x.dim() == 2 and x.shape[0] <= LUT_MAX_ROWS:
+            from ditto.numerics.kernels import gguf_lut
+
+            if self.lut is None:  # built at the first small call: scoring or batch-only work never pays for it
+                self.lut = gguf_lut.repack(self.blocks, self.kind)
+            return gguf_lut.lut_linear(x, self.lut, self.kind, self.bias)
         return block_linear(x, self.blocks, self.kind, self.bias)
+
+    def allow_lut(self) -> bool:
+        """Let calls of at most LUT_MAX_ROWS rows run the lookup-table kernel on a T-MAC bit-plane copy
+        of a Q4_0/Q4_1 weight, made at the first such call (the LUT kernel meets the same contract bit
+        for bit, so which one runs changes nothing in the result). False when the kind has no LUT
+        kernel, it is not built, or DITTO_GGUF_LUT=0."""
+        from ditto.numerics.kernels import gguf_lut
+
+        self.lut_ok = self.kind in ("Q4_0", "Q4_1") and os.environ.get(LUT_ENV) != "0" and gguf_lut.kernel_available()
+        return self.lut_ok
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}"
@@ -226,9 +254,10 @@ class GGUFMode(NumericsMode):
         fuse_projections(model, fuse_linears)
         model.layers = nn.ModuleList(GGUFBlock.wrap(b) for b in model.layers)
         blocks = [m for m in model.modules() if isinstance(m, GGUFLinear)]
+        luts = sum(m.allow_lut() for m in blocks)
         kinds = sorted({m.kind for m in blocks})
         lean = sum(isinstance(b, GGUFBlock) for b in model.layers)
-        info = {"weight_blocks": kinds, "block_linears": len(blocks), "lean_layers": lean}
+        info = {"weight_blocks": kinds, "block_linears": len(blocks), "lut_linears": luts, "lean_layers": lean}
         return Prepared(model, torch.float32, torch.float32, self, info=info)
 
 
