@@ -51,6 +51,15 @@ def test_rmsnorm_differs_from_torch_only_by_the_sum_order():
     torch.testing.assert_close(rowops.rmsnorm(x, norm.weight.data, 0.0, 1e-5), norm(x), rtol=1e-6, atol=1e-6)
 
 
+def test_add_rmsnorm_is_the_add_then_the_norm():
+    x = torch.randn(5, 576, generator=_gen(9))
+    a = torch.randn(5, 576, generator=_gen(10))
+    w = torch.randn(576, generator=_gen(11))
+    s, y = rowops.add_rmsnorm(x, a, w, 0.0, 1e-5)
+    assert torch.equal(s, x + a)
+    assert torch.equal(y, rowops.rmsnorm(x + a, w, 0.0, 1e-5))
+
+
 @pytest.mark.parametrize("d,heads", [(64, 9), (64, 3), (256, 4), (32, 1)])
 def test_rope_equals_rotary_torch_ops(d, heads):
     rot = Rotary(d, 100000.0, None, 8192)

@@ -48,6 +48,15 @@ long ditto_rmsnorm(const float *x, long M, long D, long ldx, const float *w, flo
   return 0;
 }
 
+/* s = x + a (elementwise, into s; s may be x), then y = rmsnorm(s): the residual add and the next
+   norm in one pass. All rows contiguous with D floats each. */
+long ditto_add_rmsnorm(const float *x, const float *a, long M, long D, const float *w, float offset, float eps,
+                       float *s, float *y) {
+  if (M < 0 || D <= 0) return 1;
+  for (long i = 0; i < M * D; i++) s[i] = x[i] + a[i];
+  return ditto_rmsnorm(s, M, D, D, w, offset, eps, y, D);
+}
+
 /* x: T tokens x H heads x D (token stride ldx, head stride D); y likewise (ldy; y may be x);
    cos, sin: tables (P, D) row-major; pos: T positions (each < P, checked by the caller) */
 long ditto_rope(const float *x, long T, long H, long D, long ldx, const int64_t *pos, const float *cos_t,

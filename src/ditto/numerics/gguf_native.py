@@ -171,6 +171,15 @@ class GGUFBlock(nn.Module):
         self.h, self.kv, self.d = attn.h, attn.kv, attn.d
         self.layer, self.window = attn.layer, attn.window
         self.q_cols, self.kv_cols = attn.h * attn.d, attn.kv * attn.d
+        self._positions: torch.Tensor | None = None  # the last step's positions, and the table rows they need
+        self._cover = 0
+
+    def _tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary tables covering `positions`; every layer of a step gets the same positions tensor,
+        so its max is read once per step, not once per layer."""
+        if positions is not self._positions:
+            self._positions, self._cover = positions, int(positions.max()) + 1
+        return self.block.attn.rotary.tables(self._cover)
 
     @staticmethod
     def wrap(block: nn.Module) -> nn.Module:
@@ -194,7 +203,7 @@ class GGUFBlock(nn.Module):
         n = b.input_norm.weight
         h = rowops.rmsnorm(x, n, b.input_norm.offset, b.input_norm.eps)
         qkv = attn.qkv_proj.forward(h)  # (T, (H + 2 Hkv) D)
-        cos, sin = attn.rotary.tables(int(positions.max()) + 1)
+        cos, sin = self._tables(positions)
         qk = qkv[:, : self.q_cols + self.kv_cols].view(t, self.h + self.kv, self.d)  # (T, H + Hkv, D)
         qk = rowops.rope(qk, positions, cos, sin)
         q, k = qk[:, : self.h], qk[:, self.h :]
@@ -203,9 +212,8 @@ class GGUFBlock(nn.Module):
         a = attn.o_proj.forward(out.reshape(t, self.q_cols))
         if b.post_attn_norm is not None:
             a = b.post_attn_norm.forward(a)
-        x = x + a
         n = b.pre_ffn_norm
-        h = rowops.rmsnorm(x, n.weight, n.offset, n.eps)
+        x, h = rowops.add_rmsnorm(x, a, n.weight, n.offset, n.eps)  # the residual add and the norm in one call
         gate, up = mlp.gate_up_proj.forward(h).chunk(2, dim=-1)
         f = mlp.down_proj.forward(mlp.act.forward(gate) * up)
         if b.post_ffn_norm is not None:

@@ -22,7 +22,7 @@ import torch
 
 from ditto.numerics.kernels.cbuild import CLibrary
 
-__all__ = ["kernel_available", "rmsnorm", "rmsnorm_reference", "rope", "rope_reference"]
+__all__ = ["add_rmsnorm", "kernel_available", "rmsnorm", "rmsnorm_reference", "rope", "rope_reference"]
 
 LANES = 16
 
@@ -33,6 +33,8 @@ def _setup(lib: ctypes.CDLL) -> str | None:
     lib.ditto_rmsnorm.restype = n
     lib.ditto_rope.argtypes = [p, n, n, n, n, p, p, p, p, n]
     lib.ditto_rope.restype = n
+    lib.ditto_add_rmsnorm.argtypes = [p, p, n, n, p, f, f, p, p]
+    lib.ditto_add_rmsnorm.restype = n
     return None
 
 
@@ -85,6 +87,34 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, offset: float, eps: float) ->
         if rc:
             raise RuntimeError(f"ditto_rmsnorm failed ({rc}) for shape {tuple(x.shape)}")
     return y
+
+
+def add_rmsnorm(
+    x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, offset: float, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + a, rmsnorm(x + a)) for fp32 (M, D) x and a: a residual add and the next norm in one call."""
+    lib = _LIBRARY.lib or _LIBRARY.load()
+    usable = (
+        lib is not None
+        and x.dtype == a.dtype == weight.dtype == torch.float32
+        and x.dim() == 2
+        and x.shape == a.shape
+        and x.is_contiguous()
+        and a.is_contiguous()
+        and x.device.type == "cpu"
+    )
+    if not usable:
+        s = x + a
+        return s, rmsnorm(s, weight, offset, eps)
+    m, d = x.shape
+    s, y = torch.empty(m, d), torch.empty(m, d)
+    if m:
+        rc = lib.ditto_add_rmsnorm(
+            x.data_ptr(), a.data_ptr(), m, d, weight.data_ptr(), offset, eps, s.data_ptr(), y.data_ptr()
+        )
+        if rc:
+            raise RuntimeError(f"ditto_add_rmsnorm failed ({rc}) for shape {tuple(x.shape)}")
+    return s, y
 
 
 def rope_reference(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
