@@ -77,9 +77,12 @@ def test_lean_blocks_change_no_bit(llm):
     assert all(torch.equal(_logprob_tensor(a), _logprob_tensor(b)) for (_, a), (_, b) in zip(lean, modules))
 
 
-def test_lut_and_multiply_add_give_the_same_bits(llm):
-    """Single-row calls take the lookup-table kernel (its weight copy made at the first one), batches
+def test_lut_and_multiply_add_give_the_same_bits(llm, monkeypatch):
+    """Single-row calls take the lookup-table kernel (here from the first one on), batches
     multiply-add; turning the LUT off changes no token and no logprob bit."""
+    from ditto.numerics import gguf_native
+
+    monkeypatch.setattr(gguf_native, "LUT_AFTER_CALLS", 1)
     linears = [m for m in llm.numerics.model.modules() if isinstance(m, GGUFLinear)]
     assert llm.numerics.info["lut_linears"] == sum(m.lut_ok for m in linears) == 120  # every Q4_1 linear
     with_lut = _run(llm, PROMPTS[:1])

@@ -12,8 +12,9 @@ instruction set: the mode is `batch_invariant` at no extra cost.
   tables (gguf_lut, Q4_0/Q4_1 on a bit-plane copy of the weight). The LUT is faster for one or two
   rows (single-stream decode: 1.4-1.7x per linear here), multiply-add from three or four rows on,
   so a call picks by its row count; the bits are the same either way. The LUT's weight copy is
-  made at the first one- or two-row call and costs the Q4 weights' bytes once more in memory when
-  both kernels run (prefill and batches take multiply-add); DITTO_GGUF_LUT=0 keeps to multiply-add.
+  made once a linear has seen 64 one- or two-row calls (short answers never pay for it) and costs
+  the Q4 weights' bytes once more in memory (prefill and batches keep multiply-add on the file's
+  rows); DITTO_GGUF_LUT=0 keeps to multiply-add.
 * The embedding table stays in its blocks too; a lookup decodes only the rows it needs (the values
   equal the float modes' table bit for bit). With tied embeddings the LM head runs on the same blocks.
 * q/k/v and gate/up projections of the same block type are fused into one call (their rows side by
@@ -41,6 +42,9 @@ from ditto.numerics.kernels import gguf_reference, rowops
 
 LUT_MAX_ROWS = 2  # calls of at most this many rows take the LUT kernel (it wins at M = 1-2, MAD from 3-4 on)
 LUT_ENV = "DITTO_GGUF_LUT"  # "0": the multiply-add kernel for every call
+# the LUT's weight copy is made at a linear's 64th small call: a repack costs ~0.5 ms and saves ~8 us
+# a call, so short answers (a 16-token demo) never pay for it, and long decodes get it early
+LUT_AFTER_CALLS = 64
 
 
 class GGUFLinear(nn.Module):
@@ -57,6 +61,7 @@ class GGUFLinear(nn.Module):
         self.kind, self.in_features, self.out_features = kind, in_features, blocks.shape[0]
         self.lut_ok = False  # may small calls use the LUT kernel (allow_lut)
         self.lut = None  # its weight copy, once made (not a buffer: the same bytes as `blocks`)
+        self.small_calls = 0  # small calls before the copy exists
         self.register_buffer("blocks", blocks, persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone(), persistent=False)
 
@@ -75,15 +80,18 @@ class GGUFLinear(nn.Module):
         if self.lut_ok and x.dim() == 2 and x.shape[0] <= LUT_MAX_ROWS:
             from ditto.numerics.kernels import gguf_lut
 
-            if self.lut is None:  # built at the first small call: scoring or batch-only work never pays for it
-                self.lut = gguf_lut.repack(self.blocks, self.kind)
-            return gguf_lut.lut_linear(x, self.lut, self.kind, self.bias)
+            if self.lut is None:
+                self.small_calls += 1
+                if self.small_calls >= LUT_AFTER_CALLS:  # a long decode: the copy pays for itself from here
+                    self.lut = gguf_lut.repack(self.blocks, self.kind)
+            if self.lut is not None:
+                return gguf_lut.lut_linear(x, self.lut, self.kind, self.bias)
         return block_linear(x, self.blocks, self.kind, self.bias)
 
     def allow_lut(self) -> bool:
         """Let calls of at most LUT_MAX_ROWS rows run the lookup-table kernel on a T-MAC bit-plane copy
-        of a Q4_0/Q4_1 weight, made at the first such call (the LUT kernel meets the same contract bit
-        for bit, so which one runs changes nothing in the result). False when the kind has no LUT
+        of a Q4_0/Q4_1 weight, made at the LUT_AFTER_CALLS-th such call (the LUT kernel meets the same
+        contract bit for bit, so which one runs changes nothing in the result). False when the kind has no LUT
         kernel, it is not built, or DITTO_GGUF_LUT=0."""
         from ditto.numerics.kernels import gguf_lut
 
