@@ -225,3 +225,17 @@ def test_segment_sum_index_add_invariant(dtype):
         v = vals[starts[s] : starts[s] + nblk[s]]
         alone = torch.zeros(1, 8, 64, dtype=dtype).index_add_(0, torch.zeros(len(v), dtype=torch.long), v)
         assert torch.equal(full[s], alone[0]), s
+
+
+def test_release_unpacked_keeps_the_bits_and_drops_the_weight():
+    if not bi.kernel_available():
+        pytest.skip(bi.kernel_status())
+    gen = torch.Generator().manual_seed(7)
+    lin = torch.nn.Linear(96, 80, bias=True)
+    x = torch.randn(5, 96, generator=gen)
+    inv = bi.InvariantLinear.from_linear(lin, compute_dtype=torch.float32)
+    before = inv(x)
+    assert inv.release_unpacked()
+    assert inv.weight.is_meta and tuple(inv.weight.shape) == (80, 96)
+    assert torch.equal(inv(x), before)
+    assert torch.equal(inv(x[2:3]), before[2:3])

@@ -297,12 +297,28 @@ class InvariantLinear(nn.Module):
         self.compute_dtype = compute_dtype if compute_dtype is not None else weight.dtype
         self._packed: PackedWeight | None = None
         self._packed_stamp: tuple[int, int] | None = None
+        self._released = False  # True once only the packed copy is kept (release_unpacked)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, compute_dtype: torch.dtype | None = None) -> InvariantLinear:
         return cls(linear.weight, linear.bias, compute_dtype=compute_dtype)
 
+    def release_unpacked(self) -> bool:
+        """Pack now and keep only the packed copy, which is all the C kernel reads: the weight
+        (N, K) becomes a meta tensor (shape and dtype kept), so a linear that owned its weight no
+        longer holds it twice. A weight shared elsewhere (a tied embedding) lives on there.
+        False (nothing changed) when this linear does not run on the C kernel."""
+        if _load_lib() is None or self.weight.device.type != "cpu" or self.weight.dtype != torch.float32:
+            return False
+        if self._get_packed() is None:
+            return False
+        self._released = True
+        self.weight = nn.Parameter(torch.empty(self.weight.shape, device="meta"), requires_grad=False)
+        return True
+
     def _get_packed(self) -> PackedWeight | None:
+        if self._released:
+            return self._packed
         if self.weight.device.type != "cpu":
             return None
         if self.compute_dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16:

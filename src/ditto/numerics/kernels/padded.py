@@ -155,8 +155,10 @@ def make_invariant(model: nn.Module, act_dtype: torch.dtype = torch.float32) -> 
     """Wrap every projection and the LM head so that each row's result is independent of the batch."""
     from ditto.numerics.kernels.batch_invariant import InvariantLinear
 
-    targets = [(name, mod) for name, mod in model.named_modules() if name.split(".")[-1] in LINEAR_NAMES]
-    for name, mod in targets:
+    # names, not modules: a replaced linear is freed as soon as it is swapped (peak memory stays one layer up)
+    names = [name for name, _ in model.named_modules() if name.split(".")[-1] in LINEAR_NAMES]
+    for name in names:
+        mod = model.get_submodule(name)
         if type(mod).__name__ == "LLMInt8Linear":
             raise ValueError(
                 "numerics int8 (LLM.int8) picks its outlier columns from the whole batch, so it cannot be "
@@ -167,7 +169,10 @@ def make_invariant(model: nn.Module, act_dtype: torch.dtype = torch.float32) -> 
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         attr = name.split(".")[-1]
         if _c_kernel_first(mod, act_dtype):
-            setattr(parent, attr, InvariantLinear.from_linear(mod, compute_dtype=torch.float32))
+            inv = InvariantLinear.from_linear(mod, compute_dtype=torch.float32)
+            inv.release_unpacked()  # the packed copy replaces the weight: no fp32 model held twice
+            setattr(parent, attr, inv)
+            del mod, inv
         elif regime_is_invariant(mod, act_dtype):
             setattr(parent, attr, PaddedLinear(mod))
         elif isinstance(mod, nn.Linear):
