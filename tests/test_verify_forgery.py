@@ -127,6 +127,19 @@ def test_batch_invariant_from_another_device_is_judged_within_tolerance(bi, hone
     assert "output_logprobs: 1/24 differ" in v.summary()
 
 
+def test_a_receipt_from_another_ditto_version_is_judged_within_tolerance(bi, honest):
+    """Kernels (and so the bits of batch_invariant) change between versions: an older receipt is
+    judged by tolerances, with the reason, instead of failing bitwise."""
+    older = _forge(honest, ditto_version="0.1.0")
+    off = _forge(older, output_logprobs=_bump(honest.output_logprobs, 2, 1e-7))
+    v = verify_receipt(bi, off)
+    assert v.status == "consistent" and v.comparison == "tolerance"
+    assert any("ditto 0.1.0" in n for n in v.notes)
+    assert verify_receipt(bi, _forge(honest, output_logprobs=_bump(honest.output_logprobs, 2, 1e-7))).status == (
+        "inconsistent"  # the same version: bitwise
+    )
+
+
 def test_fast_logprobs_are_judged_by_the_tolerance(model_dir):
     fast = LLM(str(model_dir), numerics="fp32", determinism="fast", progress=False)
     r = _receipt(fast)

@@ -8,7 +8,7 @@ Identifiers
                       in /v1/receipts/{id}, in /v1/verify (answer and request) and in the logs. Requests
                       may also give the bare 64 hex digits (the form earlier versions of this server handed out).
   system_fingerprint  "ditto-<version>:<numerics>:<determinism>:<model digest>", e.g.
-                      "ditto-0.1.0:fp32:batch_invariant:1045a3c1...(64 hex)": in every completion and chat
+                      "ditto-0.2.0:fp32:batch_invariant:1045a3c1...(64 hex)": in every completion and chat
                       response and stream chunk, and on /v1/models. The model digest is `llm.model_digest`
                       verbatim, the same string as the receipts' and `ditto.model_digest` (sha256 of the
                       weight files plus what the numerics mode adds, e.g. calibration data); it goes last,

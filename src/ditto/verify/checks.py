@@ -12,7 +12,8 @@ the replay), and how the replay is judged:
   * bitwise: the receipt claims `exact`, or `batch_invariant` and the replay runs on the same device
     type (with the receipt's thread count where this machine has the cores). Every token id, logprob
     and fingerprint must be reproduced bit for bit; any difference is `inconsistent`.
-  * tolerance: a `fast` receipt, or a `batch_invariant` one replayed on another device type. Tokens
+  * tolerance: a `fast` receipt, a `batch_invariant` one replayed on another device type, or a
+    receipt made by another ditto version (kernels, and so bits, change between versions). Tokens
     by Token-DiFR, logprobs and fingerprints within calibrated tolerances (`ditto verify calibrate`).
 
 A claim the verifier cannot replay (another model, numerics or a stronger determinism level than the
@@ -175,6 +176,17 @@ def replay_plan(llm, receipt: Receipt, model_digest: str) -> ReplayPlan | Verdic
             "receipt's level unless --determinism says otherwise)",
             field_name="determinism",
             claimed=receipt.determinism,
+        )
+    from ditto import __version__
+
+    if receipt.ditto_version != __version__:  # kernels change between versions: their bits are not promised
+        return ReplayPlan(
+            bitwise=False,
+            notes=(
+                f"determinism {receipt.determinism!r} promises bits for one ditto version's kernels; the "
+                f"receipt was made by ditto {receipt.ditto_version or '?'}, the verifier is ditto {__version__}: "
+                "judged within tolerances (verify with the receipt's version for a bitwise check)",
+            ),
         )
     if receipt.determinism == "exact":
         return ReplayPlan(bitwise=True)
