@@ -19,7 +19,9 @@ instruction set: the mode is `batch_invariant` at no extra cost.
   equal the float modes' table bit for bit). With tied embeddings the LM head runs on the same blocks.
 * q/k/v and gate/up projections of the same block type are fused into one call (their rows side by
   side): the kernel computes every output element on its own, so fusing changes no bit.
-* Norms, rotary embeddings, attention and the residual stream are fp32; the KV cache is fp32.
+* Norms, rotary embeddings, attention and the residual stream are fp32; the KV cache is bf16
+  (batched decode reads the cache more than the weights: half the bytes, attention 1.6x faster at
+  32 rows here; KL to fp32 2.54e-3 instead of 2.47e-3 with an fp32 cache; --kv-dtype overrides).
   RMSNorm and RoPE run as one C call each (kernels/rowops.py): the norm's sum of squares in a
   fixed order of its own (the bits depend on the row alone), RoPE bit-equal to the torch ops.
 * A linear the file stores in float (F32/F16/BF16) runs on the fixed-order fp32 C kernel.
@@ -274,7 +276,10 @@ class GGUFMode(NumericsMode):
         kinds = sorted({m.kind for m in blocks})
         lean = sum(isinstance(b, GGUFBlock) for b in model.layers)
         info = {"weight_blocks": kinds, "block_linears": len(blocks), "lut_linears": luts, "lean_layers": lean}
-        return Prepared(model, torch.float32, torch.float32, self, info=info)
+        from ditto.config import KV_DTYPES
+
+        kv = getattr(torch, KV_DTYPES[config.kv_dtype or self.kv_dtype])
+        return Prepared(model, torch.float32, kv, self, info=info)
 
 
 GGUF = register(
@@ -282,7 +287,7 @@ GGUF = register(
         "gguf",
         torch.float32,
         "the GGUF file's own blocks (Q4_0 ... Q6_K), 8-bit activation blocks",
-        "fp32",
+        "bf16",  # the KV cache: half the bytes a batched decode step reads (fp16 converts slower here)
         description="runs a GGUF file on its own quantised blocks like llama.cpp; batch invariant by construction",
     )
 )
