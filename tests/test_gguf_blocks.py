@@ -277,3 +277,17 @@ def test_bundled_gemma_tensors():
     _check_real(f, "blk.0.ffn_down.weight", "Q6_K")
     _check_real(f, "blk.0.attn_q.weight", "Q5_0")
     _check_real(f, "blk.0.attn_v.weight", "Q8_0")
+
+
+@pytest.mark.parametrize("kind", gb.KINDS)
+def test_reference_reads_blocks_as_the_gguf_package_does(kind):
+    """The contract's view of a block (its integers and scales) dequantises to exactly the gguf
+    package's values: the kernels compute on the numbers the file means."""
+    quants = pytest.importorskip("gguf.quants")
+    import gguf
+
+    k = 512 if kind in A256 else 576
+    w = blocks(kind, 23, k, seed=5).numpy()
+    ours = ref.dequantize(w, kind, k)
+    theirs = quants.dequantize(w, gguf.GGMLQuantizationType[kind]).reshape(23, k)
+    assert np.array_equal(np.asarray(ours, dtype=np.float32), np.asarray(theirs, dtype=np.float32))
