@@ -9,7 +9,7 @@ from torch import nn
 from ditto import LLM, SamplingParams
 from ditto.loader.load import load
 from ditto.loader.registry import bundled_path
-from ditto.numerics.gguf_native import BlockEmbedding, GGUFBlock, GGUFLinear, RowRMSNorm, RowRotary
+from ditto.numerics.gguf_native import BlockEmbedding, GGUFBlock, GGUFLinear, RowRMSNorm
 from ditto.numerics.kernels.gguf_blocks import block_linear
 
 PROMPTS = ["What is 17 * 23?", "Name three primes.", "Say hello in French, then count to five."]
@@ -48,7 +48,6 @@ def test_runs_on_blocks_fused(llm):
     assert isinstance(model.embed, BlockEmbedding) and isinstance(model.lm_head, GGUFLinear)
     assert model.lm_head.kind == "Q8_0" and llm.numerics.info["weight_blocks"] == ["Q4_1", "Q8_0"]
     assert isinstance(layer.input_norm, RowRMSNorm) and isinstance(model.norm, RowRMSNorm)
-    assert isinstance(attn.rotary, RowRotary)
 
 
 def test_fusion_changes_no_bit():

@@ -96,6 +96,10 @@ class Rotary(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x (T, H, D), positions (T,) -> rotated x, same dtype."""
         cos, sin = self.tables(int(positions.max()) + 1)
+        if x.dtype == torch.float32 and x.device.type == "cpu":
+            from ditto.numerics.kernels import rowops
+
+            return rowops.rope(x, positions, cos, sin)  # one C call for the ops below, the same bits
         cos = cos[positions].unsqueeze(1).to(x.dtype)  # (T, 1, D)
         sin = sin[positions].unsqueeze(1).to(x.dtype)
         half = x.shape[-1] // 2

@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ditto.config import KV_DTYPES
-from ditto.models.layers import Embedding, RMSNorm, Rotary
+from ditto.models.layers import Embedding, RMSNorm
 
 # modules whose import registers the built-in modes (imported lazily by get_mode / list_modes)
 BUILTIN_MODULES = (
@@ -140,9 +140,6 @@ class NumericsMode:
         _cast_param_(norm.weight, self.norm_dtype)
         return norm
 
-    def convert_rotary(self, rotary: nn.Module) -> nn.Module:
-        return rotary
-
     # ---- driver
     @torch.no_grad()
     def apply(self, model: nn.Module) -> nn.Module:
@@ -158,7 +155,6 @@ class NumericsMode:
         for kinds, fn in (
             ((Embedding, nn.Embedding), self.convert_embedding),
             ((RMSNorm,), self.convert_norm),
-            ((Rotary,), self.convert_rotary),
             ((nn.Linear,), self.convert_linear),
         ):
             for parent in list(model.modules()):

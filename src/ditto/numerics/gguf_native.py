@@ -22,8 +22,9 @@ instruction set: the mode is `batch_invariant` at no extra cost.
 * Norms, rotary embeddings, attention and the residual stream are fp32; the KV cache is bf16
   (batched decode reads the cache more than the weights: half the bytes, attention 1.6x faster at
   32 rows here; KL to fp32 2.54e-3 instead of 2.47e-3 with an fp32 cache; --kv-dtype overrides).
-  RMSNorm and RoPE run as one C call each (kernels/rowops.py): the norm's sum of squares in a
-  fixed order of its own (the bits depend on the row alone), RoPE bit-equal to the torch ops.
+  RMSNorm runs as one C call (kernels/rowops.py), its sum of squares in a fixed order of its own
+  (the bits depend on the row alone); RoPE is the model's (one C call for fp32 on a CPU, bit-equal
+  to the torch ops).
 * A linear the file stores in float (F32/F16/BF16) runs on the fixed-order fp32 C kernel.
 
 CPU only, GGUF files only: an HF folder has no blocks to run (use fp32, bf16, w4 ...).
@@ -154,17 +155,6 @@ class RowRMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}, offset={self.offset}"
 
 
-class RowRotary(Rotary):
-    """Rotary in one C call: the same bits as Rotary's torch ops, from the same tables."""
-
-    def __init__(self, rotary: Rotary):
-        super().__init__(rotary.dim, rotary.theta, rotary.scaling, rotary.max_position)
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.tables(int(positions.max()) + 1)
-        return rowops.rope(x, positions, cos, sin)
-
-
 class GGUFBlock(nn.Module):
     """A decoder layer of this mode with the fewest Python dispatches: the same kernels, on the same
     values, in the same order as `Block`'s modules (so the same bits), called directly instead of
@@ -202,7 +192,7 @@ class GGUFBlock(nn.Module):
             and isinstance(mlp.down_proj, GGUFLinear)
             and all(n is None or isinstance(n, RowRMSNorm) for n in norms)
             and attn.q_norm is None
-            and isinstance(attn.rotary, RowRotary)
+            and isinstance(attn.rotary, Rotary)
         )
         return GGUFBlock(block) if ok else block
 
@@ -254,9 +244,6 @@ class GGUFMode(NumericsMode):
     def convert_norm(self, norm: nn.Module) -> nn.Module:
         return RowRMSNorm(norm)
 
-    def convert_rotary(self, rotary: nn.Module) -> nn.Module:
-        return RowRotary(rotary)
-
     def prepare(self, loaded, config):
         from ditto.models.decoder import fuse_projections
         from ditto.numerics import Prepared
@@ -292,4 +279,4 @@ GGUF = register(
     )
 )
 
-__all__ = ["GGUF", "BlockEmbedding", "GGUFBlock", "GGUFLinear", "GGUFMode", "RowRMSNorm", "RowRotary", "fuse_linears"]
+__all__ = ["GGUF", "BlockEmbedding", "GGUFBlock", "GGUFLinear", "GGUFMode", "RowRMSNorm", "fuse_linears"]
