@@ -25,7 +25,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 
 import torch
@@ -67,12 +67,16 @@ def token_windows(ids: list[int], window: int) -> list[list[int]]:
 
 
 def _module_tensors(mod: torch.nn.Module):
-    """Tensors `mod` itself holds: parameters, buffers and plain tensor attributes (integer modules)."""
-    yield from mod.parameters(recurse=False)
-    yield from (b for b in mod.buffers(recurse=False) if b is not None)
+    """Tensors `mod` itself holds in memory: parameters, buffers, plain tensor attributes (integer
+    modules) and the tensors of dataclass attributes (a kernel's packed weight copy); meta tensors
+    (a weight released once packed, blocks left in the file) hold none."""
+    found = [*mod.parameters(recurse=False), *(b for b in mod.buffers(recurse=False) if b is not None)]
     for v in vars(mod).values():
         if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter):
-            yield v
+            found.append(v)
+        elif is_dataclass(v) and not isinstance(v, type):
+            found.extend(t for t in vars(v).values() if isinstance(t, torch.Tensor))
+    yield from (t for t in found if not t.is_meta)
 
 
 def _storage_key(t: torch.Tensor) -> tuple[int, int]:
