@@ -41,7 +41,8 @@ from torch import nn
 
 from ditto.models.layers import Embedding, RMSNorm, Rotary
 from ditto.numerics.base import NumericsMode, register
-from ditto.numerics.kernels import gguf_reference, rowops
+from ditto.numerics.kernels import gguf_lut, gguf_reference, rowops
+from ditto.numerics.kernels.gguf_blocks import block_linear
 
 LUT_MAX_ROWS = 2  # calls of at most this many rows take the LUT kernel (it wins at M = 1-2, MAD from 3-4 on)
 LUT_ENV = "DITTO_GGUF_LUT"  # "0": the multiply-add kernel for every call
@@ -67,6 +68,9 @@ class GGUFLinear(nn.Module):
         self.small_calls = 0  # small calls before the copy exists
         self.register_buffer("blocks", blocks, persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone(), persistent=False)
+        # plain references to the same tensors: a decode step reads them ~120 times per token, and
+        # nn.Module's buffer lookup (__getattr__) costs a microsecond each time (CPU-only mode: no .to())
+        self._rows, self._bias = self.blocks, self.bias
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> GGUFLinear | None:
@@ -78,26 +82,20 @@ class GGUFLinear(nn.Module):
         return cls(source.rows(), source.kind, linear.in_features, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ditto.numerics.kernels.gguf_blocks import block_linear
-
         if self.lut_ok and x.dim() == 2 and x.shape[0] <= LUT_MAX_ROWS:
-            from ditto.numerics.kernels import gguf_lut
-
             if self.lut is None:
                 self.small_calls += 1
                 if self.small_calls >= LUT_AFTER_CALLS:  # a long decode: the copy pays for itself from here
-                    self.lut = gguf_lut.repack(self.blocks, self.kind)
+                    self.lut = gguf_lut.repack(self._rows, self.kind)
             if self.lut is not None:
-                return gguf_lut.lut_linear(x, self.lut, self.kind, self.bias)
-        return block_linear(x, self.blocks, self.kind, self.bias)
+                return gguf_lut.lut_linear(x, self.lut, self.kind, self._bias)
+        return block_linear(x, self._rows, self.kind, self._bias)
 
     def allow_lut(self) -> bool:
         """Let calls of at most LUT_MAX_ROWS rows run the lookup-table kernel on a T-MAC bit-plane copy
         of a Q4_0/Q4_1 weight, made at the LUT_AFTER_CALLS-th such call (the LUT kernel meets the same
         contract bit for bit, so which one runs changes nothing in the result). False when the kind has no LUT
         kernel, it is not built, or DITTO_GGUF_LUT=0."""
-        from ditto.numerics.kernels import gguf_lut
-
         self.lut_ok = self.kind in ("Q4_0", "Q4_1") and os.environ.get(LUT_ENV) != "0" and gguf_lut.kernel_available()
         return self.lut_ok
 
@@ -147,9 +145,10 @@ class RowRMSNorm(nn.Module):
         super().__init__()
         self.eps, self.offset = float(norm.eps), float(norm.offset)
         self.register_buffer("weight", norm.weight.detach().float().contiguous(), persistent=False)
+        self._w = self.weight  # a plain reference: no buffer lookup per call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rowops.rmsnorm(x, self.weight, self.offset, self.eps)
+        return rowops.rmsnorm(x, self._w, self.offset, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, offset={self.offset}"
@@ -167,19 +166,25 @@ class GGUFBlock(nn.Module):
     def __init__(self, block: nn.Module):
         super().__init__()
         self.block = block
-        attn = block.attn
+        attn, mlp = block.attn, block.mlp
         self.h, self.kv, self.d = attn.h, attn.kv, attn.d
         self.layer, self.window = attn.layer, attn.window
         self.q_cols, self.kv_cols = attn.h * attn.d, attn.kv * attn.d
-        self._positions: torch.Tensor | None = None  # the last step's positions, and the table rows they need
-        self._cover = 0
+        # the parts as plain references (not registered twice; nn.Module's attribute lookup costs a
+        # microsecond each, ~20 per layer and token): the block's modules as they are when wrapped
+        self.__dict__["_parts"] = (
+            block.input_norm, attn.qkv_proj, attn.rotary, attn.o_proj, block.post_attn_norm,
+            block.pre_ffn_norm, mlp.gate_up_proj, mlp.act, mlp.down_proj, block.post_ffn_norm,
+        )  # fmt: skip
+        self.__dict__["_memo"] = [None, 0]  # the last step's positions and the table rows they need
 
-    def _tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tables(self, rotary: Rotary, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotary tables covering `positions`; every layer of a step gets the same positions tensor,
         so its max is read once per step, not once per layer."""
-        if positions is not self._positions:
-            self._positions, self._cover = positions, int(positions.max()) + 1
-        return self.block.attn.rotary.tables(self._cover)
+        memo = self._memo
+        if positions is not memo[0]:
+            memo[0], memo[1] = positions, int(positions.max()) + 1
+        return rotary.tables(memo[1])
 
     @staticmethod
     def wrap(block: nn.Module) -> nn.Module:
@@ -197,27 +202,24 @@ class GGUFBlock(nn.Module):
         return GGUFBlock(block) if ok else block
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
-        b = self.block
-        attn, mlp = b.attn, b.mlp
+        in_norm, qkv_proj, rotary, o_proj, post_attn, pre_ffn, gate_up, act, down, post_ffn = self._parts
         t = x.shape[0]
-        n = b.input_norm.weight
-        h = rowops.rmsnorm(x, n, b.input_norm.offset, b.input_norm.eps)
-        qkv = attn.qkv_proj.forward(h)  # (T, (H + 2 Hkv) D)
-        cos, sin = self._tables(positions)
+        h = in_norm.forward(x)
+        qkv = qkv_proj.forward(h)  # (T, (H + 2 Hkv) D)
+        cos, sin = self._tables(rotary, positions)
         qk = qkv[:, : self.q_cols + self.kv_cols].view(t, self.h + self.kv, self.d)  # (T, H + Hkv, D)
         qk = rowops.rope(qk, positions, cos, sin)
         q, k = qk[:, : self.h], qk[:, self.h :]
         v = qkv[:, self.q_cols + self.kv_cols :].view(t, self.kv, self.d)  # (T, Hkv, D)
         out = ctx.attention(self.layer, q, k, v, self.window)  # (T, H, D)
-        a = attn.o_proj.forward(out.reshape(t, self.q_cols))
-        if b.post_attn_norm is not None:
-            a = b.post_attn_norm.forward(a)
-        n = b.pre_ffn_norm
-        x, h = rowops.add_rmsnorm(x, a, n.weight, n.offset, n.eps)  # the residual add and the norm in one call
-        gate, up = mlp.gate_up_proj.forward(h).chunk(2, dim=-1)
-        f = mlp.down_proj.forward(mlp.act.forward(gate) * up)
-        if b.post_ffn_norm is not None:
-            f = b.post_ffn_norm.forward(f)
+        a = o_proj.forward(out.reshape(t, self.q_cols))
+        if post_attn is not None:
+            a = post_attn.forward(a)
+        x, h = rowops.add_rmsnorm(x, a, pre_ffn._w, pre_ffn.offset, pre_ffn.eps)  # the residual add and the norm
+        gate, up = gate_up.forward(h).chunk(2, dim=-1)
+        f = down.forward(act.forward(gate) * up)
+        if post_ffn is not None:
+            f = post_ffn.forward(f)
         return x + f
 
 
