@@ -67,15 +67,16 @@ def token_windows(ids: list[int], window: int) -> list[list[int]]:
 
 
 def _module_tensors(mod: torch.nn.Module):
-    """Tensors `mod` itself holds in memory: parameters, buffers, plain tensor attributes (integer
-    modules) and the tensors of dataclass attributes (a kernel's packed weight copy); meta tensors
-    (a weight released once packed, blocks left in the file) hold none."""
+    """Tensors `mod` itself holds in memory: parameters, buffers and plain tensor attributes (integer
+    modules). A module whose weight was released once packed (a meta tensor: InvariantLinear) counts
+    the packed copy it computes from, a dataclass attribute, instead; a module that keeps both (a
+    GGUF linear and its LUT copy of the same bytes) counts its own tensors once."""
     found = [*mod.parameters(recurse=False), *(b for b in mod.buffers(recurse=False) if b is not None)]
-    for v in vars(mod).values():
-        if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter):
-            found.append(v)
-        elif is_dataclass(v) and not isinstance(v, type):
-            found.extend(t for t in vars(v).values() if isinstance(t, torch.Tensor))
+    found += [v for v in vars(mod).values() if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter)]
+    if any(t.is_meta for t in found):
+        for v in vars(mod).values():
+            if is_dataclass(v) and not isinstance(v, type):
+                found.extend(t for t in vars(v).values() if isinstance(t, torch.Tensor))
     yield from (t for t in found if not t.is_meta)
 
 
