@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ditto.eval.prompts import FORMATS
 from ditto.eval.tasks.registry import TASKS
+from ditto.ray_pool import add_ray_args
 from ditto.sampling_params import DEFAULTS
 
 EPILOG = """\
@@ -35,6 +36,10 @@ examples:
 
   # is B really better than A? (paired McNemar + bootstrap on the shared problems)
   ditto eval compare runs/plain runs/commas
+
+  # the same run over a Ray cluster: a local one (one worker per CPU), or the cluster at an address
+  ditto eval --task arith --limit 200 --determinism batch_invariant --ray --out runs/arith
+  ditto eval --task arith --limit 200 --determinism batch_invariant --ray auto --ray-workers 16 --out runs/arith
 
   # re-render report.md / report.html of a finished run
   ditto eval report runs/gsm8k-t07
@@ -110,8 +115,14 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--grader-timeout", type=float, default=10.0, help="seconds per grading call before it is killed")
     g.add_argument("--grader-workers", type=int, default=2, help="grading worker processes")
+    g.add_argument(
+        "--keep-tokens",
+        action="store_true",
+        help="record each sample's token ids and logprobs in results.jsonl (to compare runs bit for bit)",
+    )
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g.add_argument("--json", action="store_true", help="print the summary (or comparison) as JSON")
+    add_ray_args(p, "problems (units of --batch-problems problems, one generate call each)")
     g = p.add_argument_group("strategy (ditto.strategies; replaces plain sampling)")
     g.add_argument("--strategy", default=None, help="greedy, self_consistency, best_of_n, chunk_guided, ...")
     g.add_argument("--budget", type=int, default=None, help="max generated tokens per problem (all calls, all models)")
@@ -203,6 +214,16 @@ def run(args, make_backend) -> int:
             from ditto.eval.strategy_runner import run_from_args
 
             summary = run_from_args(args, make_backend, config, out)
+        elif getattr(args, "ray", None) is not None:
+            from functools import partial
+
+            from ditto.eval.ray_eval import run_eval_ray
+            from ditto.ray_pool import ray_address, worker_args
+
+            factory = partial(make_backend, worker_args(args))
+            summary = run_eval_ray(
+                factory, config, out, address=ray_address(args), workers=args.ray_workers, progress=args.progress
+            )
         else:
             summary = run_eval(make_backend(args), config, out, progress=args.progress)
     except ResumeMismatch as e:

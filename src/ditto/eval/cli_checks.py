@@ -49,6 +49,12 @@ def check_args(args, config, out: str) -> None:
         raise check.UsageError(f"argument --offset: no problems left after skipping {config.offset}")
     if getattr(args, "strategy", None):
         _strategy(args, config)
+    if hasattr(args, "ray"):
+        from ditto.ray_pool import check_ray_args
+
+        check_ray_args(args)
+        if args.ray is not None and getattr(args, "strategy", None):
+            raise check.UsageError("argument --ray: not with --strategy (plain sampling runs only)")
 
 
 def _arith(config) -> None:

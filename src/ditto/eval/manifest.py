@@ -15,6 +15,8 @@ MANIFEST_VERSION = 1
 
 # config fields that may change between a run and its resumption without changing any result
 RESUME_FREE_FIELDS = ("limit", "batch_problems", "grader_workers", "grader_timeout", "progress")
+# config fields added later, left out of the key at their default so that older runs still resume
+_KEY_IF_NOT_DEFAULT = {"keep_tokens": False}
 
 
 def _version(dist: str) -> str | None:
@@ -95,6 +97,7 @@ def threads() -> dict:
 def resume_key(config: dict, backend_info: dict, prompt_record: dict) -> str:
     """Hash of everything that must be identical for a resumed run to continue the same experiment."""
     cfg = {k: v for k, v in config.items() if k not in RESUME_FREE_FIELDS}
+    cfg = {k: v for k, v in cfg.items() if k not in _KEY_IF_NOT_DEFAULT or v != _KEY_IF_NOT_DEFAULT[k]}
     ident = {
         "config": cfg,
         "model_digest": backend_info.get("model_digest"),

@@ -70,6 +70,7 @@ class EvalConfig:
     arith_ops: str = "+-*"
     arith_seed: int = 0  # which problems (independent of the sampling seed, so runs can be paired)
     batch_problems: int = 16
+    keep_tokens: bool = False  # each sample's token ids and logprobs in results.jsonl
     grader_timeout: float = grading.DEFAULT_TIMEOUT_S
     grader_workers: int = 2
 
@@ -224,41 +225,88 @@ def run_eval(
 
     Returns the summary metrics (also written to summary.json).
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    task = config.make_task()
-    problems = task.load(limit=config.limit, offset=config.offset)
-    template = config.template()
-    base_params = config.sampling(stop=template.stop())
-    manifest_path, results_path = out / "manifest.json", out / "results.jsonl"
-    manifest = _open_manifest(out, config, backend.info(), task, template, base_params, problems)
-    session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "started_unix": time.time(), "limit": config.limit}
-    manifest.setdefault("sessions", []).append(session)
-    write_json_atomic(manifest_path, manifest)
-
-    writer = _ResultsWriter(results_path)
-    done_recs = {r["id"]: r for r in load_results(results_path)}
-    todo = [p for p in problems if p.id not in done_recs]
-    session["resumed_with"] = len(problems) - len(todo)
-    tally = _Tally(done_recs.values(), _progress(progress, len(problems), len(problems) - len(todo)))
+    run = open_run(config, out_dir, backend.info(), progress)
     delay = float(os.environ.get(_TEST_DELAY_ENV, "0") or 0)
     try:
-        with grading.GraderPool(config.grader_workers, config.grader_timeout) as pool:
-            for start in range(0, len(todo), max(1, config.batch_problems)):
-                batch = todo[start : start + config.batch_problems]
-                for rec in _run_batch(backend, pool, batch, template, task.name, base_params, config.seed):
-                    writer.write(rec)
-                    done_recs[rec["id"]] = rec
-                    tally.add(rec)
-                if delay:
-                    time.sleep(delay)
-            session["grader_timeouts"] = pool.timeouts
+        todo = run.todo()
+        for start in range(0, len(todo), max(1, config.batch_problems)):
+            batch = todo[start : start + config.batch_problems]
+            run.write(batch_records(run.grader, batch, *generate_batch(backend, batch, run.unit_spec()), config))
+            if delay:
+                time.sleep(delay)
     finally:
-        session["engine_stats"] = engine_stats(backend)
-        writer.close()
-        tally.stop()
-    records = [done_recs[p.id] for p in problems if p.id in done_recs]
-    return finish_run(out, task.name, records, config.seed, session, manifest, manifest_path, report)
+        run.session["engine_stats"] = engine_stats(backend)
+        run.close()
+    return run.finish(report)
+
+
+@dataclass
+class UnitSpec:
+    """What a worker needs to generate a batch of problems, besides the problems (picklable)."""
+
+    template: PromptTemplate
+    task_name: str
+    params: SamplingParams
+    seed: int
+
+
+class EvalRun:
+    """An open run folder: the manifest (with this session), results.jsonl open for appends, the records
+    already there, the grader pool and the progress bar. The single writer of the folder."""
+
+    def __init__(self, config: EvalConfig, out_dir: str | os.PathLike, binfo: dict, progress: bool) -> None:
+        self.config, self.out = config, Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.task = config.make_task()
+        self.problems = self.task.load(limit=config.limit, offset=config.offset)
+        self.template = config.template()
+        self.base_params = config.sampling(stop=self.template.stop())
+        self.manifest_path, results_path = self.out / "manifest.json", self.out / "results.jsonl"
+        self.manifest = _open_manifest(
+            self.out, config, binfo, self.task, self.template, self.base_params, self.problems
+        )
+        self.session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "started_unix": time.time()}
+        self.session["limit"] = config.limit
+        self.manifest.setdefault("sessions", []).append(self.session)
+        write_json_atomic(self.manifest_path, self.manifest)
+        self.writer = _ResultsWriter(results_path)
+        self.done = {r["id"]: r for r in load_results(results_path)}
+        n_todo = len(self.todo())
+        self.session["resumed_with"] = len(self.problems) - n_todo
+        self.tally = _Tally(self.done.values(), _progress(progress, len(self.problems), len(self.problems) - n_todo))
+        self.grader = grading.GraderPool(config.grader_workers, config.grader_timeout)
+        self.grader.__enter__()
+
+    def todo(self) -> list:
+        return [p for p in self.problems if p.id not in self.done]
+
+    def unit_spec(self) -> UnitSpec:
+        return UnitSpec(self.template, self.task.name, self.base_params, self.config.seed)
+
+    def write(self, records: list[dict]) -> None:
+        for rec in records:
+            if rec["id"] in self.done:  # never twice, whatever the caller hands in
+                continue
+            self.writer.write(rec)
+            self.done[rec["id"]] = rec
+            self.tally.add(rec)
+
+    def close(self) -> None:
+        self.session["grader_timeouts"] = self.grader.timeouts
+        self.grader.__exit__(None, None, None)
+        self.writer.close()
+        self.tally.stop()
+
+    def finish(self, report: bool) -> dict:
+        records = [self.done[p.id] for p in self.problems if p.id in self.done]
+        return finish_run(
+            self.out, self.task.name, records, self.config.seed, self.session, self.manifest, self.manifest_path, report
+        )
+
+
+def open_run(config: EvalConfig, out_dir: str | os.PathLike, binfo: dict, progress: bool = True) -> EvalRun:
+    """Open (or resume) the run folder `out_dir` for `config` on a backend described by `binfo`."""
+    return EvalRun(config, out_dir, binfo, progress)
 
 
 def _open_manifest(out: Path, config: EvalConfig, binfo: dict, task, template, base_params, problems) -> dict:
@@ -320,17 +368,22 @@ class _Tally:
             self.bar.stop()
 
 
-def _run_batch(backend, pool, batch, template, task_name: str, base_params: SamplingParams, seed: int) -> list[dict]:
-    """One generate call for a batch of problems (each with its own seed), every sample graded: one record each."""
-    prompts = [template.render(p, task_name, backend) for p in batch]
-    params = [base_params.replace(seed=problem_seed(seed, p.id)) for p in batch]
+def generate_batch(backend, batch: list, spec: UnitSpec) -> tuple[list[str], list[SamplingParams], list, float]:
+    """One generate call for a batch of problems, each with its own seed: (prompts, params, outputs, seconds).
+    What a Ray worker runs (ditto.eval.ray_eval); the driver grades."""
+    prompts = [spec.template.render(p, spec.task_name, backend) for p in batch]
+    params = [spec.params.replace(seed=problem_seed(spec.seed, p.id)) for p in batch]
     t0 = time.perf_counter()
     outs = backend.generate(prompts, params)
-    gen_s = time.perf_counter() - t0
+    return prompts, params, outs, time.perf_counter() - t0
+
+
+def batch_records(pool, batch, prompts, params, outs, gen_s: float, config: EvalConfig) -> list[dict]:
+    """Every sample of a generated batch graded: one record per problem."""
     grades = iter(pool.grade([(p.answer, c.text) for p, o in zip(batch, outs) for c in o.outputs]))
     records = []
     for p, o, prompt, sp in zip(batch, outs, prompts, params):
-        samples = [_sample_record(p, c, next(grades)) for c in o.outputs]
+        samples = [_sample_record(p, c, next(grades), config.keep_tokens) for c in o.outputs]
         records.append(
             {
                 "id": p.id,
@@ -349,7 +402,7 @@ def _run_batch(backend, pool, batch, template, task_name: str, base_params: Samp
     return records
 
 
-def _sample_record(problem, completion, g) -> dict:
+def _sample_record(problem, completion, g, keep_tokens: bool = False) -> dict:
     """One graded sample of `problem` (warnings logged for grader disagreements and timeouts)."""
     if g.disagreement:
         log.warning(
@@ -363,7 +416,7 @@ def _sample_record(problem, completion, g) -> dict:
         )
     if g.status == "timeout":
         log.warning("grading timed out on %s sample %d (answer %r)", problem.id, completion.index, g.extracted)
-    return {
+    rec = {
         "index": completion.index,
         "text": completion.text,
         "answer": g.extracted,
@@ -378,6 +431,10 @@ def _sample_record(problem, completion, g) -> dict:
         "n_tokens": len(completion.token_ids),
         "finish_reason": completion.finish_reason,
     }
+    if keep_tokens:  # --keep-tokens: what bit-identity is checked on (json floats round-trip exactly)
+        rec["token_ids"] = [int(t) for t in completion.token_ids]
+        rec["logprobs"] = [float(x) for x in completion.logprobs]
+    return rec
 
 
 def engine_stats(backend, second=None) -> dict:
