@@ -122,3 +122,30 @@ def test_a_resumed_job_skips_finished_units(cluster, tiny, reference, tmp_path):
     assert sessions[-1]["ray"]["units"] == 2  # unit 0 is done; unit 1 runs only its missing problem
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == PROBLEMS
     _same(_tensors(tmp_path), reference)
+
+
+def test_repro_configs_over_two_workers_one_killed(cluster, tiny, tmp_path, monkeypatch):
+    from ditto.repro.runner import RunConfig, Workload, load_study, run_config, run_study
+
+    workload = Workload(model=str(tiny), task="arith-easy", limit=4, max_tokens=8).prepare()
+    configs = [RunConfig("ditto", "fp32", "batch_invariant", b, 1) for b in (1, 4)]
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(KILL_HOOK_ENV, f"{configs[1].name}:{marker}")
+    study = run_study(workload, configs, tmp_path / "ray", report=False, ray={"address": None, "workers": 2})
+    assert marker.exists() and study["ray"]["worker_deaths"] == 1 and study["ray"]["units_redone"] == [configs[1].name]
+    assert sorted(study["ran"]) == sorted(c.name for c in configs)
+    before = torch.get_num_threads()
+    run_config(configs[0], workload, tmp_path / "local")  # the same config in this process
+    torch.set_num_threads(before)
+    _, results, _ = load_study(tmp_path / "ray")
+    local = load_study_config(tmp_path / "local", configs[0].name)
+    for c in configs:
+        assert results[c.name] == local, c.name
+    again = run_study(workload, configs, tmp_path / "ray", report=False, ray={"address": None, "workers": 2})
+    assert again["ran"] == [] and again["reused"] == [c.name for c in configs]
+
+
+def load_study_config(out: Path, name: str) -> dict:
+    from ditto.repro.runner import load_config_results
+
+    return load_config_results(out / "configs" / name)

@@ -59,6 +59,11 @@ class _Worker:
         return os.getpid()
 
 
+def no_engine() -> None:
+    """The factory of workers whose units build their own engine (repro: one per configuration)."""
+    return None
+
+
 class UnitFailed(RuntimeError):
     pass
 
@@ -74,8 +79,9 @@ class WorkerPool:
         workers: int | None = None,
         max_workers: int | None = None,
         attempts: int = 3,
+        threads: int = WORKER_THREADS,
     ) -> None:
-        self.factory, self.address, self.requested = factory, address, workers
+        self.factory, self.address, self.requested, self.threads = factory, address, workers, threads
         self.max_workers, self.attempts = max_workers, attempts
         self.actors: list = []
         self.started_ray = False
@@ -92,10 +98,10 @@ class WorkerPool:
             ray.init(address=self.address, log_to_driver=False, include_dashboard=False)
             self.started_ray = True
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        n = self.requested or max(1, cpus // WORKER_THREADS)
+        n = self.requested or max(1, cpus // self.threads)
         if self.max_workers:
             n = max(1, min(n, self.max_workers))
-        self._remote = ray.remote(num_cpus=WORKER_THREADS, max_restarts=0)(_Worker)
+        self._remote = ray.remote(num_cpus=self.threads, max_restarts=0)(_Worker)
         self.actors = [self._new_actor() for _ in range(n)]
         return self
 
@@ -109,7 +115,7 @@ class WorkerPool:
             ray.shutdown()
 
     def _new_actor(self):
-        return self._remote.remote(self.factory, WORKER_THREADS, os.environ.get(KILL_HOOK_ENV))
+        return self._remote.remote(self.factory, self.threads, os.environ.get(KILL_HOOK_ENV))
 
     # -- work ----------------------------------------------------------------------------------
 
@@ -166,7 +172,7 @@ class WorkerPool:
         return {
             "address": self.address or "local",
             "workers": len(self.actors),
-            "threads_per_worker": WORKER_THREADS,
+            "threads_per_worker": self.threads,
             "ray": ray.__version__,
             "worker_deaths": self.deaths,
             "units_redone": list(self.redone),
@@ -176,8 +182,15 @@ class WorkerPool:
 # -- the flags of `ditto eval|repro|verify --ray` ---------------------------------------------------
 
 
-def add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
-    """--ray [ADDRESS] and --ray-workers N; `what` names the units ("problems", "configurations", ...)."""
+ONE_ENGINE = (
+    "holds one engine on ONE torch thread (so batch_invariant and exact give the bits of a single process on "
+    "one thread, whatever the number of workers)"
+)
+
+
+def add_ray_args(p: argparse.ArgumentParser, what: str, worker: str = ONE_ENGINE) -> None:
+    """--ray [ADDRESS] and --ray-workers N; `what` names the units ("problems", "configurations", ...),
+    `worker` says what a worker does with them."""
     g = p.add_argument_group("ray (pip install 'ditto[ray]')")
     g.add_argument(
         "--ray",
@@ -187,16 +200,15 @@ def add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
         metavar="ADDRESS",
         help=f"spread the {what} over a Ray cluster: a local one started for this run when no ADDRESS is "
         "given, else the cluster at ADDRESS (e.g. ray://head:10001 or auto; its nodes need the same ditto and "
-        "model files). Each worker holds one engine on ONE torch thread (so batch_invariant and exact give "
-        "the bits of a single process on one thread, whatever the number of workers); a killed worker's "
-        "work is redone, and results stream into the same --out folder, resumable as without --ray",
+        f"model files). Each worker {worker}; a killed worker's work is redone, and results stream into the "
+        "same --out folder, resumable as without --ray",
     )
     g.add_argument(
         "--ray-workers",
         type=int,
         default=None,
         metavar="N",
-        help="Ray workers (engines) to start (default: one per CPU of the cluster, at most one per unit)",
+        help="Ray workers to start (default: as many as the cluster's CPUs hold, at most one per unit)",
     )
 
 

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from ditto.ray_pool import add_ray_args
 from ditto.sampling_params import DEFAULTS
 
 EPILOG = """examples:
@@ -17,6 +18,7 @@ EPILOG = """examples:
   ditto repro --configs ditto:fp32:batch_invariant:1,ditto:fp32:batch_invariant:8,transformers:fp32:-:8 \\
       --task arith-easy --limit 20 --out runs/repro-small
   ditto repro --report-only --out runs/repro            re-render the report of a finished study
+  ditto repro --numerics fp32,bf16 --batch-sizes 1,8,32 --threads 1,2 --ray --out runs/repro   configs over Ray
 
 Config spec (--configs): backend:numerics:determinism:batch[:threads], '-' for the backend default;
 openai:-:-:8 is the server at --base-url with 8 requests in flight (its numerics and determinism are the server's).
@@ -71,6 +73,12 @@ def add_parser(subparsers, parents: list[argparse.ArgumentParser] | None = None)
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    add_ray_args(
+        p,
+        "configurations (one unit each)",
+        worker="builds each of its configurations' engine in turn, on the thread count the configuration names "
+        "(and reserves the largest of them on the cluster)",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -163,6 +171,9 @@ def check_args(args) -> None:
             getattr(args, flag),
         )
     check.model(args.model)
+    from ditto.ray_pool import check_ray_args
+
+    check_ray_args(args)
     specs = _csv(args.backends) * (not args.no_matrix) + [c.split(":")[0] for c in _csv(args.configs)]
     uses_server = "openai" in specs
     check.backend_flags(argparse.Namespace(**(vars(args) | {"backend": "openai" if uses_server else "ditto"})))
@@ -174,6 +185,14 @@ def check_args(args) -> None:
         raise check.UsageError(f"argument --data: {exc}") from None
     if not problems:
         raise check.UsageError(f"argument --offset: no problems left after skipping {args.offset}")
+
+
+def _ray(args) -> dict | None:
+    if args.ray is None:
+        return None
+    from ditto.ray_pool import ray_address
+
+    return {"address": ray_address(args), "workers": args.ray_workers}
 
 
 def run(args) -> int:
@@ -218,6 +237,7 @@ def run(args) -> int:
             engine_options=_engine_options(args),
             progress=not args.no_progress,
             reference=args.reference,
+            ray=_ray(args),
         )
     except WorkloadMismatch as exc:
         print(f"ditto repro: {exc}", file=sys.stderr)

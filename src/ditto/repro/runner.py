@@ -269,8 +269,14 @@ def load_config_results(d: Path) -> dict[str, dict]:
 
 def run_config(cfg: RunConfig, workload: Workload, out: Path, engine_options: dict | None = None) -> dict:
     """Generate the workload under `cfg`; writes results.jsonl and manifest.json. Returns the manifest."""
-    d = config_dir(out, cfg)
-    d.mkdir(parents=True, exist_ok=True)
+    records, manifest = compute_config(cfg, workload, engine_options)
+    write_config(out, cfg, records, manifest)
+    return manifest
+
+
+def compute_config(cfg: RunConfig, workload: Workload, engine_options: dict | None = None) -> tuple[list, dict]:
+    """The workload under `cfg`: (one record per prompt, the config's manifest). Writes nothing (a Ray
+    worker runs this; the driver writes)."""
     t_load = time.perf_counter()
     backend = build_backend(cfg, workload.model, engine_options)
     load_s = time.perf_counter() - t_load
@@ -284,15 +290,14 @@ def run_config(cfg: RunConfig, workload: Workload, out: Path, engine_options: di
     finally:
         del backend
         gc.collect()
-    tmp = d / "results.jsonl.tmp"
-    n_tokens = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for prob, ids, ro in zip(workload.problems, workload.prompt_ids, outs):
-            comp = ro.outputs[0]
-            toks = _strip_stop([int(t) for t in comp.token_ids], comp.stop_reason)
-            n_tokens += len(toks)
-            grade = grading.grade_response(prob.answer, comp.text)
-            rec = {
+    records, n_tokens = [], 0
+    for prob, ids, ro in zip(workload.problems, workload.prompt_ids, outs):
+        comp = ro.outputs[0]
+        toks = _strip_stop([int(t) for t in comp.token_ids], comp.stop_reason)
+        n_tokens += len(toks)
+        grade = grading.grade_response(prob.answer, comp.text)
+        records.append(
+            {
                 "id": prob.id,
                 "prompt_tokens": len(ids),
                 "token_ids": toks,
@@ -303,10 +308,7 @@ def run_config(cfg: RunConfig, workload: Workload, out: Path, engine_options: di
                 "correct": bool(grade.correct),
                 "finish_reason": comp.finish_reason,
             }
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, d / "results.jsonl")
+        )
     manifest = {
         "config": asdict(cfg),
         "name": cfg.name,
@@ -324,8 +326,32 @@ def run_config(cfg: RunConfig, workload: Workload, out: Path, engine_options: di
         }[cfg.backend],
         "complete": True,
     }
+    return records, manifest
+
+
+def write_config(out: Path, cfg: RunConfig, records: list[dict], manifest: dict) -> None:
+    """results.jsonl (atomically), then the manifest that marks the config complete."""
+    d = config_dir(out, cfg)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / "results.jsonl.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, d / "results.jsonl")
     write_json_atomic(d / "manifest.json", manifest)
-    return manifest
+
+
+CONFIG_ERRORS = (ValueError, NotImplementedError, RuntimeError, ImportError, FileNotFoundError)
+
+
+def try_config(cfg: RunConfig, workload: Workload, engine_options: dict | None = None) -> tuple[list, dict] | str:
+    """compute_config, or the reason the config cannot run here ("TypeName: message")."""
+    try:
+        return compute_config(cfg, workload, engine_options)
+    except CONFIG_ERRORS as exc:
+        return f"{type(exc).__name__}: {exc}"
 
 
 def run_study(
@@ -338,8 +364,12 @@ def run_study(
     progress: bool = False,
     reference: str | None = None,
     report: bool = True,
+    ray: dict | None = None,
 ) -> dict:
-    """Run every config not yet complete, then write the report. Returns study.json's content + metrics."""
+    """Run every config not yet complete, then write the report. Returns study.json's content + metrics.
+
+    `ray`: {"address": ..., "workers": ...} runs the configs as units over a Ray cluster (one config per
+    unit, each on the thread count it names; this process writes their folders as they finish)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if not workload.prompt_ids:
@@ -368,23 +398,23 @@ def run_study(
             "ran": ran,
             "reused": reused,
             "reference": reference,
-        }
+        } | ({"ray": pool_record} if pool_record else {})
         write_json_atomic(study_path, study)
         return study
 
+    pool_record: dict = {}  # --ray: the pool's record, filled at the end of the job
     bar = _bar(progress, len(configs))
+    reused += [c.name for c in configs if is_complete(out, c, wrec["hash"], n)]
+    todo = [c for c in configs if c.name not in reused]
+    if bar:
+        bar[0].advance(bar[1], len(reused))
     try:
-        for cfg in configs:
-            if bar:
-                bar[0].update(bar[1], description=cfg.name)
-            if is_complete(out, cfg, wrec["hash"], n):
-                reused.append(cfg.name)
+        for cfg, result in _results(todo, workload, engine_options, ray, bar, pool_record):
+            if isinstance(result, str):
+                failed.append(Skipped(asdict(cfg), result))
             else:
-                try:
-                    run_config(cfg, workload, out, engine_options)
-                    ran.append(cfg.name)
-                except (ValueError, NotImplementedError, RuntimeError, ImportError, FileNotFoundError) as exc:
-                    failed.append(Skipped(asdict(cfg), f"{type(exc).__name__}: {exc}"))
+                write_config(out, cfg, *result)
+                ran.append(cfg.name)
             save()
             if bar:
                 bar[0].advance(bar[1])
@@ -398,6 +428,36 @@ def run_study(
 
         write_report(out)
     return study
+
+
+def _results(todo: list[RunConfig], workload: Workload, engine_options, ray: dict | None, bar, pool_record: dict):
+    """(config, try_config's answer) for every config in `todo`: one after the other here, or over Ray
+    in the order they finish."""
+    if ray is None:
+        for cfg in todo:
+            if bar:
+                bar[0].update(bar[1], description=cfg.name)
+            yield cfg, try_config(cfg, workload, engine_options)
+        return
+    if not todo:
+        return
+    from functools import partial
+
+    from ditto.ray_pool import WorkerPool, no_engine
+
+    by_name = {c.name: c for c in todo}
+    threads = max(c.threads for c in todo)  # each worker reserves the most any config runs on
+    with WorkerPool(no_engine, threads=threads, max_workers=len(todo), **ray) as pool:
+        if bar:
+            bar[0].update(bar[1], description=f"{len(pool.actors)} ray workers")
+        units = [(c.name, c) for c in todo]
+        for name, result in pool.map(partial(_config_unit, workload, engine_options), units):
+            yield by_name[name], result
+        pool_record.update(pool.record())
+
+
+def _config_unit(workload: Workload, engine_options: dict | None, _engine, cfg: RunConfig):
+    return try_config(cfg, workload, engine_options)
 
 
 def _bar(enabled: bool, total: int):
