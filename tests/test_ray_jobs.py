@@ -149,3 +149,42 @@ def load_study_config(out: Path, name: str) -> dict:
     from ditto.repro.runner import load_config_results
 
     return load_config_results(out / "configs" / name)
+
+
+def test_verify_over_ray_gives_the_single_process_verdicts(cluster, tiny, tmp_path, capsys, monkeypatch):
+    import dataclasses
+
+    from ditto import SamplingParams
+    from ditto.cli import main
+    from ditto.ray_pool import WorkerPool
+    from ditto.verify.build import receipt_for
+
+    before = torch.get_num_threads()
+    llm = _factory(tiny)()
+    params = [SamplingParams(temperature=0.7, seed=i, max_tokens=6, ignore_eos=True) for i in range(10)]
+    outs = llm.generate(["What is 2+2?", "Name a colour."] * 5, params)
+    torch.set_num_threads(before)
+    paths = []
+    for i, (o, p) in enumerate(zip(outs, params)):
+        r = receipt_for(llm, o, o.outputs[0], p)
+        if i == 9:  # a forged claim, resealed: only the replay can tell
+            r = dataclasses.replace(r, output_logprobs=[x + 1e-3 for x in r.output_logprobs]).seal()
+        r.save(tmp_path / f"r{i}.json")
+        paths.append(str(tmp_path / f"r{i}.json"))
+
+    def verdicts(*flags: str) -> tuple[int, dict]:
+        rc = main(["verify", "--json", *flags, *paths])
+        doc = json.loads(capsys.readouterr().out)
+        return rc, {d["file"]: (d["status"], d.get("reason")) for d in doc["results"]}
+
+    rc, single = verdicts()
+    assert rc == 1 and [single[p][0] for p in paths] == ["exact"] * 9 + ["inconsistent"]
+    sent, real_map = [], WorkerPool.map
+
+    def counted_map(pool, fn, units):
+        sent.extend(units)
+        return real_map(pool, fn, units)
+
+    monkeypatch.setattr(WorkerPool, "map", counted_map)
+    assert verdicts("--ray", "--ray-workers", "2") == (rc, single)
+    assert len(sent) == 2  # two units of receipts went to the cluster

@@ -188,9 +188,12 @@ ONE_ENGINE = (
 )
 
 
-def add_ray_args(p: argparse.ArgumentParser, what: str, worker: str = ONE_ENGINE) -> None:
+IN_THE_FOLDER = "results stream into the same --out folder, resumable as without --ray"
+
+
+def add_ray_args(p: argparse.ArgumentParser, what: str, worker: str = ONE_ENGINE, results: str = IN_THE_FOLDER) -> None:
     """--ray [ADDRESS] and --ray-workers N; `what` names the units ("problems", "configurations", ...),
-    `worker` says what a worker does with them."""
+    `worker` says what a worker does with them, `results` where their results go."""
     g = p.add_argument_group("ray (pip install 'ditto[ray]')")
     g.add_argument(
         "--ray",
@@ -200,8 +203,7 @@ def add_ray_args(p: argparse.ArgumentParser, what: str, worker: str = ONE_ENGINE
         metavar="ADDRESS",
         help=f"spread the {what} over a Ray cluster: a local one started for this run when no ADDRESS is "
         "given, else the cluster at ADDRESS (e.g. ray://head:10001 or auto; its nodes need the same ditto and "
-        f"model files). Each worker {worker}; a killed worker's work is redone, and results stream into the "
-        "same --out folder, resumable as without --ray",
+        f"model files). Each worker {worker}; a killed worker's work is redone on a fresh one; {results}",
     )
     g.add_argument(
         "--ray-workers",

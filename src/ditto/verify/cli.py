@@ -23,6 +23,8 @@ import json
 import sys
 from pathlib import Path
 
+from ditto.ray_pool import add_ray_args
+
 _CAL_PROMPTS = [
     "Explain why the sky is blue.",
     "What is 17 * 23? Think step by step.",
@@ -65,6 +67,13 @@ def add_parser(subparsers, parents=()) -> None:
     v.add_argument("--claims", default=None, help="JSONL claims without receipts (prompt, output, sampling)")
     v.add_argument("--json", action="store_true", help="print one JSON object per receipt/claim")
     v.add_argument("--margins", action="store_true", help="include per-token margins in --json output")
+    add_ray_args(
+        v,
+        "receipts (units of 8 receipts of one verifying model)",
+        worker="keeps the verifying model of its last unit and replays each receipt on the thread count the "
+        "receipt records, as one process does",
+        results="verdicts are printed as units finish (--json: one document at the end)",
+    )
     c = v.add_argument_group("calibrate")
     c.add_argument("--out", default="thresholds.json", help="where `calibrate` writes the thresholds")
     c.add_argument("--prompts", type=int, default=16, help="honest prompts to calibrate on")
@@ -168,6 +177,14 @@ def cmd_verify(args) -> int:
     if args.threshold is not None and not args.threshold >= 0:
         print(f"ditto verify: --threshold must be >= 0, got {args.threshold}", file=sys.stderr)
         return 2
+    from ditto.cli_checks import UsageError
+    from ditto.ray_pool import check_ray_args
+
+    try:
+        check_ray_args(args)
+    except UsageError as e:
+        print(f"ditto verify: {e}", file=sys.stderr)
+        return 2
     if args.pubkey:
         from ditto.verify.receipt import load_public_key
 
@@ -195,7 +212,12 @@ def cmd_verify(args) -> int:
             report.add(path, _unverifiable(receipt, str(e)))
             continue
         pending.setdefault((ns.model, ns.numerics, ns.determinism, ns.kv_dtype), []).append((path, receipt))
-    # 2. one replay model per (model, numerics, determinism, KV dtype)
+    # 2. one replay model per (model, numerics, determinism, KV dtype); --ray: units of receipts over a cluster
+    if args.ray is not None:
+        from ditto.verify.ray_verify import verify_over_ray
+
+        verify_over_ray(args, pending, th, report)
+        pending = {}
     for key, items in pending.items():
         try:
             llm = _load(args, key)
