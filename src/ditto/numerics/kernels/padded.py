@@ -29,14 +29,18 @@ from torch import nn
 
 MIN_ROWS = 16
 _CHECK_SIZES = (16, 17, 33, 64, 255, 300)
+# bf16 nn.Linear (oneDNN) keeps one regime from 2 rows on here (benchmarks/batch_invariance_probe.py):
+# padding a single row to 2 instead of 16 costs almost nothing; checked per layer over small sizes too
+BF16_MIN_ROWS = 2
+_SMALL_CHECK_SIZES = (2, 3, 4, 5, 7, 8, 11, 12, 15, 16, 17, 33, 64, 255, 300)
 _verdicts: dict[tuple, bool] = {}
 
 
-def _pad_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+def _pad_rows(x: torch.Tensor, min_rows: int = MIN_ROWS) -> tuple[torch.Tensor, int]:
     m = x.shape[0]
-    if m >= MIN_ROWS:
+    if m >= min_rows:
         return x, m
-    return torch.cat([x, x.new_zeros(MIN_ROWS - m, *x.shape[1:])]), m
+    return torch.cat([x, x.new_zeros(min_rows - m, *x.shape[1:])]), m
 
 
 class RowsWrapper(nn.Module):
@@ -52,12 +56,17 @@ class RowsWrapper(nn.Module):
 
 
 class PaddedLinear(RowsWrapper):
-    """Wraps any linear-like module (fp32, bf16, layercast, quantised) and pads its rows to 16."""
+    """Wraps any linear-like module (fp32, bf16, layercast, quantised) and pads its rows to
+    `min_rows` (16; 2 for a bf16 nn.Linear whose regime check passes from 2 rows)."""
+
+    def __init__(self, inner: nn.Module, min_rows: int = MIN_ROWS):
+        super().__init__(inner)
+        self.min_rows = min_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-        padded, m = _pad_rows(x2)
+        padded, m = _pad_rows(x2, self.min_rows)
         y = self.inner(padded)[:m]
         return y.reshape(*lead, y.shape[-1])
 
@@ -104,11 +113,11 @@ def _record_verdict(disk_key: str, ok: bool) -> None:
         os.replace(tmp, path)  # atomic: concurrent processes read the old or the new file
 
 
-def regime_is_invariant(module: nn.Module, dtype: torch.dtype) -> bool:
+def regime_is_invariant(module: nn.Module, dtype: torch.dtype, min_rows: int = MIN_ROWS) -> bool:
     """Do rows of `module` computed in padded batches of several sizes and positions agree bitwise?
     Checked once per layer kind, shape, dtype, thread count, torch build and CPU (the verdict is kept on disk)."""
     k = _in_features(module)
-    key = (type(module).__name__, k, getattr(module, "out_features", None), dtype, torch.get_num_threads())
+    key = (type(module).__name__, k, getattr(module, "out_features", None), dtype, torch.get_num_threads(), min_rows)
     if key in _verdicts:
         return _verdicts[key]
     disk_key = _disk_key(module, key)
@@ -119,13 +128,22 @@ def regime_is_invariant(module: nn.Module, dtype: torch.dtype) -> bool:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(max(_CHECK_SIZES) + 8, k, generator=gen).to(dtype)
     with torch.inference_mode():
-        ref = module(_pad_rows(x[:3])[0])[:3]
-        ok = True
-        for m in _CHECK_SIZES:
-            for offset in (0, 5):
-                rows = torch.cat([x[m : m + offset], x[:3], x[3 + offset : m]]) if offset else x[:m]
-                out = module(_pad_rows(rows)[0])
-                ok &= torch.equal(out[offset : offset + 3], ref)
+        if min_rows == MIN_ROWS:
+            ref = module(_pad_rows(x[:3])[0])[:3]
+            ok = True
+            for m in _CHECK_SIZES:
+                for offset in (0, 5):
+                    rows = torch.cat([x[m : m + offset], x[:3], x[3 + offset : m]]) if offset else x[:m]
+                    out = module(_pad_rows(rows)[0])
+                    ok &= torch.equal(out[offset : offset + 3], ref)
+        else:  # one row alone (padded to min_rows) against the same row first or last in batches
+            ref = module(_pad_rows(x[:1], min_rows)[0])[:1]
+            ok = True
+            for m in _SMALL_CHECK_SIZES:
+                for pos in (0, m - 1):
+                    rows = torch.cat([x[1:m][:pos], x[:1], x[1:m][pos:]])  # (m, K), x[0] at row pos
+                    out = module(_pad_rows(rows, min_rows)[0])
+                    ok &= torch.equal(out[pos : pos + 1], ref)
     _verdicts[key] = bool(ok)
     _record_verdict(disk_key, _verdicts[key])
     return _verdicts[key]
@@ -151,6 +169,12 @@ def _c_kernel_first(module: nn.Module, act_dtype: torch.dtype) -> bool:
     )
 
 
+def _bf16_linear(module: nn.Module, act_dtype: torch.dtype) -> bool:
+    weight = getattr(module, "weight", None)
+    bf16 = act_dtype == torch.bfloat16
+    return type(module) is nn.Linear and bf16 and weight is not None and weight.dtype == act_dtype
+
+
 def make_invariant(model: nn.Module, act_dtype: torch.dtype = torch.float32) -> nn.Module:
     """Wrap every projection and the LM head so that each row's result is independent of the batch."""
     from ditto.numerics.kernels.batch_invariant import InvariantLinear
@@ -173,6 +197,8 @@ def make_invariant(model: nn.Module, act_dtype: torch.dtype = torch.float32) -> 
             inv.release_unpacked()  # the packed copy replaces the weight: no fp32 model held twice
             setattr(parent, attr, inv)
             del mod, inv
+        elif _bf16_linear(mod, act_dtype) and regime_is_invariant(mod, act_dtype, BF16_MIN_ROWS):
+            setattr(parent, attr, PaddedLinear(mod, BF16_MIN_ROWS))
         elif regime_is_invariant(mod, act_dtype):
             setattr(parent, attr, PaddedLinear(mod))
         elif isinstance(mod, nn.Linear):
