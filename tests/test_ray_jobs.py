@@ -188,3 +188,14 @@ def test_verify_over_ray_gives_the_single_process_verdicts(cluster, tiny, tmp_pa
     monkeypatch.setattr(WorkerPool, "map", counted_map)
     assert verdicts("--ray", "--ray-workers", "2") == (rc, single)
     assert len(sent) == 2  # two units of receipts went to the cluster
+
+
+def test_ray_flags_are_checked_before_anything_starts(capsys):
+    from ditto.cli import main
+
+    assert main(["eval", "--task", "arith", "--ray-workers", "2"]) == 2
+    assert "--ray-workers: must be used with --ray" in capsys.readouterr().err
+    assert main(["eval", "--task", "arith", "--ray", "--ray-workers", "0"]) == 2
+    assert "--ray-workers: must be a positive integer" in capsys.readouterr().err
+    assert main(["eval", "--task", "arith", "--ray", "--strategy", "greedy"]) == 2
+    assert "not with --strategy" in capsys.readouterr().err

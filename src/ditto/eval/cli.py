@@ -218,12 +218,16 @@ def run(args, make_backend) -> int:
             from functools import partial
 
             from ditto.eval.ray_eval import run_eval_ray
-            from ditto.ray_pool import ray_address, worker_args
+            from ditto.ray_pool import UnitFailed, ray_address, worker_args
 
             factory = partial(make_backend, worker_args(args))
-            summary = run_eval_ray(
-                factory, config, out, address=ray_address(args), workers=args.ray_workers, progress=args.progress
-            )
+            try:
+                summary = run_eval_ray(
+                    factory, config, out, address=ray_address(args), workers=args.ray_workers, progress=args.progress
+                )
+            except UnitFailed as e:
+                print(f"error: {e}; finished problems are kept: run the same command again to resume", file=sys.stderr)
+                return 1
         else:
             summary = run_eval(make_backend(args), config, out, progress=args.progress)
     except ResumeMismatch as e:
