@@ -27,7 +27,14 @@ PROBLEMS = 6
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(
+        address="local",  # a private cluster, even when another one runs on this machine
+        num_cpus=2,
+        object_store_memory=128 * 1024**2,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
     yield
     ray.shutdown()
 
@@ -131,7 +138,7 @@ def test_repro_configs_over_two_workers_one_killed(cluster, tiny, tmp_path, monk
     configs = [RunConfig("ditto", "fp32", "batch_invariant", b, 1) for b in (1, 4)]
     marker = tmp_path / "killed"
     monkeypatch.setenv(KILL_HOOK_ENV, f"{configs[1].name}:{marker}")
-    study = run_study(workload, configs, tmp_path / "ray", report=False, ray={"address": None, "workers": 2})
+    study = run_study(workload, configs, tmp_path / "ray", report=False, ray={"address": "local", "workers": 2})
     assert marker.exists() and study["ray"]["worker_deaths"] == 1 and study["ray"]["units_redone"] == [configs[1].name]
     assert sorted(study["ran"]) == sorted(c.name for c in configs)
     before = torch.get_num_threads()
@@ -141,7 +148,7 @@ def test_repro_configs_over_two_workers_one_killed(cluster, tiny, tmp_path, monk
     local = load_study_config(tmp_path / "local", configs[0].name)
     for c in configs:
         assert results[c.name] == local, c.name
-    again = run_study(workload, configs, tmp_path / "ray", report=False, ray={"address": None, "workers": 2})
+    again = run_study(workload, configs, tmp_path / "ray", report=False, ray={"address": "local", "workers": 2})
     assert again["ran"] == [] and again["reused"] == [c.name for c in configs]
 
 

@@ -13,9 +13,10 @@ writes the run folder, so a unit is recorded once or not at all. A worker that d
 memory, its node gone) is replaced by a fresh one and its unit is redone there (at most `attempts`
 times per unit); an exception raised by `fn` is a bug, not a death, and is raised in the driver.
 
-Ray is imported here, on first use only: commands without --ray never load it. `ray.init()` starts a
-local cluster when no address is given (and is shut down again on exit); an address joins a cluster
-whose nodes run the same ditto and model files.
+Ray is imported here, on first use only: commands without --ray never load it. When Ray is not
+initialised yet, address "local" starts a private local cluster (shut down again on exit; one found
+running is not joined: "auto" joins it), another address joins that cluster, whose nodes must run the
+same ditto and model files. A caller that has called ray.init() itself keeps its cluster.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class WorkerPool:
         self,
         factory: Callable[[], Any],
         *,
-        address: str | None = None,
+        address: str = "local",
         workers: int | None = None,
         max_workers: int | None = None,
         attempts: int = 3,
@@ -170,7 +171,7 @@ class WorkerPool:
         import ray
 
         return {
-            "address": self.address or "local",
+            "address": self.address,
             "workers": len(self.actors),
             "threads_per_worker": self.threads,
             "ray": ray.__version__,
@@ -201,9 +202,10 @@ def add_ray_args(p: argparse.ArgumentParser, what: str, worker: str = ONE_ENGINE
         const="local",
         default=None,
         metavar="ADDRESS",
-        help=f"spread the {what} over a Ray cluster: a local one started for this run when no ADDRESS is "
-        "given, else the cluster at ADDRESS (e.g. ray://head:10001 or auto; its nodes need the same ditto and "
-        f"model files). Each worker {worker}; a killed worker's work is redone on a fresh one; {results}",
+        help=f"spread the {what} over a Ray cluster: a private local one started for this run when no ADDRESS "
+        "is given, else the cluster at ADDRESS (ray://head:10001, head:6379, or auto: $RAY_ADDRESS or the one "
+        "`ray start` left running here; its nodes need the same ditto and model files). "
+        f"Each worker {worker}; a killed worker's work is redone on a fresh one; {results}",
     )
     g.add_argument(
         "--ray-workers",
@@ -214,9 +216,9 @@ def add_ray_args(p: argparse.ArgumentParser, what: str, worker: str = ONE_ENGINE
     )
 
 
-def ray_address(args: argparse.Namespace) -> str | None:
-    """The address for ray.init: None starts a local cluster."""
-    return None if args.ray in (None, "local") else args.ray
+def ray_address(args: argparse.Namespace) -> str:
+    """The address for ray.init: "local" starts a private local cluster (never joins one found running)."""
+    return args.ray or "local"
 
 
 def check_ray_args(args: argparse.Namespace) -> None:

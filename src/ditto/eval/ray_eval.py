@@ -50,7 +50,7 @@ def run_eval_ray(
     config: EvalConfig,
     out_dir: str | os.PathLike,
     *,
-    address: str | None = None,
+    address: str = "local",
     workers: int | None = None,
     progress: bool = True,
     report: bool = True,
