@@ -1,16 +1,40 @@
 """Claims without receipts: what some endpoint says it generated, normalised for verification.
 
-One JSON object per line. Accepted shapes (mixable; explicit fields win over derived ones):
+A claims file is JSONL: one JSON object per line; blank lines and lines starting with '#' are
+skipped. Two shapes, mixable in one file (explicit fields win over derived ones):
 
-  ditto / flat:   {"id", "prompt" | "prompt_token_ids" | "messages", "output" | "output_text" |
-                   "completion" | "text", "output_token_ids" | "token_ids", "sampling" | "sampling_params"
-                   (or sampling keys at top level), "sample_index", "logprobs": [floats], "model"}
-  OpenAI-style:   {"request": <request body>, "response": <completions or chat completions response>}
-                  one Claim per choice (choice.index is the sample index). Logprobs are read from
-                  completions (`logprobs.tokens / token_logprobs / top_logprobs`) and chat
-                  (`logprobs.content[i].token / logprob / top_logprobs`); vLLM's `token_ids` and
-                  `prompt_token_ids` are used when present.
+flat (ditto's own claim format)::
 
+    {"id": "q1",                                  # optional; default "line-N"
+     "prompt": "text" | "prompt_token_ids": [ids] | "messages": [{"role", "content"}, ...],
+     "output_text": "text" | "output_token_ids": [ids],   # ids win; text is re-tokenised
+     "temperature": 0.7, "top_p": 0.9, "top_k": 40, "min_p": 0, "seed": 5, ...
+                                                  # or nested under "sampling" / "sampling_params"
+     "sample_index": 0,                           # which of n samples (ditto's noise coordinate)
+     "logprobs": [floats],                        # optional: claimed log p(token) per output token
+     "top_logprobs": [{"token": logprob}, ...],   # optional
+     "sampler": "ditto" | "other",                # whose seed (default "ditto", see below)
+     "model": "name", "meta": {...}}              # informational
+
+    `messages` are rendered with the verifying model's chat template (generation prompt added).
+    A claim without `temperature` was sampled at T = 1 (the OpenAI API's default), not greedy.
+
+OpenAI (`ditto verify --from-openai` demands this shape)::
+
+    {"request": <the /v1/completions or /v1/chat/completions request body>,
+     "response": <the response it got>}
+
+    One Claim per choice (choice.index is the sample index; a batch of prompts gives each prompt
+    `n` consecutive choices). Text comes from `text` / `message.content`, logprobs from the
+    completions (`logprobs.tokens / token_logprobs / top_logprobs`) or chat
+    (`logprobs.content[i].token / logprob / top_logprobs`) shape, token ids from vLLM's
+    `token_ids` / `prompt_token_ids`, ditto's `ditto` extension, or "token_id:<id>" logprob tokens
+    (see ditto.verify.openai_claims).
+
+The seed: Token-DiFR rebuilds ditto's counter-based Gumbel noise, so a seed is replayable only
+when ditto sampled it (`sampler` "ditto": the flat default, and any response that carries ditto's
+`ditto` extension). Another engine's seed drives another generator: its sampled claims are checked
+by their logprobs and by how likely the claimed tokens are at the claimed temperature.
 Sampling options ditto cannot replay (logit_bias, tools, response_format, ...) are listed in
 `Claim.unsupported` instead of being dropped silently.
 """
@@ -18,13 +42,19 @@ Sampling options ditto cannot replay (logit_bias, tools, response_format, ...) a
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ditto.sampling import SamplingParams
+from ditto.verify.openai_claims import (
+    choice_logprobs,
+    ditto_choice,
+    float_or_none,
+    ids_from_token_names,
+    request_prompt,
+)
 
 
 class ClaimError(ValueError):
@@ -108,6 +138,7 @@ class Claim:
     model: str | None = None
     finish_reason: str | None = None
     unsupported: tuple[str, ...] = ()  # sampling options ditto cannot replay
+    sampler: str = "ditto"  # whose seed: "ditto" (counter-based noise, replayable) or another engine's
     line: int = 0
     meta: dict = field(default_factory=dict, compare=False)
 
@@ -121,7 +152,7 @@ class Claim:
         """The strongest check this claim allows: greedy | token_difr | logprobs | likelihood."""
         if self.params.greedy:
             return "greedy"
-        if self.params.seed is not None:
+        if self.params.seed is not None and self.sampler == "ditto":
             return "token_difr"
         if self.logprobs is not None:
             return "logprobs"
@@ -134,14 +165,6 @@ def _ids(value, what: str) -> tuple[int, ...] | None:
     if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
         raise ValueError(f"{what} must be a list of non-negative integers")
     return tuple(value)
-
-
-def _float_or_none(x) -> float | None:
-    if x is None:
-        return None
-    if isinstance(x, str) and x in ("-Infinity", "-inf"):
-        return -math.inf
-    return float(x)
 
 
 def _params(source: dict, request: dict, n_out: int | None) -> tuple[SamplingParams, tuple[str, ...]]:
@@ -165,73 +188,90 @@ def _params(source: dict, request: dict, n_out: int | None) -> tuple[SamplingPar
     return SamplingParams(**kw), tuple(sorted(unsupported))
 
 
-def _choice_logprobs(lp) -> tuple[tuple | None, tuple | None, tuple | None]:
-    """(tokens, logprobs, top_logprobs) from a completions or chat `logprobs` object."""
-    if not lp:
-        return None, None, None
-    if "content" in lp:  # chat completions
-        items = lp["content"] or []
-        tokens = tuple(it["token"] for it in items)
-        lps = tuple(_float_or_none(it.get("logprob")) for it in items)
-        tops = tuple({t["token"]: float(t["logprob"]) for t in it.get("top_logprobs") or []} for it in items)
-        return tokens, lps, (tops if any(tops) else None)
-    tokens = tuple(lp.get("tokens") or ()) or None
-    lps = tuple(_float_or_none(x) for x in lp.get("token_logprobs") or ()) or None
-    tops = lp.get("top_logprobs")
-    tops = tuple({str(k): float(v) for k, v in (t or {}).items()} for t in tops) if tops else None
-    return tokens, lps, tops
+def _output(ch: dict) -> tuple[str | None, tuple | None, tuple | None, tuple | None, tuple | None]:
+    """(text, output ids, logprob tokens, logprobs, top logprobs) of one choice or flat claim."""
+    text = ch.get("text")
+    if text is None and isinstance(ch.get("message"), dict):
+        text = ch["message"].get("content")
+    for key in ("output_text", "output", "completion"):
+        if text is None and isinstance(ch.get(key), str):
+            text = ch[key]
+    out_ids = _ids(ch.get("output_token_ids", ch.get("token_ids")), "output token ids")
+    lp = ch.get("logprobs")
+    tokens, lps, tops = choice_logprobs(lp if isinstance(lp, dict) else None)
+    if isinstance(lp, list):  # flat ditto form: a list of floats
+        lps = tuple(float_or_none(x) for x in lp)
+    if isinstance(ch.get("top_logprobs"), list):  # flat form: one {token: logprob} per output token
+        tops = tuple({str(k): float(v) for k, v in (t or {}).items()} for t in ch["top_logprobs"])
+    return text, out_ids, tokens, lps, tops
 
 
-def parse_claim(obj: dict, line: int = 0) -> list[Claim]:
-    """The claims in one JSON object (several for an OpenAI response with n > 1 choices)."""
+def parse_claim(obj: dict, line: int = 0, *, openai: bool = False) -> list[Claim]:
+    """The claims in one JSON object (several for an OpenAI response with n > 1 choices).
+
+    openai=True demands the {"request": ..., "response": ...} shape (`ditto verify --from-openai`).
+    """
     if not isinstance(obj, dict):
         raise ClaimError(f"line {line}: a claim is a JSON object, got {type(obj).__name__}")
     try:
         request = obj.get("request") or {}
         response = obj.get("response")
+        is_response = isinstance(response, dict) and "choices" in response
+        if openai and not (isinstance(obj.get("request"), dict) and is_response):
+            raise ValueError(
+                'expected {"request": <the request body>, "response": <its /v1/completions or '
+                "/v1/chat/completions response>}; got keys " + ", ".join(sorted(map(str, obj))[:8])
+            )
+        if not isinstance(request, dict):
+            raise ValueError("request must be a JSON object (the request body)")
         source = {**request, **(obj.get("sampling") or obj.get("sampling_params") or {})}
         source.update({k: v for k, v in obj.items() if k in _PARAM_NAMES or k in _UNSUPPORTED})
-        prompt = obj.get("prompt", request.get("prompt"))
-        prompt_ids = obj.get("prompt_token_ids")
-        if isinstance(prompt, list):  # OpenAI accepts token ids as the prompt
-            prompt, prompt_ids = None, prompt_ids if prompt_ids is not None else prompt
         messages = obj.get("messages", request.get("messages"))
         model = obj.get("model", request.get("model"))
         base_id = str(obj.get("id", obj.get("request_id", f"line-{line}")))
-        if isinstance(response, dict) and "choices" in response:
+        # ditto's flat format states ditto's seed; a response states one only when ditto served it
+        sampler = obj.get("sampler")
+        if is_response:
             choices = response["choices"]
-            prompt_ids = prompt_ids if prompt_ids is not None else response.get("prompt_token_ids")
             model = model or response.get("model")
             base_id = str(obj.get("id", response.get("id", base_id)))
+            sampler = sampler or ("ditto" if isinstance(response.get("ditto"), dict) else "other")
         else:
             choices = [obj]
+            sampler = sampler or "ditto"
         if not choices:
             raise ValueError("the response has no choices")
         claims = []
         for pos, ch in enumerate(choices):
-            text = ch.get("text")
-            if text is None and isinstance(ch.get("message"), dict):
-                text = ch["message"].get("content")
-            for key in ("output_text", "output", "completion"):
-                if text is None and isinstance(ch.get(key), str):
-                    text = ch[key]
-            out_ids = _ids(ch.get("output_token_ids", ch.get("token_ids")), "output token ids")
-            tokens, lps, tops = _choice_logprobs(ch.get("logprobs") if isinstance(ch.get("logprobs"), dict) else None)
-            if isinstance(ch.get("logprobs"), list):  # flat ditto form: a list of floats
-                lps = tuple(_float_or_none(x) for x in ch["logprobs"])
+            if not isinstance(ch, dict):
+                raise ValueError(f"choice {pos} is not a JSON object")
+            index = int(ch.get("sample_index", ch.get("index", pos)))
+            text, out_ids, tokens, lps, tops = _output(ch)
+            seed, ext_prompt, ext_ids = ditto_choice(response, ch) if is_response else (None, None, None)
+            if out_ids is None:
+                out_ids = _ids(ext_ids, "ditto.choices[].token_ids") or ids_from_token_names(tokens)
             if text is None and out_ids is None:
                 raise ValueError("no output: give output_text / text / message.content or output_token_ids")
-            ch_prompt_ids = ch.get("prompt_token_ids", prompt_ids) if ch is not obj else prompt_ids
-            if prompt is None and ch_prompt_ids is None and messages is None:
-                raise ValueError("no prompt: give prompt, prompt_token_ids or messages")
-            params, unsupported = _params(source, request, len(out_ids) if out_ids else (len(lps) if lps else None))
-            index = int(ch.get("sample_index", ch.get("index", pos)))
+            prompt = obj.get("prompt", request_prompt(request, index))
+            prompt_ids = obj.get("prompt_token_ids")
+            if is_response:
+                prompt_ids = ch.get("prompt_token_ids", prompt_ids)
+                prompt_ids = prompt_ids if prompt_ids is not None else response.get("prompt_token_ids")
+                prompt_ids = prompt_ids if prompt_ids is not None else ext_prompt
+            if isinstance(prompt, list):  # OpenAI accepts token ids as the prompt
+                prompt, prompt_ids = None, prompt_ids if prompt_ids is not None else prompt
+            if prompt is None and prompt_ids is None and messages is None:
+                raise ValueError("no prompt: give prompt, prompt_token_ids or messages (or the request)")
+            n_out = len(out_ids) if out_ids else (len(lps) if lps else None)
+            params, unsupported = _params(
+                dict(source, seed=source.get("seed") if source.get("seed") is not None else seed), request, n_out
+            )
             claims.append(
                 Claim(
                     id=base_id if len(choices) == 1 else f"{base_id}/{index}",
                     params=params,
                     prompt=prompt,
-                    prompt_token_ids=_ids(ch_prompt_ids, "prompt token ids"),
+                    prompt_token_ids=_ids(prompt_ids, "prompt token ids"),
                     messages=tuple(messages) if messages is not None else None,
                     output_text=text,
                     output_token_ids=out_ids,
@@ -242,6 +282,7 @@ def parse_claim(obj: dict, line: int = 0) -> list[Claim]:
                     model=model,
                     finish_reason=ch.get("finish_reason"),
                     unsupported=unsupported,
+                    sampler=str(sampler),
                     line=line,
                     meta=dict(obj.get("meta") or {}),
                 )
@@ -249,26 +290,37 @@ def parse_claim(obj: dict, line: int = 0) -> list[Claim]:
         return claims
     except ClaimError:
         raise
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
         raise ClaimError(f"line {line}: {e}") from e
 
 
-def parse_claims(lines: Iterable[str]) -> list[Claim]:
-    """Claims from JSONL text lines (blank lines and lines starting with '#' are skipped)."""
+def parse_claims(lines: Iterable[str], errors: list[ClaimError] | None = None, *, openai: bool = False) -> list[Claim]:
+    """Claims from JSONL text lines (blank lines and lines starting with '#' are skipped).
+
+    A line that cannot be read raises ClaimError, unless `errors` is a list: then its error (naming
+    the line) is appended there and every other line is still read.
+    """
     claims = []
     for n, text in enumerate(lines, start=1):
         text = text.strip()
         if not text or text.startswith("#"):
             continue
         try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ClaimError(f"line {n}: not valid JSON ({e.msg} at column {e.colno})") from e
-        claims.extend(parse_claim(obj, n))
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ClaimError(f"line {n}: not valid JSON ({e.msg} at column {e.colno})") from e
+            claims.extend(parse_claim(obj, n, openai=openai))
+        except ClaimError as e:
+            if errors is None:
+                raise
+            errors.append(e)
     return claims
 
 
-def load_claims(path: str | os.PathLike) -> list[Claim]:
-    """Claims from a JSONL file."""
+def load_claims(
+    path: str | os.PathLike, errors: list[ClaimError] | None = None, *, openai: bool = False
+) -> list[Claim]:
+    """Claims from a JSONL file (see parse_claims for `errors`)."""
     with open(Path(path), encoding="utf-8") as f:
-        return parse_claims(f)
+        return parse_claims(f, errors, openai=openai)

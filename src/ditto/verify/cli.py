@@ -1,7 +1,7 @@
 """`ditto verify` and `ditto keygen`.
 
   ditto verify RECEIPT... [--threshold X | --threshold-file F] [--pubkey PEM] [--json]
-  ditto verify --claims claims.jsonl [--model M] [--threshold X]
+  ditto verify --claims claims.jsonl [--from-openai saved.jsonl] [--model M] [--numerics N] [--json]
   ditto verify calibrate --out thresholds.json [--prompts N] [--max-tokens L]
   ditto keygen PATH [--force]
 
@@ -24,6 +24,30 @@ import sys
 from pathlib import Path
 
 from ditto.ray_pool import add_ray_args
+
+CLAIMS_EPILOG = """\
+claims (what another engine served; no receipt):
+  ditto verify --claims claims.jsonl                  # reference: smollm2-135m-instruct, fp32
+  ditto verify --from-openai saved.jsonl --json       # one JSON document with a "summary"
+  ditto verify --claims c.jsonl --model DIR --numerics fp32 --threshold-file th.json
+
+  a flat claim line (ditto's claim format; see ditto.verify.claims for every field):
+    {"id": "q1", "prompt": "What is 17 * 23?", "output_text": "391",
+     "temperature": 0.7, "top_p": 0.95, "seed": 5, "logprobs": [-0.01, ...]}
+    prompt: "prompt" (text), "prompt_token_ids" or "messages" (chat template applied);
+    output: "output_token_ids" or "output_text" (re-tokenised; the report says if it round-trips)
+  a saved exchange (--claims or --from-openai):
+    {"request": {"model": ..., "messages": [...], "temperature": 0.7, "logprobs": true},
+     "response": {"choices": [{"message": {"content": ...}, "logprobs": {"content": [...]}}]}}
+
+  checks, each claim: T = 0 -> the claimed tokens must be the reference argmax (rank, margin);
+  T > 0 with ditto's seed (a flat claim, or a response with ditto's `ditto` extension) ->
+  Token-DiFR; T > 0 otherwise -> the claimed top-k/top-p/min-p and a surprise z-test of the
+  temperature (another engine's seed drives another generator); claimed logprobs -> mean
+  |claimed - reference| <= the logprob threshold (0.05 nats). Unreadable lines are reported by
+  line number; the other lines still verify. A summary ends the report: how many consistent,
+  the worst claim and its first divergence.
+"""
 
 _CAL_PROMPTS = [
     "Explain why the sky is blue.",
@@ -51,6 +75,8 @@ def add_parser(subparsers, parents=()) -> None:
         help="verify receipts or claims: exact / consistent / inconsistent (also: verify calibrate)",
         description="Replay receipts (or receipt-less JSONL claims) with a trusted teacher-forced pass. "
         "`ditto verify calibrate --out F` measures honest scores and writes a threshold file.",
+        epilog=CLAIMS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     # the engine options, copied (argparse shares Action objects with every parser built from the same
     # parent, so changing their defaults in place would change `ditto generate` too)
@@ -64,7 +90,14 @@ def add_parser(subparsers, parents=()) -> None:
     t.add_argument("--threshold", type=float, default=None, help="Token-DiFR threshold (mean clipped margin)")
     t.add_argument("--threshold-file", default=None, help="thresholds JSON written by `ditto verify calibrate`")
     v.add_argument("--pubkey", default=None, help="require receipts signed by this Ed25519 public key (PEM or hex)")
-    v.add_argument("--claims", default=None, help="JSONL claims without receipts (prompt, output, sampling)")
+    v.add_argument(
+        "--claims", action="append", default=[], metavar="FILE",
+        help="JSONL claims without receipts, flat or {request, response} lines (see below); repeatable",
+    )  # fmt: skip
+    v.add_argument(
+        "--from-openai", action="append", default=[], metavar="FILE",
+        help="JSONL of saved OpenAI API exchanges, one {\"request\": ..., \"response\": ...} per line; repeatable",
+    )  # fmt: skip
     v.add_argument("--json", action="store_true", help="print one JSON object per receipt/claim")
     v.add_argument("--margins", action="store_true", help="include per-token margins in --json output")
     add_ray_args(
@@ -145,9 +178,11 @@ class _Report:
 
     def __init__(self, args) -> None:
         self.args, self.results, self.exit_status = args, [], 0
+        self.summary: dict | None = None
 
-    def add(self, label: str, verdict=None, error: str | None = None) -> None:
+    def add(self, label: str, verdict=None, error: str | None = None, **extra) -> None:
         doc = _error(label, error) if verdict is None else {"file": label, **verdict.to_dict(margins=self.args.margins)}
+        doc.update(extra)
         self.results.append(doc)
         if not self.args.json:
             print(f"{label}: ERROR: {error}" if verdict is None else f"{label}: {verdict.summary()}", flush=True)
@@ -156,15 +191,18 @@ class _Report:
         statuses = {d["status"] for d in self.results}
         self.exit_status = 1 if "inconsistent" in statuses else (2 if statuses & {"error", "unverifiable"} else 0)
         if self.args.json:
-            print(json.dumps({"exit_status": self.exit_status, "results": self.results}))
+            doc = {"exit_status": self.exit_status, "results": self.results}
+            if self.summary is not None:
+                doc["summary"] = self.summary
+            print(json.dumps(doc))
         return self.exit_status
 
 
 def cmd_verify(args) -> int:
     if args.receipts[:1] == ["calibrate"] and not Path("calibrate").exists():
         return cmd_calibrate(args)
-    if not args.receipts and not args.claims:
-        print("ditto verify: give receipt files, --claims FILE, or `calibrate`", file=sys.stderr)
+    if not args.receipts and not args.claims and not args.from_openai:
+        print("ditto verify: give receipt files, --claims FILE, --from-openai FILE or `calibrate`", file=sys.stderr)
         return 2
     from ditto.verify.receipt import Receipt
     from ditto.verify.replay import precheck_receipt, verify_receipts
@@ -227,7 +265,7 @@ def cmd_verify(args) -> int:
             continue
         for (path, _), verdict in zip(items, verify_receipts(llm, [r for _, r in items], th, args.pubkey)):
             report.add(path, verdict)
-    if args.claims:
+    if args.claims or args.from_openai:
         _verify_claims(args, th, report)
     return report.finish()
 
@@ -266,18 +304,40 @@ def _load(args, key: tuple):
 
 
 def _verify_claims(args, th, report: _Report) -> None:
+    """Every claim of every --claims / --from-openai file against one reference model; a summary last."""
     from ditto.verify.claims import load_claims
+    from ditto.verify.claims_summary import summarize, summary_text
     from ditto.verify.replay import verify_claims
 
-    try:
-        claims = load_claims(args.claims)
-    except (ValueError, OSError) as e:
-        report.add(args.claims, error=str(e))
-        return
-    ns = _llm_args(args)
-    llm = _load(args, (ns.model, ns.numerics, ns.determinism, ns.kv_dtype))
-    for claim, verdict in zip(claims, verify_claims(llm, claims, th)):
-        report.add(f"{args.claims}#{claim.id}", verdict)
+    first = len(report.results)
+    todo = []
+    for path, openai in [(p, False) for p in args.claims] + [(p, True) for p in args.from_openai]:
+        errors = []
+        try:
+            claims = load_claims(path, errors, openai=openai)
+        except (OSError, UnicodeDecodeError) as e:
+            report.add(path, error=f"cannot read the claims: {e}")
+            continue
+        for e in errors:
+            line = str(e).split(":", 1)[0].removeprefix("line ")
+            report.add(f"{path}:{line}", error=str(e), line=int(line) if line.isdigit() else None)
+        todo += [(path, c) for c in claims]
+    if todo:
+        ns = _llm_args(args)
+        try:
+            llm = _load(args, (ns.model, ns.numerics, ns.determinism, ns.kv_dtype))
+        except (ValueError, OSError, RuntimeError) as e:
+            for path, c in todo:
+                report.add(f"{path}#{c.id}", error=f"cannot load the reference model {ns.model!r}: {e}", line=c.line)
+            todo = []
+        else:
+            verdicts = verify_claims(llm, [c for _, c in todo], th)
+            for (path, c), verdict in zip(todo, verdicts):
+                report.add(f"{path}#{c.id}", verdict, line=c.line, sampler=c.sampler)
+    report.summary = summarize(report.results[first:])
+    report.summary["reference"] = {"model": _llm_args(args).model, "numerics": _llm_args(args).numerics}
+    if not args.json:
+        print(summary_text(report.summary), flush=True)
 
 
 def cmd_calibrate(args) -> int:
