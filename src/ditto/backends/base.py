@@ -39,3 +39,12 @@ class Backend(Protocol):
     def info(self) -> dict:
         """The inference stack, for manifests: backend, versions, model digest, numerics, determinism..."""
         ...
+
+
+def params_per_prompt(prompts: list, params: SamplingParams | list[SamplingParams]) -> list[SamplingParams]:
+    """One SamplingParams per prompt, each with its seed fixed (a fresh one where none was given):
+    `params` is a single set for all, or a list as long as `prompts`."""
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+    if len(plist) != len(prompts):
+        raise ValueError("one SamplingParams per prompt, or a single one for all")
+    return [p.with_seed() for p in plist]

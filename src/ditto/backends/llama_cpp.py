@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ditto.backends.base import params_per_prompt
 from ditto.outputs import CompletionOutput, RequestOutput, ScoreOutput
 from ditto.sampling import SamplingParams
 
@@ -108,12 +109,9 @@ class LlamaCppBackend:
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts, params, *, progress: bool = False) -> list[RequestOutput]:
-        plist = params if isinstance(params, list) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError("one SamplingParams per prompt, or a single one for all")
+        plist = params_per_prompt(prompts, params)
         outs = []
         for i, (prompt, sp) in enumerate(zip(prompts, plist)):
-            sp = sp.with_seed()
             t0 = time.perf_counter()
             ids = self._ids(prompt)
             comps = [self._one(ids, sp, j) for j in range(sp.n)]

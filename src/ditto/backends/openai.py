@@ -29,6 +29,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from ditto.backends.base import params_per_prompt
 from ditto.backends.openai_http import Http, HttpError, RetryPolicy, ServerUnavailable, version_headers
 from ditto.backends.openai_probe import Capabilities, probe
 from ditto.backends.openai_score import ScoringUnavailable, score_request
@@ -162,10 +163,7 @@ class OpenAIBackend:
     # ------------------------------------------------------------------ generation
     def generate(self, prompts, params, *, progress: bool = False) -> list[RequestOutput]:
         """One request per prompt (n samples each), at most `max_concurrency` in flight; prompt order kept."""
-        plist = params if isinstance(params, list) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError("one SamplingParams per prompt, or a single one for all")
-        plist = [p.with_seed() for p in plist]
+        plist = params_per_prompt(prompts, params)
         for p in plist:
             if p.fingerprint_k and not self.caps.ditto:
                 raise ValueError("fingerprint_k needs a ditto server (Activation-DiFR fingerprints)")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ditto.backends.base import params_per_prompt
 from ditto.outputs import CompletionOutput, RequestOutput, ScoreOutput
 from ditto.sampling import SamplingParams
 
@@ -119,10 +120,7 @@ class TransformersBackend:
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts, params, *, progress: bool = False) -> list[RequestOutput]:
-        plist = params if isinstance(params, list) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError("one SamplingParams per prompt, or a single one for all")
-        plist = [p.with_seed() for p in plist]
+        plist = params_per_prompt(prompts, params)
         for p in plist:
             if p.frequency_penalty or p.presence_penalty:
                 raise ValueError("TransformersBackend does not support frequency/presence penalties")
