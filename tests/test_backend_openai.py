@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
+from http_server import free_port, serve_in_thread
 
 from ditto import LLM, SamplingParams
 from ditto.backends.openai import OpenAIBackend, RetryPolicy, ScoringUnavailable, ServerUnavailable
@@ -33,30 +33,15 @@ def _llm(path) -> LLM:
     return LLM(str(path), determinism="batch_invariant", progress=False, max_num_seqs=32, max_num_batched_tokens=256)
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _Server:
     """`ditto serve`'s app under uvicorn on 127.0.0.1 in a thread. With `die_after=K`, the (K+1)-th
     completion request kills it: the port closes and requests in flight get no answer."""
 
     def __init__(self, llm, die_after: int | None = None):
-        import uvicorn
-
         self.app = create_app(llm, served_name=MODEL)
         self.completions, self.die_after = 0, die_after
-        self.port = _port()
-        config = uvicorn.Config(self._asgi, host="127.0.0.1", port=self.port, log_level="error", interface="asgi3")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
+        self.port = free_port()
+        self.server, self.thread = serve_in_thread(self._asgi, self.port, log_level="error", interface="asgi3")
         self.url = f"http://127.0.0.1:{self.port}/v1"
 
     async def _asgi(self, scope, receive, send):

@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import socket
-import threading
 import time
 
 import httpx
 import openai
 import pytest
+from http_server import free_port, serve_in_thread
 
 from ditto import LLM, SamplingParams
 from ditto.server.app import create_app
@@ -26,19 +25,9 @@ class _Server:
     """uvicorn on 127.0.0.1 in a background thread."""
 
     def __init__(self, app):
-        import uvicorn
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
+        self.server, self.thread = serve_in_thread(app, self.port, log_level="warning")
         self.url = f"http://127.0.0.1:{self.port}"
 
     @property
