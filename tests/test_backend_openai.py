@@ -329,6 +329,36 @@ def test_repro_config_through_the_server(served, tiny_llama, tmp_path, capsys):
     assert main(argv) == 2 and "--base-url: --backend openai needs" in capsys.readouterr().err
 
 
+def test_repro_cli_with_named_servers(served, tiny_llama, tmp_path, capsys):
+    """--server LABEL=URL: the openai config's numerics slot names the server; its outputs sit beside ditto's."""
+    from ditto.cli import main
+    from ditto.repro.runner import load_config_results
+
+    base = ["repro", "--model", str(tiny_llama), "--task", "arith", "--limit", "3", "--max-tokens", "6"]
+    base += ["--threads", "1", "--no-progress", "--out", str(tmp_path)]
+    for flags, message in [
+        (["--server", "tiny"], "--server: must be LABEL=URL"),
+        (["--server", "a:b=http://h:1"], "--server: must be LABEL=URL"),
+        (["--server", "t=ftp://h"], "--base-url: must be an http(s):// URL"),
+        (["--server", f"t={served.url}", "--configs", "openai:other:-:2"], "--configs: must be openai:LABEL"),
+    ]:
+        assert main(base + flags) == 2
+        assert message in capsys.readouterr().err
+    configs = "openai:tiny:-:2,ditto:fp32:batch_invariant:2:1"
+    argv = base + ["--server", f"tiny={served.url}", "--configs", configs, "--no-matrix", "--json"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    study = json.loads((tmp_path / "study.json").read_text())
+    assert [c["name"] for c in study["configs"]] == ["openai-tiny-server-b2-t1", "ditto-fp32-batch_invariant-b2-t1"]
+    got, want = (load_config_results(tmp_path / "configs" / c["name"]) for c in study["configs"])
+    assert [r["token_ids"] for r in got.values()] == [r["token_ids"] for r in want.values()]
+    # the matrix form: --backends openai runs one config per named server (no --base-url needed)
+    argv = base + ["--server", f"tiny={served.url}", "--backends", "openai", "--batch-sizes", "1"]
+    assert main(argv) == 0
+    study = json.loads((tmp_path / "study.json").read_text())
+    assert [c["name"] for c in study["configs"]] == ["openai-tiny-server-b1-t1"]
+
+
 def test_ditto_eval_cli_through_the_server(served, tiny_llama, tmp_path, capsys):
     from ditto.cli import main
 

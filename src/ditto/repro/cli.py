@@ -19,13 +19,20 @@ EPILOG = """examples:
       --task arith-easy --limit 20 --out runs/repro-small
   ditto repro --report-only --out runs/repro            re-render the report of a finished study
   ditto repro --numerics fp32,bf16 --batch-sizes 1,8,32 --threads 1,2 --ray --out runs/repro   configs over Ray
+  ditto repro --backends ditto,openai --numerics fp32,bf16 --batch-sizes 1,32 \
+      --server vllm-fp32=http://127.0.0.1:8001/v1 --server vllm-bf16=http://127.0.0.1:8002/v1 \
+      --out runs/repro-vllm                             ditto beside two vLLM servers
 
 Config spec (--configs): backend:numerics:determinism:batch[:threads], '-' for the backend default;
-openai:-:-:8 is the server at --base-url with 8 requests in flight (its numerics and determinism are the server's).
+openai:-:-:8 is the server at --base-url with 8 requests in flight (its numerics and determinism are the server's);
+with --server LABEL=URL (repeatable) an openai config's numerics slot names the server: openai:vllm-bf16:-:32.
 The matrix flags (--backends, --numerics, --determinism, --batch-sizes, --threads) take comma lists;
 invalid combinations (integer numerics without determinism exact, transformers integer, llama_cpp
 batch > 1) are skipped and listed with a reason. A study folder is resumable per config.
 """
+
+
+SERVER = "server"  # runner.SERVER: the --base-url server's label (not imported: `ditto --help` stays light)
 
 
 def _csv(s: str | int | None) -> list[str]:
@@ -52,6 +59,14 @@ def add_parser(subparsers, parents: list[argparse.ArgumentParser] | None = None)
         default="ditto",
         help="comma list of ditto, transformers, llama_cpp, openai (a server at --base-url; its batch sizes are "
         "requests in flight)",
+    )
+    p.add_argument(
+        "--server",
+        action="append",
+        default=[],
+        metavar="LABEL=URL",
+        help="a named OpenAI-compatible server (repeatable), e.g. vllm-bf16=http://127.0.0.1:8002/v1; "
+        "--backends openai then runs one config per server, and --configs names it as openai:LABEL:-:BATCH",
     )
     p.add_argument("--batch-sizes", default="1,8", help="comma list (ditto: max_num_seqs; transformers: batch)")
     p.add_argument("--configs", default=None, help="explicit configs, comma separated (added to the matrix)")
@@ -106,6 +121,7 @@ def _configs(args):
 
     threads = [int(t) for t in _csv(args.threads)] or [os.cpu_count() or 1]
     configs, skipped = [], []
+    servers = [SERVER, *_servers(args)]
     if not args.no_matrix:
         configs, skipped = expand_matrix(
             _csv(args.backends),
@@ -113,6 +129,7 @@ def _configs(args):
             _csv(args.determinism),
             [int(b) for b in _csv(args.batch_sizes)],
             threads,
+            servers=servers if getattr(args, "base_url", None) or not _servers(args) else servers[1:],
         )
     for spec in _csv(args.configs):
         cfg = RunConfig.parse(spec, threads[0])
@@ -123,6 +140,11 @@ def _configs(args):
     return configs, skipped
 
 
+def _servers(args) -> dict[str, str]:
+    """--server LABEL=URL flags as {label: url} (check_args has validated them)."""
+    return dict(s.split("=", 1) for s in getattr(args, "server", None) or [])
+
+
 def _engine_options(args) -> dict:
     opts = {}
     for k in ("kv_dtype", "max_num_batched_tokens", "prefill_chunk", "block_size", "kv_cache_gb"):
@@ -131,9 +153,10 @@ def _engine_options(args) -> dict:
             opts[k] = v
     if getattr(args, "no_prefix_caching", False):
         opts["enable_prefix_caching"] = False
-    if getattr(args, "base_url", None):
+    if getattr(args, "base_url", None) or _servers(args):
         opts["openai"] = {
             "base_url": args.base_url,
+            "servers": _servers(args),
             "api_key": args.api_key or os.environ.get("OPENAI_API_KEY") or None,
             "served_model": args.served_model,
             "timeout_s": args.request_timeout,
@@ -176,7 +199,15 @@ def check_args(args) -> None:
     check_ray_args(args)
     specs = _csv(args.backends) * (not args.no_matrix) + [c.split(":")[0] for c in _csv(args.configs)]
     uses_server = "openai" in specs
-    check.backend_flags(argparse.Namespace(**(vars(args) | {"backend": "openai" if uses_server else "ditto"})))
+    labels = _check_servers(args)
+    default_server = args.base_url or (uses_server and not labels) or any(map(_names_default, _csv(args.configs)))
+    if default_server:  # --base-url is needed and checked
+        backend = "openai"
+    elif labels:  # the named servers carry the other openai flags (key, timeout)
+        backend, args = "openai", argparse.Namespace(**(vars(args) | {"base_url": next(iter(labels.values()))}))
+    else:
+        backend = "ditto"  # refuses stray openai flags
+    check.backend_flags(argparse.Namespace(**(vars(args) | {"backend": backend})))
     from ditto.eval.tasks import get_task
 
     try:
@@ -185,6 +216,31 @@ def check_args(args) -> None:
         raise check.UsageError(f"argument --data: {exc}") from None
     if not problems:
         raise check.UsageError(f"argument --offset: no problems left after skipping {args.offset}")
+
+
+def _check_servers(args) -> dict[str, str]:
+    """--server LABEL=URL flags, and every openai:LABEL config naming one of them."""
+    from ditto import cli_checks as check
+
+    labels: dict[str, str] = {}
+    for spec in args.server or []:
+        label, sep, url = spec.partition("=")
+        ok = bool(sep and label and url) and label != SERVER and not set(label) & set(":,=/ ")
+        check.check(ok, "server", f"LABEL=URL with a label free of ':,=/ ' (not {SERVER!r})", spec)
+        check.check(label not in labels, "server", "one URL per label", spec)
+        check.backend_flags(argparse.Namespace(backend="openai", base_url=url, served_model=None))
+        labels[label] = url
+    for spec in _csv(args.configs):
+        parts = spec.split(":")
+        if parts[0] == "openai" and not _names_default(spec):
+            check.check(parts[1] in labels, "configs", "openai:LABEL naming a --server LABEL=URL", spec)
+    return labels
+
+
+def _names_default(spec: str) -> bool:
+    """An openai config on the --base-url server (no server label in its numerics slot)."""
+    parts = spec.split(":")
+    return parts[0] == "openai" and (len(parts) < 2 or parts[1] in ("", "-", SERVER))
 
 
 def _ray(args) -> dict | None:

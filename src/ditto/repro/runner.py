@@ -69,8 +69,8 @@ class RunConfig:
             raise ValueError(f"bad config {spec!r}: expected backend:numerics:determinism:batch[:threads]")
         parts += [""] * (5 - len(parts))
         backend, num, det, batch, thr = parts
-        if backend == "openai":  # the server fixes numerics and determinism; batch = requests in flight
-            return cls(backend, SERVER, SERVER, int(batch or 1), default_threads)
+        if backend == "openai":  # numerics slot = which server (--server LABEL=URL); batch = requests in flight
+            return cls(backend, num if num not in ("", "-") else SERVER, SERVER, int(batch or 1), default_threads)
         num = num if num not in ("", "-") else {"llama_cpp": "gguf"}.get(backend, "fp32")
         det = det if det not in ("", "-") else ("fast" if backend == "ditto" else "none")
         if backend != "ditto":
@@ -97,9 +97,17 @@ class Skipped:
 
 
 def expand_matrix(
-    backends: list[str], numerics: list[str], determinism: list[str], batch_sizes: list[int], threads: list[int]
+    backends: list[str],
+    numerics: list[str],
+    determinism: list[str],
+    batch_sizes: list[int],
+    threads: list[int],
+    servers: list[str] = (SERVER,),
 ) -> tuple[list[RunConfig], list[Skipped]]:
-    """All valid configs of the cross product (deduplicated, in a stable order) and the skipped ones."""
+    """All valid configs of the cross product (deduplicated, in a stable order) and the skipped ones.
+
+    An openai config's numerics slot names its server (`servers`: labels of --server LABEL=URL, or
+    "server" for --base-url): the server, not ditto, decides its numerics and determinism."""
     configs: list[RunConfig] = []
     skipped: list[Skipped] = []
 
@@ -111,9 +119,10 @@ def expand_matrix(
         if be not in BACKENDS:
             raise ValueError(f"unknown backend {be!r}; choose from {', '.join(BACKENDS)}")
         if be == "openai":
-            for b in batch_sizes:
-                if (cfg := RunConfig(be, SERVER, SERVER, b, threads[0])) not in configs:
-                    configs.append(cfg)
+            for label in servers:
+                for b in batch_sizes:
+                    if (cfg := RunConfig(be, label, SERVER, b, threads[0])) not in configs:
+                        configs.append(cfg)
             continue
         for num in numerics if be != "llama_cpp" else ["gguf"]:
             for det in determinism if be == "ditto" else ["none"]:
@@ -225,11 +234,16 @@ def build_backend(cfg: RunConfig, model: str, engine_options: dict | None = None
         from ditto.backends.llama_cpp import LlamaCppBackend
 
         return LlamaCppBackend(str(path), threads=cfg.threads)
-    if cfg.backend == "openai":  # engine_options["openai"]: base_url, api_key, served_model, timeout_s
+    if cfg.backend == "openai":  # engine_options["openai"]: base_url, api_key, served_model, timeout_s, servers
         from ditto.backends.openai import OpenAIBackend
 
         server = dict((engine_options or {}).get("openai") or {})
-        return OpenAIBackend(server.pop("base_url"), tokenizer=str(path), max_concurrency=cfg.batch_size, **server)
+        urls = {SERVER: server.pop("base_url", None)} | server.pop("servers", {})
+        if not urls.get(cfg.numerics):
+            raise ValueError(f"config {cfg.name}: no URL for server {cfg.numerics!r} (--server LABEL=URL, --base-url)")
+        if cfg.numerics != SERVER:  # a named server answers under its own model id
+            server.pop("served_model", None)
+        return OpenAIBackend(urls[cfg.numerics], tokenizer=str(path), max_concurrency=cfg.batch_size, **server)
     raise ValueError(f"unknown backend {cfg.backend!r}")
 
 
