@@ -43,7 +43,7 @@ def peaky(tiny_llama, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def servers(peaky):
     started = {}
-    for num in ("fp32", "w4"):
+    for num in ("fp32", "w4", "bf16"):
         llm = LLM(str(peaky), numerics=num, determinism="batch_invariant", progress=False)
         started[num] = _Server(create_app(llm, served_name="m"))
     yield {num: srv.url for num, srv in started.items()}
@@ -124,6 +124,23 @@ def test_lower_precision_caught(servers, peaky, tmp_path, capsys):
     assert len(tokens_flagged) >= 6  # Token-DiFR on the claimed tokens alone catches most of ditto's own
     s = doc["summary"]
     assert s["ok"] == 0 and s["counts"] == {"inconsistent": 24} and s["worst"]["status"] == "inconsistent"
+
+
+def test_bf16_served_caught_against_the_fp32_reference(servers, peaky, tmp_path, capsys):
+    """Another engine's bf16 answers: its seed cannot be replayed, so the logprob comparison decides, with the
+    threshold measured for claims against an fp32 reference (far under the 0.05 nats of other references)."""
+    from ditto.verify.verdict import CLAIM_LOGPROB_THRESHOLDS
+
+    foreign = _collect(servers["bf16"], 0.8, foreign=True)
+    rc, doc = _verify(capsys, peaky, "--from-openai", str(_write(tmp_path / "bf16.jsonl", foreign)))
+    res = doc["results"]
+    assert rc == 1 and len(res) == 12
+    for r in res:
+        assert r["method"] == "logprobs" and r["status"] == "inconsistent", r["reason"]
+        assert r["threshold"] == CLAIM_LOGPROB_THRESHOLDS["fp32"] < r["score"] < 0.05
+    honest = _collect(servers["fp32"], 0.8, foreign=True)
+    rc, doc = _verify(capsys, peaky, "--from-openai", str(_write(tmp_path / "fp32.jsonl", honest)))
+    assert rc == 0 and {r["threshold"] for r in doc["results"]} == {CLAIM_LOGPROB_THRESHOLDS["fp32"]}
 
 
 def test_wrong_sampler_caught(servers, peaky, tmp_path, capsys):

@@ -17,6 +17,11 @@ from ditto.verify.token_difr import DEFAULT_CLIP
 DEFAULT_TOKEN_THRESHOLD = 0.02
 DEFAULT_ACTIVATION_THRESHOLD = 0.05
 DEFAULT_LOGPROB_THRESHOLD = 0.05  # mean |claimed - reference| log-probability (nats), logprob-only claims
+# ... against a reference whose honest cross-engine gap was measured (benchmarks/verify_claims_peers.py,
+# results in benchmarks/results/verify_claims_peers/): vLLM fp32 vs ditto fp32 gave per-response means of
+# 2e-6..5e-6 nats (largest token 3e-5); vLLM bf16 0.013..0.042, llama.cpp Q4_1 0.030..0.057. 1e-3 sits
+# 200x above the honest fp32 gap and 13x below the closest lower-precision response.
+CLAIM_LOGPROB_THRESHOLDS = {"fp32": 1e-3}
 DEFAULT_LOGPROB_TOLERANCE = 0.05  # per-token |claimed - reference| log-probability (nats) of a receipt replayed
 # within tolerances (`fast`); honest fast reruns on SmolLM2 stay below it (see replay.calibrate)
 THRESHOLDS_SCHEMA = "ditto.thresholds/v1"
@@ -71,6 +76,17 @@ class Thresholds:
         if measured is None:
             return self
         return dataclasses.replace(self, **measured, source=f"ditto's measured defaults for numerics {numerics}")
+
+    def for_claims(self, numerics: str) -> Thresholds:
+        """The default logprob threshold replaced by the one measured for claims judged against a `numerics`
+        reference (CLAIM_LOGPROB_THRESHOLDS); thresholds that were given or calibrated stay as they are."""
+        if self.source != "default" or numerics not in CLAIM_LOGPROB_THRESHOLDS:
+            return self
+        return dataclasses.replace(
+            self,
+            logprob=CLAIM_LOGPROB_THRESHOLDS[numerics],
+            source=f"ditto's measured claim threshold against a {numerics} reference",
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Thresholds:
