@@ -15,6 +15,8 @@ Configurations (what each should show):
   vllm-fp32  greedy-as-T1 served greedy, claimed T=1: wrong sampler, caught by the z-test
   vllm-bf16  T=0.7       lower precision: caught by the logprob comparison
   llama.cpp  T=0.7       Q4_1 weights (and llama.cpp's quantised matmuls): caught by logprobs
+and the lower-precision rows again against a reference of their own class (ditto bf16 for vLLM bf16;
+ditto's gguf mode, the file's own Q4_1 blocks, for llama.cpp): how far an honest same-class answer sits.
 The table gives, per configuration and for the first n tokens of each response only (n = 1, 3,
 10, 30, ... up to --tokens), the fraction of responses flagged `inconsistent` (for the honest rows
 that is the false-positive rate), as benchmarks/verify_detection.py does for receipts.
@@ -43,7 +45,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from peer_servers import Server, llamacpp_server, vllm_server  # noqa: E402
 
-HONEST = {"vllm-fp32 T=0.7", "vllm-fp32 T=0"}
+HONEST = {"vllm-fp32 T=0.7", "vllm-fp32 T=0", "vllm-bf16 T=0.7 vs bf16 ref", "llama.cpp Q4_1 T=0.7 vs gguf ref"}
+# the same answers judged again against the reference of their own numerics class: ditto bf16 for vLLM bf16,
+# ditto's gguf mode (the file's own Q4_1 blocks) for llama.cpp
+OWN_CLASS = {"vllm-bf16 T=0.7": "bf16", "llama.cpp Q4_1 T=0.7": "gguf"}
 
 
 def collect(srv: Server, prompts: list[str], served_t: float, claimed_t: float, tokens: int, vllm: bool) -> list:
@@ -110,13 +115,13 @@ def verify_config(ref, exchanges: list[dict], ns: list[int]) -> dict:
 
 
 def print_table(rows: dict, ns: list[int]) -> None:
-    head = f"{'config':28} {'n':>3} {'ok':>3} {'incons':>6} {'logprob gap':>11} {'|z| max':>7}  " + " ".join(
+    head = f"{'config':34} {'n':>3} {'ok':>3} {'incons':>6} {'logprob gap':>11} {'|z| max':>7}  " + " ".join(
         f"@{n:<4}" for n in ns
     )
     print("\n" + head + "\n" + "-" * len(head))
     for name, r in rows.items():
         if "skipped" in r:
-            print(f"{name:28} skipped: {r['skipped']}")
+            print(f"{name:34} skipped: {r['skipped']}")
             continue
         s = r["summary"]
         gap = f"{r['mean_logprob_gap']:.3g}" if r["mean_logprob_gap"] is not None else "-"
@@ -124,7 +129,7 @@ def print_table(rows: dict, ns: list[int]) -> None:
         rates = " ".join(f"{r['flagged_at_tokens'].get(n, float('nan')):5.2f}" for n in ns)
         kind = "FPR" if name in HONEST else "TPR"
         print(
-            f"{name:28} {s['n']:>3} {s['ok']:>3} {s['counts'].get('inconsistent', 0):>6} {gap:>11} {z:>7}  "
+            f"{name:34} {s['n']:>3} {s['ok']:>3} {s['counts'].get('inconsistent', 0):>6} {gap:>11} {z:>7}  "
             f"{rates}  ({kind})"
         )
     print("@n: fraction flagged inconsistent using each response's first n tokens only")
@@ -187,10 +192,15 @@ def main() -> int:
             print(f"{name}: skipped: {ex}", flush=True)
             rows[name] = {"skipped": ex}
             continue
-        rows[name] = verify_config(ref, ex, ns)
-        print(f"{name}: verified {rows[name]['summary']['n']} responses in {rows[name]['verify_s']:.1f} s", flush=True)
-        for note in rows[name]["notes"]:
-            print(f"  e.g. {note}")
+        judged = [(name, ref)]
+        if name in OWN_CLASS:
+            own = LLM(args.model, numerics=OWN_CLASS[name], progress=False)
+            judged.append((f"{name} vs {OWN_CLASS[name]} ref", own))
+        for row, reference in judged:
+            rows[row] = verify_config(reference, ex, ns)
+            print(f"{row}: verified {rows[row]['summary']['n']} responses in {rows[row]['verify_s']:.1f} s", flush=True)
+            for note in rows[row]["notes"]:
+                print(f"  e.g. {note}")
     print_table(rows, ns)
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1, default=str))

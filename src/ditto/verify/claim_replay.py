@@ -36,8 +36,9 @@ from ditto.verify.verdict import Thresholds, Verdict
 
 
 def verify_claims(llm, claims, threshold=None, *, chunk: int = 8) -> list[Verdict]:
-    """One Verdict per claim (ditto.verify.claims.Claim), in order; see the module docstring."""
-    th = Thresholds.coerce(threshold)
+    """One Verdict per claim (ditto.verify.claims.Claim), in order; see the module docstring. Default
+    thresholds take the logprob threshold measured for claims against `llm`'s numerics (Thresholds.for_claims)."""
+    th = Thresholds.coerce(threshold).for_claims(llm.config.numerics)
     prepared, verdicts = [], [None] * len(claims)
     for i, c in enumerate(claims):
         ids = claim_ids(llm, c)

@@ -332,7 +332,7 @@ def _verify_claims(args, th, report: _Report) -> None:
                 report.add(f"{path}#{c.id}", error=f"cannot load the reference model {ns.model!r}: {e}", line=c.line)
             todo = []
         else:
-            verdicts = verify_claims(llm, [c for _, c in todo], th.for_claims(ns.numerics))
+            verdicts = verify_claims(llm, [c for _, c in todo], th)
             for (path, c), verdict in zip(todo, verdicts):
                 report.add(f"{path}#{c.id}", verdict, line=c.line, sampler=c.sampler)
     report.summary = summarize(report.results[first:])
