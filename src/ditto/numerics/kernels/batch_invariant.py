@@ -24,10 +24,13 @@ Design of `invariant_linear`:
   invariant to M, position, other rows AND thread count, and - the chain being plain IEEE FMA -
   identical on any FMA-capable CPU.  Weights are pre-packed once into 64-column panels (bf16
   weights stay bf16 and are widened in registers, which halves decode memory traffic).
-* bf16: the same C kernel (bf16 x and W widened exactly, products exact in fp32, one fp32 FMA
-  chain, rounded to bf16 once).  torch/oneDNN bf16 with M padded to >= 2 rows was invariant on the
-  AMD EPYC dev box but NOT on an Intel Xeon (K=1536, M=255), so it is opt-in only
-  (DITTO_BI_BF16_ONEDNN=1, guarded by a one-off per-shape self-check).
+* bf16 (x and W both bf16): the fixed-order bf16 kernel of bf16_linear.py (ditto/csrc/bf16_linear.c):
+  per pair of k, what one lane of AVX512_BF16's vdpbf16ps does (two exact-product fp32 FMA steps with
+  FTZ/DAZ), the instruction itself where the CPU has it and bit-exact emulations elsewhere; the
+  weights stay bf16, packed in pairs.  Without that library, the fp32 kernel above (bf16 x and W
+  widened exactly, one fp32 FMA chain, rounded to bf16 once).  torch/oneDNN bf16 with M padded to
+  >= 2 rows was invariant on the AMD EPYC dev box but NOT on an Intel Xeon (K=1536, M=255), so it
+  is opt-in only (DITTO_BI_BF16_ONEDNN=1, guarded by a one-off per-shape self-check).
 * Without a C compiler, fp32 falls back to torch GEMMs on fixed 32-row zero-padded tiles (MKL's
   M>=12 kernel is row-position invariant on this CPU); slower, and also guarded by a self-check.
 
@@ -46,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ditto.numerics.kernels import bf16_linear
 from ditto.numerics.kernels.cbuild import CLibrary
 
 __all__ = [
@@ -139,16 +143,17 @@ def pack_weight(weight: Tensor) -> PackedWeight:
     return PackedWeight(wt.view(k, num_panels, _NR).permute(1, 0, 2).contiguous(), n, k)
 
 
-_pack_cache: dict[int, tuple[weakref.ref, int, int, PackedWeight]] = {}
+_pack_cache: dict[tuple[int, bool], tuple[weakref.ref, int, int, PackedWeight | bf16_linear.PackedBf16]] = {}
 
 
-def _packed_for(weight: Tensor) -> PackedWeight:
-    """Packed copy of `weight`, cached per tensor object and invalidated when it is modified."""
-    hit = _pack_cache.get(id(weight))
+def _packed_for(weight: Tensor, pairs: bool = False) -> PackedWeight | bf16_linear.PackedBf16:
+    """Packed copy of `weight` (pairs: for the bf16 kernel), cached per tensor object and
+    invalidated when it is modified."""
+    key = (id(weight), pairs)
+    hit = _pack_cache.get(key)
     if hit is not None and hit[0]() is weight and hit[1:3] == (weight.data_ptr(), weight._version):
         return hit[3]
-    packed = pack_weight(weight)
-    key = id(weight)
+    packed = bf16_linear.pack_weight(weight) if pairs else pack_weight(weight)
     _pack_cache[key] = (
         weakref.ref(weight, lambda _r, key=key: _pack_cache.pop(key, None)),
         weight.data_ptr(),
@@ -156,6 +161,12 @@ def _packed_for(weight: Tensor) -> PackedWeight:
         packed,
     )
     return packed
+
+
+def uses_bf16_kernel(x_dtype: torch.dtype, w_dtype: torch.dtype) -> bool:
+    """bf16 x and bf16 weights run on bf16_linear's kernel (unless oneDNN was asked for)."""
+    both = x_dtype == torch.bfloat16 and w_dtype == torch.bfloat16
+    return both and not _BF16_ONEDNN and bf16_linear.kernel_available()
 
 
 def _kernel_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None) -> Tensor:
@@ -241,14 +252,19 @@ def _self_check(
 # ----------------------------------------------------------------------------------------------
 
 
-def _cpu_linear(x: Tensor, weight: Tensor, bias: Tensor | None, packed: PackedWeight | None) -> Tensor:
+def _cpu_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, packed: PackedWeight | bf16_linear.PackedBf16 | None
+) -> Tensor:
     out_dtype = x.dtype
+    if uses_bf16_kernel(out_dtype, weight.dtype):
+        pb = packed if isinstance(packed, bf16_linear.PackedBf16) else _packed_for(weight, pairs=True)
+        return bf16_linear.linear(x, pb, bias)
     both_bf16 = out_dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
     if both_bf16 and _BF16_ONEDNN and _self_check("onednn_bf16", _onednn_bf16_linear, weight, bias is not None):
         return _onednn_bf16_linear(x, weight, bias)
     # else (fp32, layercast, or bf16 whose self-check failed): exact products in an fp32 FMA chain
     if _load_lib() is not None:
-        pw = packed if packed is not None else _packed_for(weight)
+        pw = packed if isinstance(packed, PackedWeight) else _packed_for(weight)
         return _kernel_linear(x, pw, bias).to(out_dtype)
     # no compiler: fixed-tile torch GEMMs in the compute dtype (fp32 unless both are bf16)
     cdt = torch.bfloat16 if (out_dtype == torch.bfloat16 and weight.dtype == torch.bfloat16) else torch.float32
@@ -263,14 +279,19 @@ def _cpu_linear(x: Tensor, weight: Tensor, bias: Tensor | None, packed: PackedWe
 
 
 def invariant_linear(
-    x: Tensor, weight: Tensor, bias: Tensor | None = None, *, packed: PackedWeight | None = None
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    packed: PackedWeight | bf16_linear.PackedBf16 | None = None,
 ) -> Tensor:
     """Batch-invariant `F.linear` for 2-D x (T, K) and weight (N, K); returns (T, N) in x's dtype.
 
     Row t of the result depends only on x[t] (bitwise), never on T or the other rows.
     dtypes: fp32 x & fp32 weight; fp32 x & bf16 weight (layercast: exact widening, fp32 compute);
     bf16 x & bf16 weight (fp32 accumulation, bf16 output).  Inference only (no autograd).
-    `packed` (from `pack_weight(weight)`) skips the per-weight packing cache lookup.
+    `packed` (from `pack_weight(weight)`, or `bf16_linear.pack_weight` for bf16 x bf16) skips the
+    per-weight packing cache lookup.
     """
     if x.dim() != 2:
         raise ValueError(f"invariant_linear expects 2-D x (T, K), got {tuple(x.shape)}")
@@ -295,7 +316,7 @@ class InvariantLinear(nn.Module):
         self.in_features = weight.shape[1]
         self.out_features = weight.shape[0]
         self.compute_dtype = compute_dtype if compute_dtype is not None else weight.dtype
-        self._packed: PackedWeight | None = None
+        self._packed: PackedWeight | bf16_linear.PackedBf16 | None = None
         self._packed_stamp: tuple[int, int] | None = None
         self._released = False  # True once only the packed copy is kept (release_unpacked)
 
@@ -307,25 +328,30 @@ class InvariantLinear(nn.Module):
         """Pack now and keep only the packed copy, which is all the C kernel reads: the weight
         (N, K) becomes a meta tensor (shape and dtype kept), so a linear that owned its weight no
         longer holds it twice. A weight shared elsewhere (a tied embedding) lives on there.
-        False (nothing changed) when this linear does not run on the C kernel."""
-        if _load_lib() is None or self.weight.device.type != "cpu" or self.weight.dtype != torch.float32:
+        False (nothing changed) when this linear does not run on a C kernel."""
+        if self.weight.device.type != "cpu":
+            return False
+        on_bf16 = self.compute_dtype == torch.bfloat16 and uses_bf16_kernel(torch.bfloat16, self.weight.dtype)
+        if not on_bf16 and (_load_lib() is None or self.weight.dtype != torch.float32):
             return False
         if self._get_packed() is None:
             return False
         self._released = True
-        self.weight = nn.Parameter(torch.empty(self.weight.shape, device="meta"), requires_grad=False)
+        meta = torch.empty(self.weight.shape, dtype=self.weight.dtype, device="meta")
+        self.weight = nn.Parameter(meta, requires_grad=False)
         return True
 
-    def _get_packed(self) -> PackedWeight | None:
+    def _get_packed(self) -> PackedWeight | bf16_linear.PackedBf16 | None:
         if self._released:
             return self._packed
         if self.weight.device.type != "cpu":
             return None
-        if self.compute_dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16:
-            return None  # oneDNN path normally; the fallback packs lazily via the cache
+        pairs = uses_bf16_kernel(self.compute_dtype, self.weight.dtype)
+        if not pairs and self.compute_dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16:
+            return None  # oneDNN (opt-in) or the fp32 kernel's fallback: packed lazily via the cache
         stamp = (self.weight.data_ptr(), self.weight._version)
         if self._packed is None or self._packed_stamp != stamp:
-            self._packed = pack_weight(self.weight)
+            self._packed = bf16_linear.pack_weight(self.weight) if pairs else pack_weight(self.weight)
             self._packed_stamp = stamp
         return self._packed
 

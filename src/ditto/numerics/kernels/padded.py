@@ -14,6 +14,10 @@ to 308 rows (the LM head's among them: seconds on a small CPU), so its verdict i
 beside the kernels (`invariance.json` in the kernel cache), keyed by everything it depends on: the
 layer's class and the mtime of its source, its shape, the dtype, the thread count, torch's version
 and build, and the CPU's flags. A new process with the same key trusts the recorded verdict.
+
+fp32 and bf16 nn.Linear layers skip all of that where their C kernels build: fp32 runs on the
+sequential-FMA kernel, bf16 on the fixed-order bf16 kernel (bf16_linear.py), both invariant by
+construction with no padding and no check.
 """
 
 from __future__ import annotations
@@ -173,6 +177,22 @@ def _c_kernel_first(module: nn.Module, act_dtype: torch.dtype) -> bool:
     )
 
 
+def _bf16_c_kernel(module: nn.Module, act_dtype: torch.dtype) -> bool:
+    """bf16 linears go to the fixed-order bf16 kernel (kernels/bf16_linear.py: vdpbf16ps's steps,
+    fp32 accumulation) when it is built: invariant by construction at every M with no padding and no
+    run-time check, and faster than oneDNN's padded GEMM at M = 1 (half the bytes of the fp32 chain)."""
+    from ditto.numerics.kernels.batch_invariant import uses_bf16_kernel
+
+    weight = getattr(module, "weight", None)
+    return (
+        isinstance(module, nn.Linear)
+        and act_dtype == torch.bfloat16
+        and weight is not None
+        and weight.device.type == "cpu"
+        and uses_bf16_kernel(act_dtype, weight.dtype)
+    )
+
+
 def _bf16_linear(module: nn.Module, act_dtype: torch.dtype) -> bool:
     weight = getattr(module, "weight", None)
     bf16 = act_dtype == torch.bfloat16
@@ -196,9 +216,9 @@ def make_invariant(model: nn.Module, act_dtype: torch.dtype = torch.float32) -> 
             continue  # a kernel whose rows never depend on the batch (e.g. layercast on the C kernel)
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         attr = name.split(".")[-1]
-        if _c_kernel_first(mod, act_dtype):
-            inv = InvariantLinear.from_linear(mod, compute_dtype=torch.float32)
-            inv.release_unpacked()  # the packed copy replaces the weight: no fp32 model held twice
+        if _c_kernel_first(mod, act_dtype) or _bf16_c_kernel(mod, act_dtype):
+            inv = InvariantLinear.from_linear(mod, compute_dtype=act_dtype)
+            inv.release_unpacked()  # the packed copy replaces the weight: no model held twice
             setattr(parent, attr, inv)
             del mod, inv
         elif _bf16_linear(mod, act_dtype) and regime_is_invariant(mod, act_dtype, BF16_MIN_ROWS):
