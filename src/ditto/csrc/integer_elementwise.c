@@ -286,3 +286,119 @@ long ditto_requant_quant(const i64 *o, long T, long N, const i64 *m, const i64 *
   }
   return oom ? -1 : 0;
 }
+
+/* ---------------------------------------------------------------- fused layer steps */
+/* The steps of one decoder layer between its int8 GEMMs, each one call for every token row (the lean
+   layer of ditto/numerics/integer_lean.py): the same chains as the calls above, in the same order. */
+
+/* One or several fused IntLinear epilogues (the arguments of ditto_epilogue, gathered). */
+typedef struct {
+  const i64 *m, *bias, *seg_end, *seg_shift, *seg_lo, *seg_hi;
+  long nseg;
+} Epi;
+
+/* The epilogue of one acc row (N columns) -> int32 y (the .to(int32) of IntLinear.forward). */
+static void epi_row(const int32_t *restrict acc, i64 a, i64 s, const Epi *ep, long N, i64 *restrict tmp,
+                    int32_t *restrict y) {
+  long start = 0;
+  for (long j = 0; j < ep->nseg; j++) {
+    const long c1 = ep->seg_end[j] < N ? ep->seg_end[j] : N;
+    if (start < c1) {
+      epi_cols(acc, a, ep->m, ep->bias, start, c1, wsub(ep->seg_shift[j], s), ep->seg_lo[j], ep->seg_hi[j], tmp);
+      for (long c = start; c < c1; c++) y[c] = (int32_t)tmp[c - start];
+    }
+    start = ep->seg_end[j];
+  }
+}
+
+/* Per token row t: y = the epilogue of acc[t] (int32; skipped when acc is NULL), then the post norm
+   (Gemma's sandwich norm, when post is not NULL), then the residual add x[t] += y (int32, wrapping like
+   torch); then z = IntRMSNorm `next` of x[t], written to z (when not NULL) and quantized (quantize_rows)
+   into q, qa16, qsa (when q is not NULL). x, z (T, N) int32 with row stride N; acc (T, N) with row
+   stride lda. Returns -1 when out of memory. */
+long ditto_res_norm_quant(long T, long N, const int32_t *acc, long lda, const i64 *a16, const i64 *sa,
+                          const Epi *ep, const Norm *post, int32_t *x, const Norm *next, int32_t *z, int8_t *q,
+                          i64 *qa16, i64 *qsa) {
+  long oom = 0;
+  #pragma omp parallel reduction(+:oom)
+  {
+    i64 *tmp = (i64 *)malloc(sizeof(i64) * (size_t)N);
+    int32_t *y = (int32_t *)malloc(sizeof(int32_t) * (size_t)(2 * N)), *yn = y ? y + N : NULL;
+    #pragma omp for schedule(static)
+    for (long t = 0; t < T; t++) {
+      if (!tmp || !y) { oom++; continue; }
+      int32_t *xr = x + t * N;
+      if (acc) {
+        epi_row(acc + t * lda, a16[t], sa[t], ep, N, tmp, y);
+        const int32_t *h = y;
+        if (post) { rmsnorm_row(y, N, post, yn); h = yn; }
+        for (long c = 0; c < N; c++) xr[c] = (int32_t)((uint32_t)xr[c] + (uint32_t)h[c]);
+      }
+      int32_t *zr = z ? z + t * N : yn;
+      rmsnorm_row(xr, N, next, zr);
+      if (q) quant_row32(zr, N, q + t * N, qa16 + t, qsa + t);
+    }
+    free(tmp);
+    free(y);
+  }
+  return oom ? -1 : 0;
+}
+
+/* One head row of int32 y (D,): IntRMSNorm (when nm) -> rope_int at table rows c, s -> quantize_rows. */
+static void head_row(const int32_t *restrict y, long D, const Norm *nm, const int32_t *restrict c,
+                     const int32_t *restrict s, i64 frac, int32_t *restrict yn, i64 *restrict yr, int8_t *q,
+                     i64 *a16, i64 *sa) {
+  if (nm) { rmsnorm_row(y, D, nm, yn); y = yn; }
+  const long half = D / 2;
+  const i64 rt = round_term(frac);
+  const u64 uf = (u64)frac;
+  const int fs = uf > 63 ? 63 : (int)uf;
+  for (long i = 0; i < half; i++) {
+    const i64 x1 = y[i], x2 = y[half + i];
+    yr[i] = wadd(wsub(wmul(x1, c[i]), wmul(x2, s[i])), rt) >> fs;
+    yr[half + i] = wadd(wadd(wmul(x2, c[i]), wmul(x1, s[i])), rt) >> fs;
+  }
+  quant_row64(yr, D, q, a16, sa);
+}
+
+/* IntAttention from the fused qkv GEMM to the attention's inputs, per token row t: y = the q|k|v
+   epilogues of acc[t] (int32); each of the H query heads -> head_row (q_norm, RoPE at pos[t], quantize)
+   into q8 (T, H, D), qa16, qsa (T, H); each of the Hkv key heads -> head_row (k_norm) stored in the cache
+   at slot slots[t]: k8c (S, Hkv, D) int8, kac (S, Hkv) int32, ksc (S, Hkv) int8; the value heads
+   y.to(int8) into v8c (S, Hkv, D). Returns -1 when out of memory. */
+long ditto_qkv_post(long T, const int32_t *acc, long lda, const i64 *a16, const i64 *sa, const Epi *ep, long H,
+                    long Hkv, long D, const Norm *qn, const Norm *kn, const i64 *pos, const int32_t *cos_t,
+                    const int32_t *sin_t, i64 frac, int8_t *q8, i64 *qa16, i64 *qsa, const i64 *slots,
+                    int8_t *k8c, int32_t *kac, int8_t *ksc, int8_t *v8c) {
+  const long N = (H + 2 * Hkv) * D, half = D / 2;
+  long oom = 0;
+  #pragma omp parallel reduction(+:oom)
+  {
+    i64 *tmp = (i64 *)malloc(sizeof(i64) * (size_t)(N > D ? N : D));
+    int32_t *y = (int32_t *)malloc(sizeof(int32_t) * (size_t)(N + D));
+    #pragma omp for schedule(static)
+    for (long t = 0; t < T; t++) {
+      if (!tmp || !y) { oom++; continue; }
+      epi_row(acc + t * lda, a16[t], sa[t], ep, N, tmp, y);
+      const int32_t *c = cos_t + pos[t] * half, *s = sin_t + pos[t] * half;
+      int32_t *yn = y + N;
+      for (long h = 0; h < H; h++) {
+        const long i = t * H + h;
+        head_row(y + h * D, D, qn, c, s, frac, yn, tmp, q8 + i * D, qa16 + i, qsa + i);
+      }
+      const i64 slot = slots[t];
+      for (long h = 0; h < Hkv; h++) {
+        const i64 i = slot * Hkv + h;
+        i64 ka, ks;
+        head_row(y + (H + h) * D, D, kn, c, s, frac, yn, tmp, k8c + i * D, &ka, &ks);
+        kac[i] = (int32_t)ka;
+        ksc[i] = (int8_t)ks;
+        const int32_t *v = y + (H + Hkv + h) * D;
+        for (long d = 0; d < D; d++) v8c[i * D + d] = (int8_t)v[d];
+      }
+    }
+    free(tmp);
+    free(y);
+  }
+  return oom ? -1 : 0;
+}

@@ -51,6 +51,10 @@ IntRMSNorm, the q/k norm + RoPE + quantisation of IntAttention, the P.V requanti
 with the torch ops, which stay the reference and the fallback (tests/test_integer_elementwise_kernel.py).
 They are off with DITTO_INT_DISABLE_ELEMENTWISE=1 or DITTO_INT_DISABLE_KERNEL=1, and while the
 integer_ops bound checks are on (kernel_checks / DITTO_INT_CHECKS=1: the checked torch ops run).
+
+Engine steps (an IntegerPagedAttention context) run the same kernels through `integer_lean.LeanIntDecoder`:
+4 GEMMs and 6 C calls per layer instead of the modules' dispatch chain, the same bits
+(tests/test_integer_lean.py); the modules stay the reference and serve every other context.
 """
 
 from __future__ import annotations
@@ -488,11 +492,16 @@ class IntegerMode:
         model.embed = new_embed
         model.integer_mode = self
         forward, checks = model.forward, self.kernel_checks
+        from ditto.numerics.integer_lean import LeanIntDecoder
+
+        lean = LeanIntDecoder.build(model)  # the same kernels with the fewest dispatches (engine steps)
 
         def checked_forward(*args, **kwargs):  # the kernels' checks as chosen for this model, restored after
             old = iops._CHECKS
             iops._CHECKS = checks
             try:
+                if lean is not None and len(args) == 3 and not kwargs and lean.usable(args[0], args[2]):
+                    return lean.forward(*args)
                 return forward(*args, **kwargs)
             finally:
                 iops._CHECKS = old

@@ -28,7 +28,7 @@ import torch
 from ditto.numerics.kernels import integer_ops as iops
 from ditto.numerics.kernels.cbuild import CLibrary
 
-__all__ = ["attend_paged", "kernel_available", "kernel_status"]
+__all__ = ["attend_paged", "check_index", "kernel_available", "kernel_status", "lib", "window_arg"]
 
 
 def _setup(lib: ctypes.CDLL) -> str | None:
@@ -54,6 +54,51 @@ def kernel_status() -> str:
 
 def _i64(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.int64).contiguous()
+
+
+def lib() -> ctypes.CDLL:
+    """The loaded library, for callers that pass checked, prebuilt arguments straight to C (integer_lean)."""
+    lib = _LIBRARY.load()
+    if lib is None:
+        raise RuntimeError(f"integer attention kernel unavailable: {_LIBRARY.error}")
+    return lib
+
+
+def window_arg(window: int | None) -> int:
+    """The kernel's window argument: -1 for none; a window <= 0 shows no key at all."""
+    return -1 if window is None else max(0, int(window))
+
+
+def check_index(
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    table: torch.Tensor,
+    table_row: torch.Tensor,
+    t: int,
+    num_blocks: int,
+    bs: int,
+    prob_bits: int = 20,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The query index of `attend_paged` (n >= 1 queries of T tokens; a cache of num_blocks blocks of bs),
+    checked and as contiguous int64 tensors; ValueError on anything a kernel call must not see."""
+    positions, tokens, table, table_row = _i64(positions), _i64(tokens), _i64(table), _i64(table_row)
+    lmax = int(positions.max()) + 1
+    if lmax > table.shape[1] * bs:
+        raise ValueError(f"attend_paged: position {lmax - 1} beyond the block table ({table.shape[1]} x {bs})")
+    if 127 * ((1 << prob_bits) + lmax) >= 1 << 31:
+        raise ValueError("attend_paged: the int32 P.V sum could overflow")  # never for B = 20, L < 2^24
+    if (
+        int(tokens.min()) < 0
+        or int(tokens.max()) >= t
+        or int(table_row.min()) < 0
+        or int(table_row.max()) >= len(table)
+    ):
+        raise ValueError("attend_paged: token or table row index out of range")
+    if table.numel() and (int(table.min()) < 0 or int(table.max()) >= num_blocks):
+        raise ValueError("attend_paged: block id out of range")
+    if positions.numel() != tokens.numel() or table_row.numel() != tokens.numel():
+        raise ValueError("attend_paged: one position and one table row per query expected")
+    return tokens, positions, table, table_row
 
 
 def attend_paged(
@@ -100,22 +145,9 @@ def attend_paged(
         raise ValueError("attend_paged: CPU tensors expected")
     if n == 0:
         return
-    positions, tokens, table, table_row = _i64(positions), _i64(tokens), _i64(table), _i64(table_row)
-    win = -1 if window is None else max(0, int(window))  # a window <= 0 shows no key at all
-    lmax = int(positions.max()) + 1
-    if lmax > table.shape[1] * bs:
-        raise ValueError(f"attend_paged: position {lmax - 1} beyond the block table ({table.shape[1]} x {bs})")
-    if 127 * ((1 << prob_bits) + lmax) >= 1 << 31:
-        raise ValueError("attend_paged: the int32 P.V sum could overflow")  # never for B = 20, L < 2^24
-    if (
-        int(tokens.min()) < 0
-        or int(tokens.max()) >= t
-        or int(table_row.min()) < 0
-        or int(table_row.max()) >= len(table)
-    ):
-        raise ValueError("attend_paged: token or table row index out of range")
-    if table.numel() and (int(table.min()) < 0 or int(table.max()) >= k8.shape[0]):
-        raise ValueError("attend_paged: block id out of range")
+    index = check_index(tokens, positions, table, table_row, t, k8.shape[0], bs, prob_bits)
+    tokens, positions, table, table_row = index
+    win = window_arg(window)
     q8 = q8.contiguous()
     qa, qs = _i64(qa16), _i64(qsa)
     k8, ka16, ksa, v8 = k8.contiguous(), ka16.contiguous(), ksa.contiguous(), v8.contiguous()

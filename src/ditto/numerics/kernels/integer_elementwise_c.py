@@ -31,6 +31,7 @@ before any pointer reaches C and raise ValueError on a mismatch.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from ditto.numerics.kernels.cbuild import DEFAULT_FLAGS, CLibrary
 
 __all__ = [
     "EpilogueParams",
+    "lib",
     "MLPParams",
     "NormParams",
     "head_post",
@@ -49,8 +51,10 @@ __all__ = [
     "kernel_status",
     "linear_epilogue",
     "mlp_act_quantize",
+    "qkv_post",
     "quantize_rows",
     "requant_quantize",
+    "res_norm_quant",
     "rmsnorm",
     "sigmoid",
 ]
@@ -77,6 +81,10 @@ def _setup(lib: ctypes.CDLL) -> str | None:
     lib.ditto_head_post.restype = ctypes.c_long
     lib.ditto_requant_quant.argtypes = [p, n, n, p, p, i64, i64, p, p, p, p]
     lib.ditto_requant_quant.restype = ctypes.c_long
+    lib.ditto_res_norm_quant.argtypes = [n, n, p, n, p, p, p, p, p, p, p, p, p, p]
+    lib.ditto_res_norm_quant.restype = ctypes.c_long
+    lib.ditto_qkv_post.argtypes = [n, p, n, p, p, p, n, n, n, p, p, p, p, p, i64, p, p, p, p, p, p, p, p]
+    lib.ditto_qkv_post.restype = ctypes.c_long
     return None
 
 
@@ -101,6 +109,24 @@ def _lib() -> ctypes.CDLL:
     if lib is None:
         raise RuntimeError(f"integer elementwise kernels unavailable: {_LIBRARY.error}")
     return lib
+
+
+def lib() -> ctypes.CDLL:
+    """The loaded library, for callers that pass checked, prebuilt arguments straight to C (integer_lean)."""
+    return _lib()
+
+
+class EpiStruct(ctypes.Structure):
+    """C `Epi`: the pointers of an EpilogueParams (which keeps the tensors alive) and its part count."""
+
+    _fields_ = [(f, ctypes.c_void_p) for f in ("m", "bias", "seg_end", "seg_shift", "seg_lo", "seg_hi")]
+    _fields_ += [("nseg", ctypes.c_long)]
+
+
+class NormStruct(ctypes.Structure):
+    """C `Norm`: the integers of a NormParams (which keeps gamma_m alive)."""
+
+    _fields_ = [("gm", ctypes.c_void_p)] + [(f, ctypes.c_int64) for f in ("ge", "eps_term", "b", "oshift")]
 
 
 def _i64(x) -> torch.Tensor:
@@ -186,6 +212,13 @@ class EpilogueParams:
     @property
     def n(self) -> int:
         return self.m.numel()
+
+    @functools.cached_property
+    def struct(self) -> EpiStruct:
+        """The C struct of these parameters (made once; the tensors it points to live as long as self)."""
+        ptrs = [None if t is None else t.data_ptr() for t in (self.m, self.bias, self.seg_end, self.seg_shift)]
+        ptrs += [self.seg_lo.data_ptr(), self.seg_hi.data_ptr()]
+        return EpiStruct(*ptrs, self.seg_end.numel())
 
 
 def linear_epilogue(
@@ -305,6 +338,11 @@ class NormParams:
         b = (61 - math.ceil(math.log2(d))) // 2  # the same expression as rmsnorm_int
         return NormParams(_i64(gm).reshape(-1), ge, min(eps_int * d, 1 << 60), b, oshift)
 
+    @functools.cached_property
+    def struct(self) -> NormStruct:
+        """The C struct of these parameters (made once; gamma_m lives as long as self)."""
+        return NormStruct(self.gm.data_ptr(), self.ge, self.eps_term, self.b, self.oshift)
+
 
 def rmsnorm(x: torch.Tensor, params: NormParams) -> torch.Tensor:
     """IntRMSNorm.forward of int32 x (..., D): rmsnorm_int, the output shift, .to(int32); bit-exact."""
@@ -395,3 +433,111 @@ def requant_quantize(
                                         None if raw is None else raw.data_ptr())  # fmt: skip
         _oom(rc, "requant_quantize")
     return (q, a16, sa) if raw is None else raw
+
+
+# ----------------------------------------------------------------------------- fused layer steps
+def _epi_rows(acc: torch.Tensor, a16: torch.Tensor, sa: torch.Tensor, params: EpilogueParams, what: str):
+    acc, lda = _rows(acc, (torch.int32,), what)
+    if acc.shape[1] != params.n:
+        raise ValueError(f"{what}: {acc.shape[1]} columns, epilogue for {params.n}")
+    a, s = _i64(a16).reshape(-1), _i64(sa).reshape(-1)
+    if a.numel() != acc.shape[0] or s.numel() != acc.shape[0]:
+        raise ValueError(f"{what}: a16 / sa need one value per row")
+    return acc, lda, a, s
+
+
+def res_norm_quant(
+    x: torch.Tensor,
+    norm: NormParams,
+    epi: tuple[torch.Tensor, torch.Tensor, torch.Tensor, EpilogueParams] | None = None,
+    post: NormParams | None = None,
+    quantize: bool = True,
+) -> tuple[torch.Tensor, ...]:
+    """The residual add and the next norm of a decoder layer, in place on the residual x (T, D) int32:
+
+    with epi = (acc (T, D) int32, a16, sa (T, 1), params): h = linear_epilogue(acc, a16, sa, params),
+    h = rmsnorm(h, post) when post is given, x += h (int32); then z = rmsnorm(x, norm). Returns
+    (z,) + quantize_rows(z) (q (T, D) int8, a16, sa (T, 1) int64), or (z,) with quantize=False.
+    """
+    d = norm.gm.numel()
+    if x.dtype != torch.int32 or x.dim() != 2 or x.shape[1] != d or not x.is_contiguous():
+        raise ValueError(f"res_norm_quant: contiguous (T, {d}) int32 residual expected, got {x.dtype} {tuple(x.shape)}")
+    _check_cpu(x)
+    if post is not None and post.gm.numel() != d:
+        raise ValueError("res_norm_quant: post norm size differs from the residual")
+    t = x.shape[0]
+    acc_p, lda, a_p, s_p, ep = None, 0, None, None, None
+    if epi is not None:
+        acc, lda, a, s = _epi_rows(*epi, "res_norm_quant")
+        if acc.shape != (t, d):
+            raise ValueError("res_norm_quant: acc must be (T, D)")
+        acc_p, a_p, s_p, ep = acc.data_ptr(), a.data_ptr(), s.data_ptr(), ctypes.addressof(epi[3].struct)
+    z = torch.empty(t, d, dtype=torch.int32)
+    q = torch.empty(t, d, dtype=torch.int8)
+    qa, qs = torch.empty(t, 1, dtype=torch.int64), torch.empty(t, 1, dtype=torch.int64)
+    if t:
+        post_p = None if post is None else ctypes.addressof(post.struct)
+        rc = _lib().ditto_res_norm_quant(
+            t, d, acc_p, lda, a_p, s_p, ep, post_p, x.data_ptr(), ctypes.addressof(norm.struct), z.data_ptr(),
+            q.data_ptr() if quantize else None, qa.data_ptr(), qs.data_ptr(),
+        )  # fmt: skip
+        _oom(rc, "res_norm_quant")
+    return (z, q, qa, qs) if quantize else (z,)
+
+
+def qkv_post(
+    acc: torch.Tensor,
+    a16: torch.Tensor,
+    sa: torch.Tensor,
+    epi: EpilogueParams,
+    heads: tuple[int, int, int],
+    norms: tuple[NormParams, NormParams] | None,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    slots: torch.Tensor,
+    cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    frac: int = 14,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """IntAttention's steps from the fused q|k|v GEMM acc (T, (H + 2 Hkv) D) int32 to the attention inputs:
+    the epilogues, head_post of the query heads (returned: q8 (T, H, D) int8, qa16, qsa (T, H, 1) int64) and
+    of the key heads, stored with the values (.to(int8)) at cache rows slots (T,) of cache = (k8 (.., Hkv, D)
+    int8, ka16 (.., Hkv, 1) int32, ksa (.., Hkv, 1) int8, v8 (.., Hkv, D) int8), viewed as (S, Hkv, .).
+    heads = (H, Hkv, D); norms = (q_norm, k_norm) params or None."""
+    h, kv, d = heads
+    acc, lda, a, s = _epi_rows(acc, a16, sa, epi, "qkv_post")
+    t = acc.shape[0]
+    if acc.shape[1] != (h + 2 * kv) * d or d % 2:
+        raise ValueError(f"qkv_post: {acc.shape[1]} columns for heads {heads}")
+    if cos.dtype != torch.int32 or sin.dtype != torch.int32 or cos.shape != sin.shape or cos.shape[1:] != (d // 2,):
+        raise ValueError("qkv_post: (P, D/2) int32 cos / sin tables expected")
+    if not (cos.is_contiguous() and sin.is_contiguous()) or not 0 <= frac <= 62:
+        raise ValueError("qkv_post: contiguous tables and 0 <= frac <= 62 expected")
+    if norms is not None and any(n.gm.numel() != d for n in norms):
+        raise ValueError("qkv_post: norm gain size differs from the head dim")
+    k8, ka, ks, v8 = cache
+    rows = k8.numel() // (kv * d) if kv * d else 0
+    dts = (torch.int8, torch.int32, torch.int8, torch.int8)
+    sizes = (rows * kv * d, rows * kv, rows * kv, rows * kv * d)
+    if any(c.dtype != dt or c.numel() != n or not c.is_contiguous() for c, dt, n in zip(cache, dts, sizes)):
+        raise ValueError("qkv_post: contiguous int8 / int32 / int8 / int8 caches of (S, Hkv, D | 1) expected")
+    pos, sl = _i64(positions).reshape(-1), _i64(slots).reshape(-1)
+    _check_cpu(pos, sl, cos, sin, *cache)
+    if pos.numel() != t or sl.numel() != t:
+        raise ValueError("qkv_post: one position and one slot per token expected")
+    q8 = torch.empty(t, h, d, dtype=torch.int8)
+    qa, qs = torch.empty(t, h, 1, dtype=torch.int64), torch.empty(t, h, 1, dtype=torch.int64)
+    if t == 0:
+        return q8, qa, qs
+    if int(pos.min()) < 0 or int(pos.max()) >= cos.shape[0]:
+        raise ValueError(f"qkv_post: position outside the RoPE table ({cos.shape[0]})")
+    if int(sl.min()) < 0 or int(sl.max()) >= rows:
+        raise ValueError("qkv_post: slot outside the cache")
+    qn, kn = (None, None) if norms is None else (ctypes.addressof(norms[0].struct), ctypes.addressof(norms[1].struct))
+    rc = _lib().ditto_qkv_post(
+        t, acc.data_ptr(), lda, a.data_ptr(), s.data_ptr(), ctypes.addressof(epi.struct), h, kv, d, qn, kn,
+        pos.data_ptr(), cos.data_ptr(), sin.data_ptr(), frac, q8.data_ptr(), qa.data_ptr(), qs.data_ptr(),
+        sl.data_ptr(), *(c.data_ptr() for c in cache),
+    )  # fmt: skip
+    _oom(rc, "qkv_post")
+    return q8, qa, qs
