@@ -45,7 +45,7 @@ __all__ = [
 
 ISA_ENV = "DITTO_BF16_ISA"
 _NR = 64  # columns per packed panel (NR in csrc/bf16_linear.c)
-_MC = 96  # rows per work item (cache blocking only; never changes an element's order)
+_MC = 96  # rows per work item at most (cache blocking and load balance only; never changes an order)
 _PATH_CODES = {"avx512_bf16": 4, "avx512": 3, "avx2": 2, "portable": 1}  # ISA_* of the C file
 _FLT_MIN = 1.17549435e-38
 _ERRORS = {-1: "the kernel rejected its arguments", -3: f"${ISA_ENV} names no path this CPU runs"}
@@ -143,8 +143,11 @@ def linear(x: Tensor, packed: PackedBf16, bias: Tensor | None = None, *, isa: st
     if m == 0 or packed.n == 0:
         return y
     b = None
+    panels, mc = packed.data.shape[0], _MC
+    while mc > 6 and -(-m // mc) * panels < 8 * torch.get_num_threads():  # enough work items for every thread
+        mc = max(6, mc // 12 * 6)
     if bias is not None:
-        b = torch.zeros(packed.data.shape[0] * _NR, dtype=torch.float32)  # (panels * 64,)
+        b = torch.zeros(panels * _NR, dtype=torch.float32)  # (panels * 64,)
         b[: packed.n] = bias.detach().to(torch.float32)
     rc = lib.ditto_bf16_linear(
         x.data_ptr(),
@@ -156,7 +159,7 @@ def linear(x: Tensor, packed: PackedBf16, bias: Tensor | None = None, *, isa: st
         None if b is None else b.data_ptr(),
         y.data_ptr(),
         y.stride(0),
-        _MC,
+        mc,
         _isa_code(isa),
     )
     if rc != 0:
