@@ -7,6 +7,7 @@ import pytest
 from ditto.engine import attention_c
 from ditto.numerics.kernels import (
     batch_invariant,
+    bf16_linear,
     gguf_blocks,
     gguf_lut,
     integer_attention_c,
@@ -23,6 +24,7 @@ KERNELS: dict[str, CLibrary] = {
     for m in (
         attention_c,
         batch_invariant,
+        bf16_linear,
         gguf_blocks,
         gguf_lut,
         integer_attention_c,
