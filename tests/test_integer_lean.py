@@ -115,9 +115,31 @@ def test_qkv_post_rejects_bad_indices():
         kern.qkv_post(*args[:6], torch.tensor([0, 1, 300]), *args[7:])  # position past the RoPE table
 
 
+# ----------------------------------------------------------------------------- GEMV
+def gemv_case(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    x = torch.randint(-128, 128, (1, k), generator=g, dtype=torch.int8)
+    if n > 2:
+        w[0], w[1] = 127, -128  # the extremes of every product
+        x[0, ::2] = -128
+    return x, w
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (3, 5), (16, 64), (17, 65), (33, 130), (832, 576), (576, 1536), (1000, 2048)])
+def test_gemv(n, k):
+    """Exact int32 x @ w.T for one row, every N and K tail (also x, w = -128, which quantize_rows never makes)."""
+    x, w = gemv_case(n, k, n + k)
+    ref = torch.matmul(x.long(), w.long().T).to(torch.int32)  # exact: |sum| < 2^31
+    assert_same(kern.gemv(x, w, kern.row_sums(w)), ref)
+
+
 # ----------------------------------------------------------------------------- threads, portable build
 def _both(seed: int):
     outs, refs = [], []
+    x, w = gemv_case(1000, 577, seed)
+    outs.append(kern.gemv(x, w, kern.row_sums(w)))
+    refs.append(torch.matmul(x.long(), w.long().T).to(torch.int32))
     args, ref = res_norm_case(37, 576, True, True, seed)
     outs += [*kern.res_norm_quant(*args), args[0]]
     refs += [*ref[1:], ref[0]]
@@ -164,14 +186,15 @@ def test_lean_forward_equals_module_path(tiny_dirs, family, monkeypatch):
     llm = exact_llm(tiny_dirs[family], prefill_chunk=16, max_num_batched_tokens=40, max_num_seqs=4)
     prompts = _prompts(5, 4, llm.loaded.config.vocab_size)
     params = [GREEDY, SAMPLED, GREEDY, SamplingParams(temperature=1.1, seed=3, max_tokens=8, ignore_eos=True), SAMPLED]
-    ids_lean, rows_lean, n_lean = _run(llm, prompts, params, True, monkeypatch)
-    ids_mod, rows_mod, n_mod = _run(llm, prompts, params, False, monkeypatch)
-    assert n_lean > 0 and n_mod == 0
-    assert ids_lean == ids_mod
-    assert rows_lean.keys() == rows_mod.keys()
-    for k in rows_mod:
-        assert len(rows_lean[k]) == len(rows_mod[k])
-        assert all(torch.equal(a, b) for a, b in zip(rows_lean[k], rows_mod[k]))
+    for ps, pp in ((prompts, params), (prompts[:1], [SAMPLED]), (prompts[1:2], [GREEDY])):  # batches; one stream
+        ids_lean, rows_lean, n_lean = _run(llm, ps, pp, True, monkeypatch)
+        ids_mod, rows_mod, n_mod = _run(llm, ps, pp, False, monkeypatch)
+        assert n_lean > 0 and n_mod == 0
+        assert ids_lean == ids_mod
+        assert rows_lean.keys() == rows_mod.keys()
+        for k in rows_mod:
+            assert len(rows_lean[k]) == len(rows_mod[k])
+            assert all(torch.equal(a, b) for a, b in zip(rows_lean[k], rows_mod[k]))
 
 
 def test_lean_forward_needs_every_layer_on_the_kernel_path(tiny_dirs):

@@ -402,3 +402,57 @@ long ditto_qkv_post(long T, const int32_t *acc, long lda, const i64 *a16, const 
   }
   return oom ? -1 : 0;
 }
+
+/* ---------------------------------------------------------------- int8 GEMV */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define DITTO_GEMV_AVX512 1
+#endif
+
+/* y (N,) int32 = w (N, K) int8 (row-major, row stride K) . x (K,) int8, exact: the int32 sums of
+   int8 x int8 products (|y| <= K 127^2 < 2^31 for K < 2^17), which any summation order gives.
+   wsum (N,) = sum_k w[n, k] (the AVX-512 path adds 128 to x for the u8 x s8 instruction and takes
+   128 wsum back off). Rows are split over OpenMP threads in blocks of 16. */
+void ditto_gemv_s8(const int8_t *x, const int8_t *w, const int32_t *wsum, long N, long K, int32_t *y) {
+  const long nb = (N + 15) / 16;
+  #pragma omp parallel for schedule(static)
+  for (long b = 0; b < nb; b++) {
+    const long n0 = b * 16, nr = N - n0 < 16 ? N - n0 : 16;
+#ifdef DITTO_GEMV_AVX512
+    const long nch = (K + 63) / 64;
+    const __mmask64 tail = (K % 64) ? (((__mmask64)1 << (K % 64)) - 1) : ~(__mmask64)0;
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512i part[16];
+    for (int r = 0; r < 16; r++) part[r] = _mm512_setzero_si512();
+    for (long c = 0; c < nch; c++) {
+      const __mmask64 m = c == nch - 1 ? tail : ~(__mmask64)0;
+      const __m512i xu = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, x + c * 64), flip);
+      for (int r = 0; r < nr; r++)
+        part[r] = _mm512_dpbusd_epi32(part[r], xu, _mm512_maskz_loadu_epi8(m, w + (n0 + r) * K + c * 64));
+    }
+    __m512i s2[8], s4[4], s8[2];
+    for (int i = 0; i < 8; i++)
+      s2[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(part[2 * i], part[2 * i + 1]),
+                               _mm512_unpackhi_epi32(part[2 * i], part[2 * i + 1]));
+    for (int i = 0; i < 4; i++)
+      s4[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(s2[2 * i], s2[2 * i + 1]),
+                               _mm512_unpackhi_epi64(s2[2 * i], s2[2 * i + 1]));
+    for (int i = 0; i < 2; i++)
+      s8[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(s4[2 * i], s4[2 * i + 1], 0x88),
+                               _mm512_shuffle_i32x4(s4[2 * i], s4[2 * i + 1], 0xDD));
+    const __m512i sum = _mm512_add_epi32(_mm512_shuffle_i32x4(s8[0], s8[1], 0x88),
+                                         _mm512_shuffle_i32x4(s8[0], s8[1], 0xDD));
+    const __mmask16 mk = (__mmask16)((1u << nr) - 1);
+    const __m512i comp = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(mk, wsum + n0), 7);
+    _mm512_mask_storeu_epi32(y + n0, mk, _mm512_sub_epi32(sum, comp));
+#else
+    (void)wsum;
+    for (long r = 0; r < nr; r++) {
+      const int8_t *wr = w + (n0 + r) * K;
+      int32_t s = 0;
+      for (long k = 0; k < K; k++) s += (int32_t)x[k] * (int32_t)wr[k];
+      y[n0 + r] = s;
+    }
+#endif
+  }
+}

@@ -273,12 +273,19 @@ class IntLMHead(IntLinear):
     def __init__(self, weight, in_frac: int, frac: int):
         super().__init__(weight, None, in_frac, 2.0**-frac, limit=1 << 24)
         self.frac = frac
+        self.row_sums: torch.Tensor | None = None  # for the one-row GEMV, made at its first call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kparams is not None and _use_elementwise(x):
             shape = x.shape
             q, a16, sa = iew.quantize_rows(x.reshape(-1, shape[-1]))  # (T, K)
-            y = iew.linear_epilogue(iops.int8_matmul(q, self.w8), a16, sa, self.kparams, 2.0**-self.frac)
+            if q.shape[0] == 1:  # one row (single-stream decode): the C GEMV streams the (V, K) weight once
+                if self.row_sums is None:
+                    self.row_sums = iew.row_sums(self.w8)
+                acc = iew.gemv(q, self.w8, self.row_sums)
+            else:
+                acc = iops.int8_matmul(q, self.w8)
+            y = iew.linear_epilogue(acc, a16, sa, self.kparams, 2.0**-self.frac)
             return y.reshape(*shape[:-1], -1)
         return self.forward_int(x).float() * 2.0**-self.frac
 
@@ -507,6 +514,17 @@ class IntegerMode:
                 iops._CHECKS = old
 
         model.forward = checked_forward
+        compute_logits = model.compute_logits
+
+        def checked_logits(hidden):  # the LM head under the same checks (off: its fused epilogue kernel runs)
+            old = iops._CHECKS
+            iops._CHECKS = checks
+            try:
+                return compute_logits(hidden)
+            finally:
+                iops._CHECKS = old
+
+        model.compute_logits = checked_logits
         return model
 
     def logits_int(self, logits: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,12 @@ class _Layer:
         self.w_o = a.o_proj.w8.t()
         self.w_gu = mlp.gate_up.w8.t()
         self.w_down = mlp.down_proj.w8.t()
+        # one-row steps (single-stream decode) run ditto_gemv_s8 on the (N, K) weights: (w, row sums, N, K)
+        self._sums = [iew.row_sums(w) for w in (a.qkv.w8, a.o_proj.w8, mlp.gate_up.w8, mlp.down_proj.w8)]
+        self.gemv = [
+            (w.data_ptr(), s.data_ptr(), *w.shape)
+            for w, s in zip((a.qkv.w8, a.o_proj.w8, mlp.gate_up.w8, mlp.down_proj.w8), self._sums)
+        ]
         self.qkv_epi = _addr(a.qkv.kparams.struct)
         self.o_epi = _addr(a.o_proj.kparams.struct)
         self.down_epi = _addr(mlp.down_proj.kparams.struct)
@@ -78,6 +84,7 @@ class _Layer:
             and isinstance(mlp, im.IntMLP)
             and a.kernel_ok
             and mlp.kparams is not None
+            and all(w.is_contiguous() for w in (a.qkv.w8, a.o_proj.w8, mlp.gate_up.w8, mlp.down_proj.w8))
             and all(n is None or (isinstance(n, im.IntRMSNorm) and n.kparams is not None) for n in norms)
             and blk.input_norm is not None
             and blk.pre_ffn_norm is not None
@@ -141,6 +148,10 @@ class LeanIntDecoder:
                 torch.empty(t, inter, dtype=i8),  # hq: the MLP's product, quantized
                 torch.empty(t, dtype=i64),
                 torch.empty(t, dtype=i64),
+                torch.empty(t, (h + 2 * self.shape[1]) * d, dtype=torch.int32),  # GEMV outputs (one-row steps)
+                torch.empty(t, hid, dtype=torch.int32),
+                torch.empty(t, 2 * inter, dtype=torch.int32),
+                torch.empty(t, hid, dtype=torch.int32),
             )
             self._ws = (t, bufs, tuple(b.data_ptr() for b in bufs))
         return self._ws
@@ -166,7 +177,7 @@ class LeanIntDecoder:
         t, hid = x.shape
         h, kv, d, inter = self.shape
         pos, slots, tokens, qpos, table, trow = self._step_index(positions, ctx, t)
-        _, bufs, (xq, xa, xs, q8, qa, qs, o, oq, oa, os_, hq, ha, hs) = self._workspace(t)
+        _, bufs, (xq, xa, xs, q8, qa, qs, o, oq, oa, os_, hq, ha, hs, *gemv_out) = self._workspace(t)
         xq_t, oq_t, hq_t = bufs[0], bufs[7], bufs[10]
         out = torch.empty(t, hid, dtype=torch.int32)
         ew, at = iew.lib(), iattn.lib()
@@ -177,15 +188,25 @@ class LeanIntDecoder:
         pp, sp, xp = pos.data_ptr(), slots.data_ptr(), x.data_ptr()
         lim = im.LIMIT
         layers = self.layers
+        gemv = ew.ditto_gemv_s8 if t == 1 else None
+
+        def linear(x, x_t, w_t, j, lay):  # int32 (T, N) x @ w.T: (the tensor holding it, its pointer, row stride)
+            if gemv is not None:
+                gw = lay.gemv[j]
+                gemv(x, gw[0], gw[1], gw[2], gw[3], gemv_out[j])
+                return None, gemv_out[j], gw[2]
+            acc = torch._int_mm(x_t, w_t)
+            return acc, acc.data_ptr(), acc.shape[1]
+
         first = layers[0].in_norm
         _check(ew.ditto_res_norm_quant(t, hid, None, 0, None, None, None, None, xp, first, None, xq, xa, xs))
         for i, lay in enumerate(layers):
             li = lay.layer
             kc, kac, ksc, vc = c.k[li], c.ka16[li], c.ksa[li], c.v[li]
-            acc = torch._int_mm(xq_t, lay.w_qkv)  # (T, (H + 2 Hkv) D)
+            keep, acc, lda = linear(xq, xq_t, lay.w_qkv, 0, lay)  # (T, (H + 2 Hkv) D)
             _check(
                 ew.ditto_qkv_post(
-                    t, acc.data_ptr(), acc.shape[1], xa, xs, lay.qkv_epi, h, kv, d, lay.qn, lay.kn, pp, *lay.rope, 14,
+                    t, acc, lda, xa, xs, lay.qkv_epi, h, kv, d, lay.qn, lay.kn, pp, *lay.rope, 14,
                     q8, qa, qs, sp, kc.data_ptr(), kac.data_ptr(), ksc.data_ptr(), vc.data_ptr(),
                 )
             )  # fmt: skip
@@ -196,20 +217,20 @@ class LeanIntDecoder:
                 )
             )  # fmt: skip
             _check(ew.ditto_requant_quant(o, t, h * d, *lay.o_me, -lim + 1, lim - 1, oq, oa, os_, None))
-            acc = torch._int_mm(oq_t, lay.w_o)  # (T, hidden)
+            keep, acc, lda = linear(oq, oq_t, lay.w_o, 1, lay)  # (T, hidden)
             _check(
                 ew.ditto_res_norm_quant(
-                    t, hid, acc.data_ptr(), hid, oa, os_, lay.o_epi, lay.post_attn, xp, lay.pre_ffn, None, xq, xa, xs
+                    t, hid, acc, lda, oa, os_, lay.o_epi, lay.post_attn, xp, lay.pre_ffn, None, xq, xa, xs
                 )
             )
-            acc = torch._int_mm(xq_t, lay.w_gu)  # (T, 2 I)
-            _check(ew.ditto_mlp(acc.data_ptr(), t, inter, 2 * inter, xa, xs, *lay.mlp, tab, hq, ha, hs, None))
-            acc = torch._int_mm(hq_t, lay.w_down)  # (T, hidden)
+            keep, acc, lda = linear(xq, xq_t, lay.w_gu, 2, lay)  # (T, 2 I)
+            _check(ew.ditto_mlp(acc, t, inter, lda, xa, xs, *lay.mlp, tab, hq, ha, hs, None))
+            keep, acc, lda = linear(hq, hq_t, lay.w_down, 3, lay)  # (T, hidden)
             last = i == len(layers) - 1
             nxt = self.final_norm if last else layers[i + 1].in_norm
             _check(
                 ew.ditto_res_norm_quant(
-                    t, hid, acc.data_ptr(), hid, ha, hs, lay.down_epi, lay.post_ffn, xp, nxt,
+                    t, hid, acc, lda, ha, hs, lay.down_epi, lay.post_ffn, xp, nxt,
                     out.data_ptr() if last else None, None if last else xq, xa, xs,
                 )
             )  # fmt: skip

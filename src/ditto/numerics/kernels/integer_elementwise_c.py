@@ -43,6 +43,7 @@ from ditto.numerics.kernels.cbuild import DEFAULT_FLAGS, CLibrary
 
 __all__ = [
     "EpilogueParams",
+    "gemv",
     "lib",
     "MLPParams",
     "NormParams",
@@ -85,6 +86,8 @@ def _setup(lib: ctypes.CDLL) -> str | None:
     lib.ditto_res_norm_quant.restype = ctypes.c_long
     lib.ditto_qkv_post.argtypes = [n, p, n, p, p, p, n, n, n, p, p, p, p, p, i64, p, p, p, p, p, p, p, p]
     lib.ditto_qkv_post.restype = ctypes.c_long
+    lib.ditto_gemv_s8.argtypes = [p, p, p, n, n, p]
+    lib.ditto_gemv_s8.restype = None
     return None
 
 
@@ -541,3 +544,27 @@ def qkv_post(
     )  # fmt: skip
     _oom(rc, "qkv_post")
     return q8, qa, qs
+
+
+# ----------------------------------------------------------------------------- int8 GEMV
+def row_sums(w: torch.Tensor) -> torch.Tensor:
+    """The (N,) int32 row sums of an int8 weight (N, K) that `gemv` takes (made once per weight)."""
+    return w.sum(dim=1, dtype=torch.int32).contiguous()
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, wsum: torch.Tensor) -> torch.Tensor:
+    """Exact int32 x @ w.T for one int8 row x (1, K) and an int8 weight w (N, K) (what `integer_ops.int8_matmul`
+    gives for M = 1), wsum = row_sums(w); returns (1, N) int32."""
+    if x.dtype != torch.int8 or w.dtype != torch.int8 or x.dim() != 2 or x.shape[0] != 1 or w.dim() != 2:
+        raise ValueError(f"gemv: int8 (1, K) and (N, K) expected, got {x.dtype} {tuple(x.shape)}, {tuple(w.shape)}")
+    n, k = w.shape
+    if x.shape[1] != k or wsum.shape != (n,) or wsum.dtype != torch.int32 or k >= 1 << 17:
+        raise ValueError("gemv: K mismatch, (N,) int32 row sums or K >= 2^17")
+    _check_cpu(x, w, wsum)
+    x, w, wsum = x.contiguous(), w.contiguous(), wsum.contiguous()
+    y = torch.empty(1, n, dtype=torch.int32)
+    if n and k:
+        _lib().ditto_gemv_s8(x.data_ptr(), w.data_ptr(), wsum.data_ptr(), n, k, y.data_ptr())
+    elif n:
+        y.zero_()
+    return y
