@@ -2,7 +2,7 @@
 
 from ditto.sampling import SamplingParams
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = ["LLM", "SamplingParams", "__version__"]
 
 
