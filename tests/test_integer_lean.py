@@ -131,7 +131,9 @@ def test_gemv(n, k):
     """Exact int32 x @ w.T for one row, every N and K tail (also x, w = -128, which quantize_rows never makes)."""
     x, w = gemv_case(n, k, n + k)
     ref = torch.matmul(x.long(), w.long().T).to(torch.int32)  # exact: |sum| < 2^31
-    assert_same(kern.gemv(x, w, kern.row_sums(w)), ref)
+    got = kern.gemv(x, w, kern.row_sums(w))
+    assert_same(got, ref)
+    assert_same(got, iops.int8_matmul(x, w))  # the integer reference's GEMM
 
 
 # ----------------------------------------------------------------------------- threads, portable build

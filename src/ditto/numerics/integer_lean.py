@@ -3,8 +3,10 @@
 A decode step of a small integer model was mostly Python: ~13 module calls, ~30 torch ops and ~10
 checked kernel wrappers per layer around the 4 int8 GEMMs. This runs the same kernels on the same
 values in the same order, so the same bits (tests/test_integer_lean.py compares token ids and
-integer logits with the module path), as 4 GEMMs (torch._int_mm) and 6 C calls per layer, with
-every argument that does not change within a step prepared once:
+integer logits with the module path), as 4 GEMMs and 6 C calls per layer, with every argument
+that does not change within a step prepared once. The GEMMs are torch._int_mm, or for a step of one
+token (single-stream decode) ditto_gemv_s8, which streams each (N, K) int8 weight once (the step is
+bound by reading the weights: ~132 MB a token for SmolLM2-135M).
 
   ditto_res_norm_quant  [o_proj / down_proj epilogue -> (post norm) -> residual add ->] the next
                         RMSNorm -> quantize_rows for the next GEMM (or the final norm's hidden state)
