@@ -22,3 +22,15 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_dirs) -> Path:
     return tiny_dirs["llama"]
+
+
+@pytest.fixture
+def no_bound_checks():
+    """The integer ops' bound checks off for one test (kernels are compared on inputs outside the checked
+    bounds too: wraparound, wild shifts); restored after."""
+    from ditto.numerics.kernels import integer_ops as iops
+
+    old = iops._CHECKS
+    iops.set_bound_checks(False)
+    yield
+    iops.set_bound_checks(old)

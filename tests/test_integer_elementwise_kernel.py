@@ -19,18 +19,12 @@ from ditto.numerics import integer as integer_mod
 from ditto.numerics.kernels import integer_elementwise_c as kern
 from ditto.numerics.kernels import integer_ops as iops
 
-pytestmark = pytest.mark.skipif(not kern.kernel_available(), reason=f"kernel: {kern.kernel_status()}")
+pytestmark = [
+    pytest.mark.skipif(not kern.kernel_available(), reason=f"kernel: {kern.kernel_status()}"),
+    pytest.mark.usefixtures("no_bound_checks"),
+]
 
 I31 = (1 << 31) - 1
-
-
-@pytest.fixture(autouse=True)
-def no_checks():
-    """Bit-exactness is tested on inputs outside the checked bounds too (wraparound, wild shifts)."""
-    old = iops._CHECKS
-    iops.set_bound_checks(False)
-    yield
-    iops.set_bound_checks(old)
 
 
 def ints(shape: tuple[int, ...], bits: int, g: torch.Generator, dtype: torch.dtype = torch.int64) -> torch.Tensor:

@@ -15,15 +15,10 @@ from ditto.numerics import integer_lean
 from ditto.numerics.kernels import integer_elementwise_c as kern
 from ditto.numerics.kernels import integer_ops as iops
 
-pytestmark = pytest.mark.skipif(not kern.kernel_available(), reason=f"kernel: {kern.kernel_status()}")
-
-
-@pytest.fixture(autouse=True)
-def no_checks():
-    old = iops._CHECKS
-    iops.set_bound_checks(False)
-    yield
-    iops.set_bound_checks(old)
+pytestmark = [
+    pytest.mark.skipif(not kern.kernel_available(), reason=f"kernel: {kern.kernel_status()}"),
+    pytest.mark.usefixtures("no_bound_checks"),
+]
 
 
 def _norm(d: int, g: torch.Generator, oshift: int) -> tuple[torch.Tensor, int, int, int]:

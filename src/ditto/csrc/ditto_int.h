@@ -43,4 +43,23 @@ static inline i64 bitlen(i64 x) { return x > 0 ? 64 - __builtin_clzll((u64)x) : 
 #define Q30_ONE (1LL << 30)
 #define LIM31 2147483647LL /* 2^31 - 1 */
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+/* 16 vectors of int32 partial sums -> one vector whose lane r is the sum of part[r]'s 16 lanes
+   (integer adds: the order cannot change the result) */
+static inline __m512i hsum16_epi32(const __m512i part[16]) {
+  __m512i s2[8], s4[4], s8[2];
+  for (int i = 0; i < 8; i++)
+    s2[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(part[2 * i], part[2 * i + 1]),
+                             _mm512_unpackhi_epi32(part[2 * i], part[2 * i + 1]));
+  for (int i = 0; i < 4; i++)
+    s4[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(s2[2 * i], s2[2 * i + 1]),
+                             _mm512_unpackhi_epi64(s2[2 * i], s2[2 * i + 1]));
+  for (int i = 0; i < 2; i++)
+    s8[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(s4[2 * i], s4[2 * i + 1], 0x88),
+                             _mm512_shuffle_i32x4(s4[2 * i], s4[2 * i + 1], 0xDD));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(s8[0], s8[1], 0x88), _mm512_shuffle_i32x4(s8[0], s8[1], 0xDD));
+}
+#endif
+
 #endif /* DITTO_INT_H */

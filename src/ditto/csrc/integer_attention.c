@@ -49,18 +49,7 @@ static void qk_dots(const Args *a, i64 tok, long g, const i64 *slot, i64 cnt, in
         }
       }
       /* 16 vectors of partial sums -> one vector of 16 sums (lane kk = key l0 + kk) */
-      __m512i s2[8], s4[4], s8[2];
-      for (int i = 0; i < 8; i++)
-        s2[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(part[2 * i], part[2 * i + 1]),
-                                 _mm512_unpackhi_epi32(part[2 * i], part[2 * i + 1]));
-      for (int i = 0; i < 4; i++)
-        s4[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(s2[2 * i], s2[2 * i + 1]),
-                                 _mm512_unpackhi_epi64(s2[2 * i], s2[2 * i + 1]));
-      for (int i = 0; i < 2; i++)
-        s8[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(s4[2 * i], s4[2 * i + 1], 0x88),
-                                 _mm512_shuffle_i32x4(s4[2 * i], s4[2 * i + 1], 0xDD));
-      const __m512i sum = _mm512_add_epi32(_mm512_shuffle_i32x4(s8[0], s8[1], 0x88),
-                                           _mm512_shuffle_i32x4(s8[0], s8[1], 0xDD));
+      const __m512i sum = hsum16_epi32(part);
       if (j == G) {
         ksum = _mm512_slli_epi32(sum, 7);
         for (long jj = 0; jj < G; jj++) {

@@ -430,18 +430,7 @@ void ditto_gemv_s8(const int8_t *x, const int8_t *w, const int32_t *wsum, long N
       for (int r = 0; r < nr; r++)
         part[r] = _mm512_dpbusd_epi32(part[r], xu, _mm512_maskz_loadu_epi8(m, w + (n0 + r) * K + c * 64));
     }
-    __m512i s2[8], s4[4], s8[2];
-    for (int i = 0; i < 8; i++)
-      s2[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(part[2 * i], part[2 * i + 1]),
-                               _mm512_unpackhi_epi32(part[2 * i], part[2 * i + 1]));
-    for (int i = 0; i < 4; i++)
-      s4[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(s2[2 * i], s2[2 * i + 1]),
-                               _mm512_unpackhi_epi64(s2[2 * i], s2[2 * i + 1]));
-    for (int i = 0; i < 2; i++)
-      s8[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(s4[2 * i], s4[2 * i + 1], 0x88),
-                               _mm512_shuffle_i32x4(s4[2 * i], s4[2 * i + 1], 0xDD));
-    const __m512i sum = _mm512_add_epi32(_mm512_shuffle_i32x4(s8[0], s8[1], 0x88),
-                                         _mm512_shuffle_i32x4(s8[0], s8[1], 0xDD));
+    const __m512i sum = hsum16_epi32(part);
     const __mmask16 mk = (__mmask16)((1u << nr) - 1);
     const __m512i comp = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(mk, wsum + n0), 7);
     _mm512_mask_storeu_epi32(y + n0, mk, _mm512_sub_epi32(sum, comp));
