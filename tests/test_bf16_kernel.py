@@ -143,3 +143,36 @@ def test_engine_rows_alone_equal_rows_in_a_batch(tiny_dirs, family):
     for a, b in zip(alone, batch[:3], strict=True):
         assert a.token_ids == b.outputs[0].token_ids
         assert torch.equal(torch.tensor(a.logprobs), torch.tensor(b.outputs[0].logprobs))
+
+
+_FALLBACK = """
+import random, sys, torch
+from ditto import LLM, SamplingParams
+from ditto.numerics.kernels import bf16_linear as bl
+llm = LLM(sys.argv[1], numerics="bf16", determinism="batch_invariant", progress=False)
+packed = [m for m in llm.engine.runner.model.modules() if isinstance(getattr(m, "_packed", None), bl.PackedBf16)]
+rng = random.Random(0)
+prompts = [[rng.randrange(3, 200) for _ in range(rng.randrange(5, 40))] for _ in range(8)]
+params = SamplingParams(temperature=0.8, seed=4, max_tokens=8, ignore_eos=True)
+alone = [llm.generate([p], params)[0].outputs[0] for p in prompts[:2]]
+batch = llm.generate(prompts, params)
+same = all(a.token_ids == b.outputs[0].token_ids and torch.equal(torch.tensor(a.logprobs),
+           torch.tensor(b.outputs[0].logprobs)) for a, b in zip(alone, batch))
+print(bl.kernel_available(), len(packed), same, bl.kernel_status())
+"""
+
+
+def test_without_the_kernel_bf16_stays_batch_invariant(tiny_dirs):
+    """DITTO_BF16_DISABLE_KERNEL=1 (or no compiler): bf16@batch_invariant falls back to its other invariant
+    linears (padded oneDNN GEMMs where this CPU's are invariant), slower, with the same promise -- a prompt
+    alone equals the prompt inside a batch."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, DITTO_BF16_DISABLE_KERNEL="1", OMP_NUM_THREADS="2")
+    run = subprocess.run(
+        [sys.executable, "-c", _FALLBACK, str(tiny_dirs["llama"])], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[:4] == ["False", "0", "True", "disabled"], run.stdout

@@ -82,3 +82,43 @@ def test_server_default_max_tokens_is_capped_at_the_room_left(tiny_llama):
         assert r.status_code == 400 and "max_tokens=21 does not fit" in r.json()["error"]["message"]
         short = client.post("/v1/completions", json={"model": "tiny", "prompt": [5, 6], "ignore_eos": True})
         assert short.json()["usage"]["completion_tokens"] == min(DEFAULTS.max_tokens, room - 2)
+
+
+def test_auto_determinism_is_settled_by_the_device():
+    """'auto' (the default everywhere) names a level per device: batch_invariant on CPU, where the
+    fixed-order kernels make it free; fast on CUDA; exact for numerics integer. Nothing records 'auto'."""
+    from ditto.config import EngineConfig, auto_determinism, check_numerics
+
+    assert EngineConfig().determinism == "auto"
+    assert auto_determinism("fp32", "cpu") == auto_determinism("bf16", "cpu") == "batch_invariant"
+    assert auto_determinism("fp32", "cuda") == "fast"
+    assert auto_determinism("integer", "cpu") == auto_determinism("integer", "cuda") == "exact"
+    check_numerics("integer", "auto")  # auto suits every numerics mode; an explicit level still must match
+    with pytest.raises(ValueError, match="go together"):
+        check_numerics("integer", "fast")
+    with pytest.raises(ValueError, match="unknown determinism"):
+        EngineConfig(determinism="sometimes")
+
+
+def test_cli_determinism_defaults_to_auto(monkeypatch):
+    for command in (["generate", "x"], ["eval"], ["bench"], ["serve"]):
+        assert _parsed(monkeypatch, command)["determinism"] == "auto", command
+
+
+def test_default_llm_runs_batch_invariant_on_cpu(tiny_llama):
+    """A default LLM is the batch_invariant engine: same config, same bits as asking for it by name,
+    and a receipt of it names the level it ran (a verifier must know the promise, not 'auto')."""
+    import torch
+
+    from ditto import LLM, SamplingParams
+
+    default = LLM(str(tiny_llama), progress=False)
+    named = LLM(str(tiny_llama), determinism="batch_invariant", progress=False)
+    integer = LLM(str(tiny_llama), numerics="integer", progress=False)
+    assert default.config == named.config and default.config.determinism == "batch_invariant"
+    assert integer.config.determinism == "exact" and default.info()["determinism"] == "batch_invariant"
+    params = SamplingParams(temperature=0.8, seed=5, max_tokens=12)
+    a = default.generate([[1, 5, 9, 2]], params)[0]
+    b = named.generate([[1, 5, 9, 2]], params)[0]
+    assert a.token_ids == b.token_ids and a.metrics["determinism"] == "batch_invariant"
+    assert torch.equal(torch.tensor(a.outputs[0].logprobs), torch.tensor(b.outputs[0].logprobs))

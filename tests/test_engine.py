@@ -267,4 +267,4 @@ def test_score_rows_reduced_in_chunks_same_bits(tiny_llama, monkeypatch):
 def test_request_output_shortcuts(llm):
     out = llm.generate(["The quick brown fox"], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
     assert out.text == out.outputs[0].text and out.token_ids == out.outputs[0].token_ids
-    assert len(out.token_ids) == 6 and out.metrics["determinism"] == "fast"
+    assert len(out.token_ids) == 6 and out.metrics["determinism"] == "batch_invariant"  # "auto" settled on CPU

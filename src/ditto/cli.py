@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from ditto.config import DETERMINISM_LEVELS, KV_DTYPES, EngineConfig, resolve_determinism, resolve_numerics
+from ditto.config import DETERMINISM_CHOICES, KV_DTYPES, EngineConfig, resolve_determinism, resolve_numerics
 
 EXAMPLES = """examples:
   ditto generate "What is 17 * 23?"                       bundled SmolLM2, chat template, greedy, streamed
@@ -43,9 +43,10 @@ def engine_parent() -> argparse.ArgumentParser:
     g.add_argument(
         "--determinism",
         default=d.determinism,
-        choices=DETERMINISM_LEVELS,
-        help="fast: no promise across batches; batch_invariant: same bits whatever the batch; "
-        "exact: integer-only, same bits on any machine (implies --numerics integer)",
+        choices=DETERMINISM_CHOICES,
+        help="auto (default): batch_invariant on CPU, where the fixed-order kernels make it free, fast on CUDA, "
+        "exact for --numerics integer; fast: no promise across batches; batch_invariant: same bits whatever the "
+        "batch; exact: integer-only, same bits on any machine (implies --numerics integer)",
     )
     g.add_argument("--kv-dtype", default=None, choices=list(KV_DTYPES), help="KV-cache precision")
     g.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default: all cores)")

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 FAMILIES = ("llama", "qwen2", "qwen3", "gemma3")
 DETERMINISM_LEVELS = ("fast", "batch_invariant", "exact")
+# what a run may ask for: a level, or "auto" = the level measured free where the engine runs (auto_determinism)
+DETERMINISM_CHOICES = ("auto", *DETERMINISM_LEVELS)
 EXACT_NUMERICS = "integer"  # the numerics mode of level `exact`: integer-only arithmetic end to end
 # KV-cache precisions: the name EngineConfig.kv_dtype and the CLI take -> torch's dtype name (what LLM.info() records)
 KV_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "int8": "int8"}
@@ -17,6 +19,8 @@ def check_numerics(numerics: str, determinism: str) -> None:
     Only integer-only arithmetic gives the same bits on every machine, and the integer mode gives
     nothing less, so each implies the other. Raises ValueError for any other pairing.
     """
+    if determinism == "auto":
+        return
     if (numerics == EXACT_NUMERICS) != (determinism == "exact"):
         raise ValueError(
             f"numerics {numerics!r} with determinism {determinism!r}: numerics {EXACT_NUMERICS!r} and "
@@ -31,10 +35,23 @@ def resolve_numerics(numerics: str, determinism: str) -> str:
 
 def resolve_determinism(numerics: str, determinism: str) -> str:
     """The level `numerics` runs under when `determinism` is asked of it (or of several modes alike):
-    numerics 'integer' always runs 'exact'; other modes fall back from 'exact' to 'batch_invariant'."""
+    numerics 'integer' always runs 'exact'; other modes fall back from 'exact' to 'batch_invariant'.
+    'auto' stays 'auto' for other modes: the engine settles it once it knows its device."""
     if numerics == EXACT_NUMERICS:
         return "exact"
     return "batch_invariant" if determinism == "exact" else determinism
+
+
+def auto_determinism(numerics: str, device_type: str) -> str:
+    """The level 'auto' means for `numerics` on a device of `device_type` ('cpu' or 'cuda').
+
+    integer -> exact (its only level). CPU -> batch_invariant: the fixed-order C kernels make it free
+    there, measured as fast as or faster than 'fast' for every numerics mode (benchmarks/results/
+    cpu_kernels/determinism_overhead*). CUDA -> fast: invariance still costs there (GPU issue #23).
+    """
+    if numerics == EXACT_NUMERICS:
+        return "exact"
+    return "batch_invariant" if device_type == "cpu" else "fast"
 
 
 def kv_dtype_name(name: str) -> str:
@@ -106,7 +123,7 @@ class EngineConfig:
     """How the engine schedules and stores work. CLI defaults are read from here."""
 
     numerics: str = "fp32"
-    determinism: str = "fast"
+    determinism: str = "auto"  # a level, or "auto": settled by the engine for its device (auto_determinism)
     block_size: int = 16  # tokens per KV-cache block
     num_kv_blocks: int | None = None  # None -> sized from kv_cache_gb
     kv_cache_gb: float = 2.0
@@ -120,9 +137,9 @@ class EngineConfig:
     device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto" (cuda when available)
 
     def __post_init__(self) -> None:
-        if self.determinism not in DETERMINISM_LEVELS:
+        if self.determinism not in DETERMINISM_CHOICES:
             raise ValueError(
-                f"unknown determinism level {self.determinism!r}; choose one of {', '.join(DETERMINISM_LEVELS)}"
+                f"unknown determinism level {self.determinism!r}; choose one of {', '.join(DETERMINISM_CHOICES)}"
             )
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be positive")

@@ -13,7 +13,7 @@ from dataclasses import fields
 
 import torch
 
-from ditto.config import EngineConfig
+from ditto.config import EngineConfig, auto_determinism
 from ditto.devices import describe as describe_device
 from ditto.engine.llm_engine import LLMEngine, Request
 from ditto.loader.load import LoadedModel, load
@@ -37,7 +37,7 @@ class LLM:
         self,
         model: str | LoadedModel = "smollm2-135m-instruct",
         numerics: str = "fp32",
-        determinism: str = "fast",
+        determinism: str = "auto",
         progress: bool = True,
         **engine_options,
     ):
@@ -54,7 +54,10 @@ class LLM:
         from ditto.numerics import prepare
 
         self.device = resolve_device(self.config.device)
-        self.config = dataclasses.replace(self.config, device=str(self.device))
+        determinism = self.config.determinism
+        if determinism == "auto":  # the level measured free on this device: batch_invariant on CPU
+            determinism = auto_determinism(self.config.numerics, self.device.type)
+        self.config = dataclasses.replace(self.config, device=str(self.device), determinism=determinism)
         self.progress = progress
         if isinstance(model, LoadedModel):
             # an already loaded model (e.g. one load, several numerics modes): numerics modes swap

@@ -226,7 +226,7 @@ def run_quality(
     modes = expand_modes(modes)
     opts = {"kv_cache_gb": 0.25, "progress": False}
     opts.update(llm_options or {})
-    determinism = opts.pop("determinism", "fast")
+    determinism = opts.pop("determinism", "auto")
 
     def make(mode: str):
         t0 = time.perf_counter()
@@ -322,7 +322,7 @@ def run_quality(
         "windows": limit_windows,
         "batch": batch,
         "reference": REFERENCE,
-        "determinism": determinism,
+        "determinism": ref.config.determinism,  # as the reference ran it ("auto" settled for its device)
         "threads": torch.get_num_threads(),
         "loadavg": list(os.getloadavg()),
         "seconds": time.perf_counter() - started,

@@ -142,7 +142,7 @@ def _llm_args(args, model=None, numerics=None, determinism=None, kv_dtype=None) 
     ns = argparse.Namespace(**vars(args))
     ns.model = args.model or model or "smollm2-135m-instruct"
     ns.numerics = args.numerics or numerics or "fp32"
-    ns.determinism = args.determinism or determinism or "fast"
+    ns.determinism = args.determinism or determinism or "auto"
     ns.kv_dtype = args.kv_dtype or kv_dtype
     return ns
 
