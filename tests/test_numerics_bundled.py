@@ -39,7 +39,7 @@ def _logprobs(llm: LLM, ids: list[int]) -> torch.Tensor:
 @pytest.fixture(scope="module", params=MODELS)
 def reference(request):
     loaded = load(request.param, progress=False)  # loaded once; every mode works on its own copy
-    llm = LLM(loaded, progress=False)
+    llm = LLM(loaded, determinism="fast", progress=False)  # the level the modes below run at
     ids = llm.encode(TEXT)
     return request.param, loaded, ids, _logprobs(llm, ids)
 

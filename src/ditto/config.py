@@ -46,8 +46,9 @@ def auto_determinism(numerics: str, device_type: str) -> str:
     """The level 'auto' means for `numerics` on a device of `device_type` ('cpu' or 'cuda').
 
     integer -> exact (its only level). CPU -> batch_invariant: the fixed-order C kernels make it free
-    there, measured as fast as or faster than 'fast' for every numerics mode (benchmarks/results/
-    cpu_kernels/determinism_overhead*). CUDA -> fast: invariance still costs there (GPU issue #23).
+    there; measured faster than 'fast' for fp32 and bf16 and equal for gguf (benchmarks/engine_vs_peers.py,
+    run 6); the other modes are measured side by side by benchmarks/determinism_overhead.py.
+    CUDA -> fast: invariance still costs there (GPU issue #23).
     """
     if numerics == EXACT_NUMERICS:
         return "exact"
