@@ -50,9 +50,7 @@ def auto_determinism(numerics: str, device_type: str) -> str:
     run 6); the other modes are measured side by side by benchmarks/determinism_overhead.py.
     CUDA -> fast: invariance still costs there (GPU issue #23).
     """
-    if numerics == EXACT_NUMERICS:
-        return "exact"
-    return "batch_invariant" if device_type == "cpu" else "fast"
+    return resolve_determinism(numerics, "batch_invariant" if device_type == "cpu" else "fast")
 
 
 def kv_dtype_name(name: str) -> str:
