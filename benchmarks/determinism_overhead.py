@@ -46,23 +46,29 @@ def main() -> int:
 
     names = args.configs.split(",")
     prompts, best = None, {n: 0.0 for n in names}
+    refused: dict[str, str] = {}
     # one numerics mode at a time (its levels loaded together, rounds alternating between them), so
     # memory holds two engines, not twenty
     groups: dict[str, list[str]] = {}
     for n in names:
         groups.setdefault(CONFIGS[n][0], []).append(n)
     for group in groups.values():
-        llms = {
-            n: LLM(
-                args.model,
-                numerics=CONFIGS[n][0],
-                determinism=CONFIGS[n][1],
-                progress=False,
-                max_num_seqs=32,
-                enable_prefix_caching=False,
-            )
-            for n in group
-        }
+        llms = {}
+        for n in group:
+            try:
+                llms[n] = LLM(
+                    args.model,
+                    numerics=CONFIGS[n][0],
+                    determinism=CONFIGS[n][1],
+                    progress=False,
+                    max_num_seqs=32,
+                    enable_prefix_caching=False,
+                )
+            except ValueError as err:  # a level the mode refuses (LLM.int8 cannot be batch invariant)
+                refused[n] = str(err).split(";")[0]
+                print(f"{n}: refused: {refused[n]}", flush=True)
+        if not llms:
+            continue
         if prompts is None:
             first = next(iter(llms.values()))
             questions = gsm8k_questions(args.prompts)
@@ -76,7 +82,7 @@ def main() -> int:
                 t0 = time.perf_counter()
                 llm.generate(prompts, params, progress=False)
                 best[n] = max(best[n], args.prompts * args.new_tokens / (time.perf_counter() - t0))
-        print(" ".join(f"{n} {best[n]:.1f}" for n in group), f"load {os.getloadavg()[0]:.2f}", flush=True)
+        print(" ".join(f"{n} {best[n]:.1f}" for n in llms), f"load {os.getloadavg()[0]:.2f}", flush=True)
         del llms
     print(
         f"threads={torch.get_num_threads()} load={os.getloadavg()[0]:.1f} "
@@ -88,6 +94,9 @@ def main() -> int:
         base = f"{CONFIGS[n][0]}-fast"
         vs = f"{best[n] / best[base]:.2f}x" if best.get(base) and base != n else ""
         ref = f"{best[n] / best['fp32-fast']:.2f}x" if best.get("fp32-fast") else ""
+        if n in refused:
+            print(f"| {n} | refused: {refused[n]} | | |")
+            continue
         print(f"| {n} | {best[n]:.1f} | {vs} | {ref} |")
     return 0
 

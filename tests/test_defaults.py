@@ -93,6 +93,7 @@ def test_auto_determinism_is_settled_by_the_device():
     assert auto_determinism("fp32", "cpu") == auto_determinism("bf16", "cpu") == "batch_invariant"
     assert auto_determinism("fp32", "cuda") == "fast"
     assert auto_determinism("integer", "cpu") == auto_determinism("integer", "cuda") == "exact"
+    assert auto_determinism("int8", "cpu") == "fast"  # LLM.int8 picks outliers from the batch: never invariant
     check_numerics("integer", "auto")  # auto suits every numerics mode; an explicit level still must match
     with pytest.raises(ValueError, match="go together"):
         check_numerics("integer", "fast")
@@ -122,3 +123,15 @@ def test_default_llm_runs_batch_invariant_on_cpu(tiny_llama):
     b = named.generate([[1, 5, 9, 2]], params)[0]
     assert a.token_ids == b.token_ids and a.metrics["determinism"] == "batch_invariant"
     assert torch.equal(torch.tensor(a.outputs[0].logprobs), torch.tensor(b.outputs[0].logprobs))
+
+
+def test_default_llm_int8_runs_fast(tiny_llama):
+    """LLM.int8 cannot be batch invariant, so its default is 'fast' rather than a refusal; asking for
+    batch_invariant by name still gets the clear error."""
+    from ditto import LLM, SamplingParams
+
+    llm = LLM(str(tiny_llama), numerics="int8", progress=False)
+    assert llm.config.determinism == "fast"
+    assert len(llm.generate([[1, 5, 9, 2]], SamplingParams(temperature=0, max_tokens=4))[0].token_ids) == 4
+    with pytest.raises(ValueError, match="cannot be batch-invariant"):
+        LLM(str(tiny_llama), numerics="int8", determinism="batch_invariant", progress=False)

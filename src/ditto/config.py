@@ -46,10 +46,18 @@ def auto_determinism(numerics: str, device_type: str) -> str:
     """The level 'auto' means for `numerics` on a device of `device_type` ('cpu' or 'cuda').
 
     integer -> exact (its only level). CPU -> batch_invariant: the fixed-order C kernels make it free
-    there; measured faster than 'fast' for fp32 and bf16 and equal for gguf (benchmarks/engine_vs_peers.py,
-    run 6); the other modes are measured side by side by benchmarks/determinism_overhead.py.
+    there. benchmarks/results/cpu_kernels/determinism_overhead.txt measured it, batched, against 'fast':
+    - faster for fp32 (1.44x), bf16 (1.15x), w8a8 (1.15x), w4 (1.07x), w4-asym (1.06x) and mxint8 (1.38x);
+    - equal within noise for gguf, layercast and fp16.
+    Single stream, engine_vs_peers run 6: fp32 2.5x, bf16 1.84x.
+    A mode whose rows depend on the batch by design (LLM.int8: `can_be_batch_invariant` False) gets fast.
     CUDA -> fast: invariance still costs there (GPU issue #23).
     """
+    if device_type == "cpu" and numerics != EXACT_NUMERICS:
+        from ditto.numerics.base import get_mode
+
+        if not get_mode(numerics).can_be_batch_invariant:
+            return "fast"
     return resolve_determinism(numerics, "batch_invariant" if device_type == "cpu" else "fast")
 
 

@@ -91,7 +91,8 @@ class NumericsMode:
     returns. weights: human-readable weight format. kv_dtype: default KV-cache precision
     ("fp32" | "bf16" | "fp16" | "int8"; EngineConfig.kv_dtype overrides it).
     embed_dtype: dtype the embedding table is cast to (None: kept as loaded).
-    norm_dtype: dtype RMSNorm weights are stored in.
+    norm_dtype: dtype RMSNorm weights are stored in. can_be_batch_invariant: False for a mode whose
+    rows depend on the batch by design (determinism 'auto' then settles on 'fast').
     Subclasses override `convert_linear`.
     """
 
@@ -103,6 +104,7 @@ class NumericsMode:
     norm_dtype: torch.dtype = torch.float32
     description: str = ""
     float_lm_head: bool = False
+    can_be_batch_invariant: bool = True  # False: a row's result depends on the batch by design (LLM.int8)
 
     def __post_init__(self) -> None:
         if self.kv_dtype not in KV_DTYPES:

@@ -79,5 +79,6 @@ INT8 = register(
         "fp32",
         description="LLM.int8(): vector-wise int8, fp32 outlier columns (threshold 6.0); fp32 lm_head",
         float_lm_head=True,
+        can_be_batch_invariant=False,  # outlier columns are picked from the whole batch
     )
 )
