@@ -45,7 +45,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from peer_servers import Server, llamacpp_server, vllm_server  # noqa: E402
 
-HONEST = {"vllm-fp32 T=0.7", "vllm-fp32 T=0", "vllm-bf16 T=0.7 vs bf16 ref", "llama.cpp Q4_1 T=0.7 vs gguf ref"}
+HONEST = {
+    "vllm-fp32 T=0.7",
+    "vllm-fp32 T=0",
+    "vllm-bf16 T=0.7 vs bf16 ref",
+    "llama.cpp Q4_1 T=0.7 vs gguf ref",
+    "llama.cpp Q4_1 T=0.7 vs gguf ref, fp16 KV",
+}
 # the same answers judged again against the reference of their own numerics class: ditto bf16 for vLLM bf16,
 # ditto's gguf mode (the file's own Q4_1 blocks) for llama.cpp
 OWN_CLASS = {"vllm-bf16 T=0.7": "bf16", "llama.cpp Q4_1 T=0.7": "gguf"}
@@ -59,6 +65,9 @@ def collect(srv: Server, prompts: list[str], served_t: float, claimed_t: float, 
         body["logprobs"] = 1
         if vllm:
             body.update(ignore_eos=True, return_token_ids=True)
+        else:  # llama-cpp-python's server samples with top_k 40, top_p 0.95, min_p 0.05 and repeat_penalty 1.1
+            # unless told otherwise: plain temperature sampling is what the claim states
+            body.update(top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0)
         r = httpx.post(srv.url + "/v1/completions", json=body, timeout=600)
         r.raise_for_status()
         out.append({"request": dict(body, temperature=claimed_t), "response": r.json()})
@@ -196,6 +205,9 @@ def main() -> int:
         if name in OWN_CLASS:
             own = LLM(args.model, numerics=OWN_CLASS[name], progress=False)
             judged.append((f"{name} vs {OWN_CLASS[name]} ref", own))
+        if OWN_CLASS.get(name) == "gguf":  # llama.cpp keeps its KV cache in fp16 (ditto's gguf default: bf16)
+            own16 = LLM(args.model, numerics="gguf", kv_dtype="fp16", progress=False)
+            judged.append((f"{name} vs gguf ref, fp16 KV", own16))
         for row, reference in judged:
             rows[row] = verify_config(reference, ex, ns)
             print(f"{row}: verified {rows[row]['summary']['n']} responses in {rows[row]['verify_s']:.1f} s", flush=True)

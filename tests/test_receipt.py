@@ -286,6 +286,18 @@ def test_parse_openai_completion_with_choices_and_logprobs():
     assert b.output_token_ids == (11, 12) and b.sample_index == 1 and not b.needs_tokenization
 
 
+def test_llama_cpp_sampling_options_switched_off_are_not_flagged():
+    """llama.cpp's server spells its options its own way: at their off value they change nothing and
+    are not reported; at any other value ditto cannot replay them and says so."""
+    request = {"model": "m", "prompt": "a", "temperature": 0.7, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+    response = {"id": "c", "choices": [{"index": 0, "text": " b", "finish_reason": "length"}]}
+    off, on = parse_claims(
+        [json.dumps({"request": request | {"repeat_penalty": p}, "response": response}) for p in (1.0, 1.1)]
+    )
+    assert off.unsupported == () and on.unsupported == ("repeat_penalty",)
+    assert off.params.top_k == 0 and off.params.top_p == 1.0 and off.params.min_p == 0.0
+
+
 def test_parse_chat_and_flat_claims():
     chat = {
         "request": {"model": "m", "messages": [{"role": "user", "content": "hi"}], "logprobs": True,

@@ -94,6 +94,9 @@ _NEUTRAL = frozenset(
         "include_stop_str_in_output",
     ]
 )
+# other engines' sampling options at the value that switches them off (llama.cpp's server spells its
+# penalties its own way): neutral there, flagged as unsupported at any other value
+_OFF_VALUES = {"repeat_penalty": 1.0, "typical_p": 1.0, "tfs_z": 1.0, "mirostat_mode": 0, "mirostat": 0}
 # request keys that change sampling in ways ditto does not replay
 _UNSUPPORTED = frozenset(
     [
@@ -184,7 +187,8 @@ def _params(source: dict, request: dict, n_out: int | None) -> tuple[SamplingPar
     kw.pop("n", None)  # one Claim per sample; n does not change a sample's tokens
     kw.setdefault("temperature", 1.0)  # a request that names none got the OpenAI API's default, not ditto's
     unsupported = {k for k in source if k in _UNSUPPORTED and source[k] not in (None, {}, [], False)}
-    unsupported |= {k for k in request if k not in _PARAM_NAMES | _NEUTRAL | _UNSUPPORTED}  # unknown: flag
+    unknown = {k for k in request if k not in _PARAM_NAMES | _NEUTRAL | _UNSUPPORTED}  # unknown: flag
+    unsupported |= {k for k in unknown if k not in _OFF_VALUES or request[k] != _OFF_VALUES[k]}
     return SamplingParams(**kw), tuple(sorted(unsupported))
 
 
