@@ -313,7 +313,7 @@ def parse_claims(lines: Iterable[str], errors: list[ClaimError] | None = None, *
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
-                raise ClaimError(f"line {n}: not valid JSON ({e.msg} at column {e.colno})") from e
+                raise ClaimError(f"line {n}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from e
             claims.extend(parse_claim(obj, n, openai=openai))
         except ClaimError as e:
             if errors is None:
