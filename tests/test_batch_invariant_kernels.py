@@ -239,3 +239,35 @@ def test_release_unpacked_keeps_the_bits_and_drops_the_weight():
     assert inv.weight.is_meta and tuple(inv.weight.shape) == (80, 96)
     assert torch.equal(inv(x), before)
     assert torch.equal(inv(x[2:3]), before[2:3])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: q/k/v with biases
+@pytest.mark.parametrize("numerics", ["fp32", "bf16"])
+def test_fused_projections_change_no_bit(tiny_dirs, family, numerics, monkeypatch):
+    """Under batch_invariant on the C kernels, q/k/v and gate/up run as one linear each; every output
+    element is its own chain over K, so the fused model gives the unfused one's bits (sampled tokens
+    and logprobs, a batch of prompts)."""
+    from ditto import LLM, SamplingParams
+    from ditto.numerics.kernels import bf16_linear, padded
+
+    if numerics == "bf16" and not bf16_linear.kernel_available():
+        pytest.skip(f"bf16 kernel not built: {bf16_linear.kernel_status()}")
+    if not bi.kernel_available():
+        pytest.skip("fp32 C kernel not built")
+    prompts = [[1, 5, 9, 2], [3, 4], [7, 7, 8, 1, 2, 6]]
+    params = SamplingParams(temperature=0.8, seed=4, max_tokens=10, logprobs=0)
+
+    def run():
+        llm = LLM(str(tiny_dirs[family]), numerics=numerics, determinism="batch_invariant", progress=False)
+        block = llm.engine.runner.model.layers[0]
+        return llm.generate(prompts, params), block
+
+    fused, block = run()
+    assert isinstance(block.attn.qkv_proj, bi.InvariantLinear) and block.attn.q_proj is None
+    assert isinstance(block.mlp.gate_up_proj, bi.InvariantLinear) and block.mlp.gate_proj is None
+    monkeypatch.setattr(padded, "fuse_on_c_kernels", lambda group, act_dtype: None)
+    plain, block = run()
+    assert block.attn.qkv_proj is None and isinstance(block.attn.q_proj, bi.InvariantLinear)
+    for a, b in zip(fused, plain):
+        assert a.token_ids == b.token_ids
+        assert torch.equal(torch.tensor(a.outputs[0].logprobs), torch.tensor(b.outputs[0].logprobs))

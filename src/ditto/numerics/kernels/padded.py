@@ -157,7 +157,9 @@ def regime_is_invariant(module: nn.Module, dtype: torch.dtype, min_rows: int = M
     return _verdicts[key]
 
 
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+LINEAR_NAMES = (
+    "q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj", "lm_head",
+)  # fmt: skip
 
 
 def _c_kernel_first(module: nn.Module, act_dtype: torch.dtype) -> bool:
@@ -199,10 +201,36 @@ def _bf16_linear(module: nn.Module, act_dtype: torch.dtype) -> bool:
     return type(module) is nn.Linear and bf16 and weight is not None and weight.dtype == act_dtype
 
 
+def fuse_on_c_kernels(linears: list[nn.Module], act_dtype: torch.dtype) -> nn.Linear | None:
+    """One nn.Linear whose output is the given ones' side by side (weights concatenated along N), when
+    all of them will run on a fixed-order C kernel (fp32 or bf16): those compute every output element
+    as its own chain over K, so fusing changes no bit and saves a dispatch per projection (single
+    stream: 120 linear calls a token instead of 210 on SmolLM2). None leaves the group alone."""
+    if not linears or not all(
+        type(m) is nn.Linear and (_c_kernel_first(m, act_dtype) or _bf16_c_kernel(m, act_dtype)) for m in linears
+    ):
+        return None
+    first = linears[0]
+    if any(m.in_features != first.in_features or m.weight.dtype != first.weight.dtype for m in linears):
+        return None
+    biases = [m.bias for m in linears]
+    if any(b is None for b in biases) and not all(b is None for b in biases):
+        return None
+    fused = nn.Linear(first.in_features, sum(m.out_features for m in linears), bias=biases[0] is not None)
+    fused.weight = nn.Parameter(torch.cat([m.weight.detach() for m in linears]), requires_grad=False)
+    if biases[0] is not None:
+        fused.bias = nn.Parameter(torch.cat([b.detach() for b in biases]), requires_grad=False)
+    return fused
+
+
 def make_invariant(model: nn.Module, act_dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Wrap every projection and the LM head so that each row's result is independent of the batch."""
+    """Wrap every projection and the LM head so that each row's result is independent of the batch
+    (q/k/v and gate/up first fused into one linear each where they run on a C kernel)."""
+    from ditto.models.decoder import Decoder, fuse_projections
     from ditto.numerics.kernels.batch_invariant import InvariantLinear
 
+    if isinstance(model, Decoder):
+        fuse_projections(model, lambda group: fuse_on_c_kernels(group, act_dtype))
     # names, not modules: a replaced linear is freed as soon as it is swapped (peak memory stays one layer up)
     names = [name for name, _ in model.named_modules() if name.split(".")[-1] in LINEAR_NAMES]
     for name in names:
