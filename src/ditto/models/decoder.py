@@ -44,6 +44,15 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         t = x.shape[0]
+        if self.qkv_proj is not None and self.q_norm is None:
+            # fused: q and k rotate in one call (rotary is elementwise per head, so the same bits)
+            qkv = self.qkv_proj(x)  # (T, (H + 2 Hkv) D)
+            qk_cols = (self.h + self.kv) * self.d
+            qk = self.rotary(qkv[:, :qk_cols].view(t, self.h + self.kv, self.d), positions)  # (T, H + Hkv, D)
+            q, k = qk[:, : self.h], qk[:, self.h :]
+            v = qkv[:, qk_cols:].view(t, self.kv, self.d)  # (T, Hkv*D) -> (T, Hkv, D)
+            out = ctx.attention(self.layer, q, k, v, self.window)  # (T, H, D)
+            return self.o_proj(out.reshape(t, self.h * self.d))
         if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(x).split([self.h * self.d, self.kv * self.d, self.kv * self.d], dim=-1)
         else:
