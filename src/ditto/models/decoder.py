@@ -51,18 +51,17 @@ class Attention(nn.Module):
             qk = self.rotary(qkv[:, :qk_cols].view(t, self.h + self.kv, self.d), positions)  # (T, H + Hkv, D)
             q, k = qk[:, : self.h], qk[:, self.h :]
             v = qkv[:, qk_cols:].view(t, self.kv, self.d)  # (T, Hkv*D) -> (T, Hkv, D)
-            out = ctx.attention(self.layer, q, k, v, self.window)  # (T, H, D)
-            return self.o_proj(out.reshape(t, self.h * self.d))
-        if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split([self.h * self.d, self.kv * self.d, self.kv * self.d], dim=-1)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(t, self.h, self.d)  # (T, H*D) -> (T, H, D)
-        k = k.view(t, self.kv, self.d)  # (T, Hkv*D) -> (T, Hkv, D)
-        v = v.view(t, self.kv, self.d)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(q, positions), self.rotary(k, positions)
+            if self.qkv_proj is not None:
+                q, k, v = self.qkv_proj(x).split([self.h * self.d, self.kv * self.d, self.kv * self.d], dim=-1)
+            else:
+                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q = q.view(t, self.h, self.d)  # (T, H*D) -> (T, H, D)
+            k = k.view(t, self.kv, self.d)  # (T, Hkv*D) -> (T, Hkv, D)
+            v = v.view(t, self.kv, self.d)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotary(q, positions), self.rotary(k, positions)
         out = ctx.attention(self.layer, q, k, v, self.window)  # (T, H, D)
         return self.o_proj(out.reshape(t, self.h * self.d))  # (T, H*D) -> (T, hidden)
 

@@ -74,6 +74,11 @@ def prepare_float(mode, loaded, config) -> Prepared:
     device = torch.device(config.device)
     model = mode.apply(loaded.model.to(device))  # converted where it runs (CPU-only kernels stay off GPUs)
     context = None
+    if config.determinism == "batch_invariant" and not mode.can_be_batch_invariant:
+        raise ValueError(
+            f"numerics {mode.name} ({mode.description}) cannot be batch-invariant: its rows depend on the rest "
+            "of the batch by design; use w8a8 (per-token int8) or a float mode with --determinism batch_invariant"
+        )
     if config.determinism == "batch_invariant":
         if device.type == "cpu" and not os.environ.get("DITTO_TILED_INVARIANT"):
             from ditto.numerics.kernels.padded import make_invariant

@@ -235,11 +235,6 @@ def make_invariant(model: nn.Module, act_dtype: torch.dtype = torch.float32) -> 
     names = [name for name, _ in model.named_modules() if name.split(".")[-1] in LINEAR_NAMES]
     for name in names:
         mod = model.get_submodule(name)
-        if type(mod).__name__ == "LLMInt8Linear":
-            raise ValueError(
-                "numerics int8 (LLM.int8) picks its outlier columns from the whole batch, so it cannot be "
-                "batch-invariant; use w8a8 (per-token int8) or a float mode with --determinism batch_invariant"
-            )
         if getattr(mod, "batch_invariant_kernel", False):
             continue  # a kernel whose rows never depend on the batch (e.g. layercast on the C kernel)
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
