@@ -58,6 +58,17 @@ requires_kernel = pytest.mark.skipif(not bi.kernel_available(), reason=f"C kerne
 # ---------------------------------------------------------------------------------------------- linear
 
 
+@pytest.mark.parametrize("n,k", [(1, 3), (64, 5), (100, 37), (576, 576), (130, 64)])
+def test_pack_weight_layout(n, k):
+    """Panel p, column j of the packed copy is weight row 64p + j; rows past N are zeros."""
+    w = torch.randn(n, k)
+    data = bi.pack_weight(w).data  # (panels, K, 64)
+    panels = -(-n // 64)
+    padded = torch.cat([w, torch.zeros(panels * 64 - n, k)])  # (panels * 64, K)
+    assert data.shape == (panels, k, 64)
+    assert torch.equal(data, padded.view(panels, 64, k).transpose(1, 2))
+
+
 @requires_kernel
 @pytest.mark.parametrize("k,n", SHAPES)
 @pytest.mark.parametrize("mode", ["fp32", "bf16", "layercast"])

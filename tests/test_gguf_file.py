@@ -123,6 +123,33 @@ def test_tiny_file_matches_gguf_package(tmp_path):
     _assert_same_file(_tiny(tmp_path / "tiny.gguf"))
 
 
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+def test_c_decoder_and_numpy_path_match_gguf_package(kind, monkeypatch):
+    """The loader's two decoders of the 32-value formats (the gguf kernel library's, the default, and
+    numpy's, the fallback) give the gguf package's bits; 5000 blocks take the C decoder's threaded branch."""
+    from ditto.loader import dequant
+    from ditto.numerics.kernels import gguf_blocks
+
+    if not gguf_blocks.kernel_available():
+        pytest.skip(f"gguf kernel unavailable: {gguf_blocks.kernel_status()}")
+    qtype = gguf.GGMLQuantizationType[kind]
+    size = gguf.GGML_QUANT_SIZES[qtype][1]
+    raw = _finite_bytes(np.random.default_rng(len(kind) + size), (5000 * size,))
+    want = np.asarray(gguf.quants.dequantize(raw.reshape(-1, size), qtype), dtype=np.float32).reshape(-1, 32)
+    from_c = gguf_blocks.dequantize(raw, kind)
+    monkeypatch.setenv(dequant.NUMPY_ENV, "1")
+    assert dequant._c_decoded(raw, kind) is None  # the switch reaches the loader
+    monkeypatch.setattr(dequant, "_c_decoded", lambda raw, kind: None)
+    tensor = type(
+        "T", (), {"type_name": kind, "data": raw, "rows_cols": (5000, 32), "name": "t", "n_bytes": raw.size}
+    )()
+    from_numpy = dequant.dequantize_array(tensor)
+    for got in (from_c, from_numpy):
+        assert torch.equal(torch.from_numpy(got.view(np.int32)), torch.from_numpy(want.view(np.int32)))
+    with pytest.raises(ValueError, match="whole blocks"):
+        gguf_blocks.dequantize(raw[:-1], kind)
+
+
 def test_f32_tensors_are_mapped_copy_on_write(tmp_path):
     """An F32 tensor is the file's own pages; writing to it changes neither the file nor a new reader."""
     path = _tiny(tmp_path / "tiny.gguf")

@@ -537,6 +537,44 @@ int ditto_gguf_linear(int kind, int isa, const float *x, long M, long K, long ld
   return rc;
 }
 
+/* Decode nblocks blocks of a 32-value format (Q4_0 Q4_1 Q5_0 Q5_1 Q8_0) to float32, exactly as the
+   gguf package's numpy decoders do (and so ditto's loader did before): q is the block's unsigned
+   number, w = d * (q - 8) (Q4_0), d * (q - 16) (Q5_0), (d * q) + m (Q4_1, Q5_1: two roundings, no
+   FMA), d * q (Q8_0, q signed).  Blocks are independent: the thread split changes nothing.
+   Returns 0, or -1 for a kind this function does not decode. */
+int ditto_gguf_dequantize(int kind, const uint8_t *w, long nblocks, float *out) {
+  if (kind < Q4_0 || kind > Q8_0 || nblocks < 0) return -1;
+  const long size = KSIZE[kind];
+#pragma omp parallel for schedule(static) if (nblocks > 4096)
+  for (long b = 0; b < nblocks; b++) {
+    const uint8_t *p = w + b * size;
+    float *o = out + b * 32;
+    const float d = h2f(ld16(p));
+    if (kind == Q8_0) {
+      for (int j = 0; j < 32; j++) o[j] = (float)(int8_t)p[2 + j] * d;
+      continue;
+    }
+    const int has_m = kind == Q4_1 || kind == Q5_1, five = kind == Q5_0 || kind == Q5_1;
+    const float m = has_m ? h2f(ld16(p + 2)) : 0.0f;
+    const uint32_t qh = five ? (uint32_t)ld32(p + (has_m ? 4 : 2)) : 0u;
+    const uint8_t *qs = p + size - 16;
+    const int offset = has_m ? 0 : (five ? 16 : 8);
+    for (int j = 0; j < 16; j++) {
+      const int lo = (qs[j] & 15) | (int)(((qh >> j) & 1u) << 4);
+      const int hi = (qs[j] >> 4) | (int)(((qh >> (j + 16)) & 1u) << 4);
+      if (has_m) {
+        const float a = d * (float)lo, c = d * (float)hi;
+        o[j] = a + m;
+        o[j + 16] = c + m;
+      } else {
+        o[j] = d * (float)(lo - offset);
+        o[j + 16] = d * (float)(hi - offset);
+      }
+    }
+  }
+  return 0;
+}
+
 /* ditto_gguf_linear with its arguments in one array (a ctypes call converts each argument
    separately, at some 0.25 us apiece): kind, isa, x, M, K, ldx, w, N, rb, bias, y, ldy */
 int ditto_gguf_linear_packed(const int64_t *a) {

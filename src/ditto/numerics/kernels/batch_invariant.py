@@ -137,10 +137,14 @@ def pack_weight(weight: Tensor) -> PackedWeight:
         raise ValueError(f"weight must be 2-D (N, K), got {tuple(weight.shape)}")
     n, k = weight.shape
     dtype = torch.bfloat16 if weight.dtype == torch.bfloat16 else torch.float32
-    num_panels = (n + _NR - 1) // _NR
-    wt = torch.zeros(k, num_panels * _NR, dtype=dtype)
-    wt[:, :n] = weight.detach().t().to(device="cpu", dtype=dtype)
-    return PackedWeight(wt.view(k, num_panels, _NR).permute(1, 0, 2).contiguous(), n, k)
+    num_panels, full = (n + _NR - 1) // _NR, n // _NR
+    w = weight.detach().to(device="cpu", dtype=dtype)
+    data = torch.empty(num_panels, k, _NR, dtype=dtype)  # one strided copy, no zero fill of what is written
+    data[:full].copy_(w[: full * _NR].view(full, _NR, k).transpose(1, 2))  # (full, 64, K) -> (full, K, 64)
+    if full < num_panels:  # the last panel: its rows, then zeros
+        data[full].zero_()
+        data[full, :, : n - full * _NR].copy_(w[full * _NR :].t())
+    return PackedWeight(data, n, k)
 
 
 _pack_cache: dict[tuple[int, bool], tuple[weakref.ref, int, int, PackedWeight | bf16_linear.PackedBf16]] = {}

@@ -75,6 +75,8 @@ def _setup(lib: ctypes.CDLL) -> str | None:
     lib.ditto_gguf_linear_packed.argtypes = None  # one int64 array (see _linear_args)
     lib.ditto_gguf_linear_packed.restype = i
     lib.ditto_gguf_selftest.restype = i
+    lib.ditto_gguf_dequantize.argtypes = [i, p, n, p]
+    lib.ditto_gguf_dequantize.restype = i
     if lib.ditto_gguf_selftest() != 1:
         return "kernel self-test failed (fp32 a*b+c contracted to an FMA: vector and portable paths differ)"
     return None
@@ -189,6 +191,27 @@ def quantize_activations(
         if rc:
             raise RuntimeError(f"ditto_gguf_quantize failed ({rc}: {_ERRORS.get(rc, 'unknown')})")
     return q, dx, sums
+
+
+DEQUANT_KINDS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+
+
+def dequantize(raw: np.ndarray, kind: str) -> np.ndarray | None:
+    """A 32-value block format's bytes (uint8, whole blocks) -> float32 (blocks, 32), bit for bit the
+    gguf package's decoder (the loader's numpy path); None when the kernel is unavailable."""
+    if kind not in DEQUANT_KINDS:
+        raise ValueError(f"the C decoder reads {', '.join(DEQUANT_KINDS)}, not {kind}")
+    lib = _lib()
+    if lib is None:
+        return None
+    size = ref.BLOCKS[kind][1]
+    if raw.dtype != np.uint8 or raw.ndim != 1 or raw.size % size:
+        raise ValueError(f"{kind} data must be uint8 whole blocks of {size} bytes, got {raw.dtype} {raw.shape}")
+    raw = np.ascontiguousarray(raw)
+    out = np.empty((raw.size // size, 32), dtype=np.float32)
+    if lib.ditto_gguf_dequantize(_KIND_ID[kind], raw.ctypes.data, out.shape[0], out.ctypes.data):
+        raise RuntimeError(f"ditto_gguf_dequantize rejected {kind}")
+    return out
 
 
 def block_linear(

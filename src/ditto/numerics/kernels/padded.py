@@ -216,7 +216,10 @@ def fuse_on_c_kernels(linears: list[nn.Module], act_dtype: torch.dtype) -> nn.Li
     biases = [m.bias for m in linears]
     if any(b is None for b in biases) and not all(b is None for b in biases):
         return None
-    fused = nn.Linear(first.in_features, sum(m.out_features for m in linears), bias=biases[0] is not None)
+    # built on meta (no random init of a weight about to be replaced), then given the concatenation
+    fused = nn.Linear(
+        first.in_features, sum(m.out_features for m in linears), bias=biases[0] is not None, device="meta"
+    )
     fused.weight = nn.Parameter(torch.cat([m.weight.detach() for m in linears]), requires_grad=False)
     if biases[0] is not None:
         fused.bias = nn.Parameter(torch.cat([b.detach() for b in biases]), requires_grad=False)
