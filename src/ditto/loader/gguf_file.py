@@ -100,7 +100,7 @@ def _parse(buf: mmap.mmap, path: Path) -> tuple[dict[str, Any], list[GGUFTensor]
         swapped = " (a big-endian file?)" if version & 0xFFFF == 0 else ""
         raise GGUFError(f"{path}: unsupported GGUF version {version}{swapped}; ditto reads versions 2 and 3")
     reader = _Reader(buf, 24)
-    metadata: dict[str, Any] = {}
+    metadata = _Metadata()
     for _ in range(n_kv):
         key = reader.string()
         if key in metadata:
@@ -177,7 +177,7 @@ class _Reader:
             raise ValueError(f"unknown GGUF value type {vtype} at offset {self.pos}")
         itype, n = self.unpack("<IQ")
         if itype == _STRING:
-            return self._strings(n)
+            return self._strings_later(n)
         if itype in _SCALARS:
             dtype = np.dtype(_SCALARS[itype])
             if self.pos + n * dtype.itemsize > self.size:
@@ -187,14 +187,63 @@ class _Reader:
             return items
         return [self.value(itype) for _ in range(n)]  # arrays of arrays
 
-    def _strings(self, n: int) -> list[str]:
-        buf, pos, size, out = self.buf, self.pos, self.size, []
+    def _strings_later(self, n: int) -> _Strings:
+        """Step over an array of n strings (checking every length against the file), decoding none."""
+        buf, pos, size = self.buf, self.pos, self.size
+        start = pos
         length = struct.Struct("<Q").unpack_from
         for _ in range(n):
             (k,) = length(buf, pos)
-            start, pos = pos + 8, pos + 8 + k
-            if pos > size:
-                raise ValueError(f"string of {k} bytes at offset {start - 8} runs past the end of the file")
-            out.append(buf[start:pos].decode("utf-8", errors="replace"))
+            if pos + 8 + k > size:
+                raise ValueError(f"string of {k} bytes at offset {pos} runs past the end of the file")
+            pos += 8 + k
         self.pos = pos
+        return _Strings(buf, start, n)
+
+
+@dataclass(frozen=True)
+class _Strings:
+    """An array of strings not decoded yet: where it starts in the map and how many there are."""
+
+    buf: mmap.mmap
+    pos: int
+    n: int
+
+    def decode(self) -> list[str]:
+        buf, pos, out = self.buf, self.pos, []
+        length = struct.Struct("<Q").unpack_from
+        for _ in range(self.n):
+            (k,) = length(buf, pos)
+            out.append(buf[pos + 8 : pos + 8 + k].decode("utf-8", errors="replace"))
+            pos += 8 + k
         return out
+
+
+class _Metadata(dict):
+    """Key -> value, with arrays of strings (vocabularies, merges: ~0.08 s for SmolLM2's) decoded on first
+    access: a load whose tokenizer comes from the cache never decodes them. Every way of reading a
+    value (indexing, get, items, values, copying into a dict) goes through the decoding."""
+
+    def __getitem__(self, key: str) -> Any:
+        value = super().__getitem__(key)
+        if type(value) is _Strings:
+            value = value.decode()
+            super().__setitem__(key, value)
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default  # noqa: SIM401 (self.get would recurse)
+
+    def array_len(self, key: str) -> int:
+        """How many items the array at `key` has (0 when absent), without decoding it."""
+        value = super().get(key)
+        return value.n if type(value) is _Strings else len(value) if value is not None else 0
+
+    def __iter__(self):  # not dict's own: dict(m) and {**m} then read values through __getitem__
+        return iter(list(super().keys()))
+
+    def items(self) -> list[tuple[str, Any]]:  # type: ignore[override]
+        return [(key, self[key]) for key in self]
+
+    def values(self) -> list[Any]:  # type: ignore[override]
+        return [self[key] for key in self]

@@ -9,7 +9,7 @@ import torch
 
 from ditto.config import ModelConfig
 from ditto.loader import gguf as gguf_loader
-from ditto.loader import safetensors_dir
+from ditto.loader import safetensors_dir, tokenizer_cache
 from ditto.loader.digest import files_digest
 from ditto.loader.registry import resolve_model
 from ditto.models.decoder import Decoder
@@ -58,7 +58,7 @@ def load(spec: str | Path, *, progress: bool = True, keep_blocks: bool = False) 
         files = [path]
         weights = gguf_loader.iter_gguf_weights(gguf, cfg, keep_blocks=keep_blocks)
         total = len(gguf.tensors)
-        tokenizer = Tokenizer.from_gguf(gguf)
+        tokenizer = tokenizer_cache.from_gguf(gguf)  # built once per file, then read back
         fmt = "gguf"
     if not cfg.eos_token_ids and tokenizer.eos_id is not None:
         cfg = _with(cfg, eos_token_ids=(tokenizer.eos_id,))
