@@ -290,3 +290,12 @@ def test_rmsnorm_int_tiny_gain_keeps_shifts_in_range():
     xd = x.double()
     ref = xd / torch.sqrt((xd * xd).mean(-1, keepdim=True)) * (3 * 2.0**20 / 2.0**40)
     assert ((y - ref).abs() <= 1 + ref.abs() * 2.0**-20).all()
+
+
+def test_shipped_fixed_point_tables_are_the_computed_ones():
+    """The exp2/log2 tables read at start-up (fixed_tables.json) are what `decimal` computes at 40 digits."""
+    shipped = iops._tables("cpu")
+    computed = iops.compute_tables()
+    for name in ("exp2", "log2"):
+        assert torch.equal(shipped[name], torch.tensor(computed[name], dtype=torch.int64)), name
+    assert computed["exp2"][0] == 1 << 30 and computed["log2"][0] == 0 and computed["log2"][-1] == 1 << 30
