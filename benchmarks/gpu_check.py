@@ -6,7 +6,11 @@
    one prompt alone vs the same prompt inside a batch of 32 others — bitwise equal logprobs for
    `batch_invariant`, and how many differ for `fast` and for HF transformers;
 3. throughput, batch of 64 x 128 new tokens (EOS ignored): ditto fast, ditto batch_invariant and HF
-   transformers `generate`, same device, same dtype, side by side.
+   transformers `generate`, same device, same dtype, side by side;
+4. `exact` (integer numerics) on the GPU: the CUDA tests of tests/test_exact.py (every tiny family,
+   greedy and sampled, token ids / logprobs / integer logits equal to the CPU's, a GPU receipt
+   verified on the CPU), the same at each shape (greedy and sampled batch, GPU vs CPU), and its
+   throughput on the GPU against ditto bf16 `fast` and against itself on the CPU (--skip-exact: off).
 
 Usage on the GPU machine (its python3 has torch, transformers, tokenizers, numpy, jinja2 and tqdm,
 which is all `ditto.LLM` needs for an HF folder; no wheels to carry):
@@ -138,6 +142,39 @@ def throughput(path: Path, numerics: str, batch: int, new: int) -> dict:
     return out
 
 
+def exact_row(path: Path, batch: int, new: int, cpu_batch: int = 8) -> dict:
+    """`exact` at a shape: GPU == CPU on a mixed greedy/sampled batch, and tokens/s on each device."""
+    from ditto import LLM, SamplingParams
+
+    ps = prompts(batch, 30000, 3)
+    mixed = [
+        SamplingParams(temperature=0 if i % 2 else 0.8, seed=i, max_tokens=32, ignore_eos=True, logprobs=1)
+        for i in range(cpu_batch)
+    ]
+    greedy = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+    row: dict = {}
+    outs = {}
+    for device in ("cpu", "cuda"):
+        t = time.perf_counter()
+        llm = LLM(str(path), numerics="integer", determinism="exact", device=device, progress=False, max_num_seqs=batch)
+        row[f"{device}_load_s"] = time.perf_counter() - t  # the first load calibrates (CPU float forward)
+        outs[device] = [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(ps[:cpu_batch], mixed)]
+        n = batch if device == "cuda" else cpu_batch
+        llm.generate(ps[:2], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))  # warm-up
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        llm.generate(ps[:n], greedy)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        row[f"{device}_tok_s"] = n * new / (time.perf_counter() - t)
+        row[f"{device}_batch"] = n
+        del llm
+    row["cuda_equals_cpu"] = outs["cpu"] == outs["cuda"]
+    row["first_difference"] = next((i for i, (a, b) in enumerate(zip(outs["cpu"], outs["cuda"])) if a != b), None)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="gpu_check.json")
@@ -145,12 +182,24 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--skip-exact", action="store_true", help="leave out the `exact` (integer) checks")
     args = ap.parse_args()
     report: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     if not args.skip_tests:
         t = time.perf_counter()
         proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_determinism.py", "-k", "cuda"],
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "tests/test_determinism.py",
+                "tests/test_exact.py",
+                "-k",
+                "cuda",
+            ],  # fmt: skip
             capture_output=True,
             text=True,
         )
@@ -165,6 +214,12 @@ def main() -> None:
                 row["throughput"] = throughput(path, numerics, args.batch, args.new_tokens)
                 report[f"{shape}/{numerics}"] = row
                 print(shape, numerics, json.dumps(row), flush=True)
+            if not args.skip_exact:
+                row = exact_row(path, args.batch, args.new_tokens)
+                bf16 = report[f"{shape}/bf16"]["throughput"]["ditto_fast_tok_s"]
+                row["exact_vs_bf16_fast"] = row["cuda_tok_s"] / bf16
+                report[f"{shape}/exact"] = row
+                print(shape, "exact", json.dumps(row), flush=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
 
 

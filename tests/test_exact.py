@@ -226,3 +226,164 @@ def test_smollm2_exact():
     key = tuple(llm.encode(chat[1]))
     assert all(torch.equal(a, b) for a, b in zip(rec.rows[key], rows[key]))
     assert "56" in batch[0].outputs[0].text or len(batch[0].outputs[0].token_ids) == 8
+
+
+# ---------------------------------------------------------------- the accelerator's formulation
+_DEVICE_CHILD = textwrap.dedent(
+    """
+    import json, sys, torch
+    from ditto import LLM, SamplingParams
+    from ditto.numerics.kernels import integer_ops as iops
+    out = {"accelerator_path": iops.accelerator_path(torch.zeros(1))}
+    for path in sys.argv[1:]:
+        llm = LLM(path, numerics="integer", determinism="exact", progress=False, num_kv_blocks=256)
+        g = torch.Generator().manual_seed(3)
+        vocab = llm.loaded.config.vocab_size
+        prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (3, 29, 11, 40)]
+        params = [
+            SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3),
+            SamplingParams(temperature=0.8, top_p=0.9, top_k=40, seed=7, max_tokens=12, ignore_eos=True, n=2,
+                           logprobs=3),
+            SamplingParams(temperature=1.0, min_p=0.05, seed=8, max_tokens=12, ignore_eos=True, logprobs=3),
+            SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3),
+        ]
+        res = llm.generate(prompts, params)  # one batch: decode rows of several sequences, prefill chunks
+        toks = [[c.token_ids for c in o.outputs] for o in res]
+        lps = [[[c.logprobs, [sorted(s.items()) for s in c.top_logprobs]] for c in o.outputs] for o in res]
+        scored = llm.score(prompts[1], toks[1][0], keep_logits=True)
+        ints = llm.numerics.mode.logits_int(scored.logits)
+        out[path] = {"tokens": toks, "logprobs": lps, "int_logits": ints.tolist(), "digest": llm.model_digest}
+    print(json.dumps(out))
+    """
+)
+
+
+def test_accelerator_formulation_gives_the_cpu_bits(tiny_dirs):
+    """What a GPU computes (torch ops, _int_mm on padded operands, float64 batched GEMMs; no C kernel)
+    equals what the CPU's C kernels compute, bit for bit: token ids (greedy and sampled), logprobs and
+    the integer logits, for every family, in a mixed batch. This is the cross-device promise of
+    `exact`, checked on every commit without a GPU (the GPU run itself: benchmarks/gpu_check.py)."""
+    paths = [str(tiny_dirs[f]) for f in ("llama", "qwen2", "qwen3", "gemma3")]
+    for p in paths:
+        exact_llm(p)  # calibrations exist before the children start
+    runs = []
+    for accel in ("0", "1"):
+        env = {**os.environ, "DITTO_INT_ACCELERATOR_PATH": accel}
+        res = subprocess.run(
+            [sys.executable, "-c", _DEVICE_CHILD, *paths], env=env, capture_output=True, text=True, timeout=600
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    cpu, accel = runs
+    assert (cpu.pop("accelerator_path"), accel.pop("accelerator_path")) == (False, True)
+    for p in paths:
+        assert accel[p]["tokens"] == cpu[p]["tokens"], p
+        assert accel[p]["logprobs"] == cpu[p]["logprobs"], p
+        assert accel[p]["int_logits"] == cpu[p]["int_logits"], p
+        assert accel[p]["digest"] == cpu[p]["digest"], p
+        assert cpu[p]["tokens"][1][0] != cpu[p]["tokens"][1][1]  # the two samples differ: sampling ran
+
+
+def test_float64_batched_gemm_is_the_int32_one(monkeypatch):
+    """_bmm_exact's accelerator form (float64) against the CPU's int32 GEMM at the operand bounds
+    attention uses: int8 q.k and Q20 probabilities times int8 values over 4096 keys."""
+    from ditto.numerics.kernels import integer_ops as iops
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (3, 2, 5, 64), generator=g, dtype=torch.int8)
+    k = torch.randint(-127, 128, (3, 2, 64, 4096), generator=g, dtype=torch.int8)
+    w = torch.randint(0, 1000, (3, 2, 5, 4096), generator=g) ** 3
+    p = w * (1 << 20) // w.sum(-1, keepdim=True)  # Q20 probabilities: each row sums to <= 2^20
+    v = torch.randint(90, 128, (3, 2, 4096, 64), generator=g, dtype=torch.int8)  # same signs: the largest sums
+    v[0] = -v[0]
+    want = [iops._bmm_exact(q, k), iops._bmm_exact(p, v)]
+    monkeypatch.setenv(iops.ACCELERATOR_ENV, "1")
+    got = [iops._bmm_exact(q, k), iops._bmm_exact(p, v)]
+    for a, b in zip(want, got):
+        assert a.dtype == b.dtype == torch.int32 and torch.equal(a, b)
+    assert int(want[1].abs().max()) > 1 << 24  # beyond float32's exact integers: float64 is needed
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_integer_model_moves_whole(tiny_dirs, family):
+    """IntegerMode.apply(model, device) leaves no tensor behind on the CPU: every tensor reachable from
+    the model's modules (attributes, lists, tuples, dicts, at any depth) is on the target device; only the
+    C kernels' own parameter blocks (kparams, read by CPU kernels alone) stay. ("meta" stands in for a GPU.)"""
+    import gc
+
+    from ditto.loader.load import load
+    from ditto.numerics.integer import IntegerMode
+
+    loaded = load(tiny_dirs[family], progress=False)
+    stats, _ = integer_engine.load_or_calibrate(loaded)
+    model = IntegerMode(stats).apply(loaded.model, "meta")
+    seen, found = set(), []
+
+    def walk(obj, where, depth=0):
+        if id(obj) in seen or depth > 6:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            found.append((where, obj.device.type))
+            return
+        if isinstance(obj, (list, tuple, dict)) or hasattr(obj, "__dataclass_fields__"):
+            for ref in gc.get_referents(obj):
+                walk(ref, where, depth + 1)
+
+    for name, module in model.named_modules():
+        if type(module).__name__.startswith("Int") or name == "":
+            for attr, value in vars(module).items():
+                if attr not in ("_modules", "kparams") and not attr.startswith("__"):
+                    walk(value, f"{name}.{attr}")
+    assert found and all(dev == "meta" for _, dev in found), [w for w, d in found if d != "meta"][:10]
+
+
+def test_receipts_verify_exact_across_formulations(tiny_dirs, tmp_path):
+    """A sampled `exact` receipt made by the accelerator's formulation verifies `exact` on the CPU's C
+    kernels, and one made on the CPU verifies `exact` on the accelerator's formulation (the CLI, as an
+    auditor runs it), with the same tokens both ways."""
+    path = str(tiny_dirs["qwen3"])
+    exact_llm(path)
+    gen = [sys.executable, "-m", "ditto.cli", "generate", "--model", path, "--determinism", "exact", "--raw",
+           "--temperature", "0.8", "--seed", "3", "--max-tokens", "10", "--fingerprint-k", "8"]  # fmt: skip
+    texts = []
+    for maker, checker in (("1", "0"), ("0", "1")):
+        receipt = tmp_path / f"made-{maker}.json"
+        env = {**os.environ, "DITTO_INT_ACCELERATOR_PATH": maker}
+        res = subprocess.run([*gen, "--receipt", str(receipt), "The quick brown fox"], env=env, capture_output=True)
+        assert res.returncode == 0, res.stderr[-2000:]
+        env = {**os.environ, "DITTO_INT_ACCELERATOR_PATH": checker}
+        res = subprocess.run(
+            [sys.executable, "-m", "ditto.cli", "verify", str(receipt), "--json"], env=env, capture_output=True
+        )
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        (result,) = json.loads(res.stdout)["results"]
+        assert result["status"] == "exact" and result["n_tokens"] == 10
+        texts.append(json.loads(receipt.read_text())["output_token_ids"])
+    assert texts[0] == texts[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU suite checks its formulation)")
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3"])
+def test_cuda_matches_cpu(tiny_dirs, family):
+    """device=cuda against device=cpu, greedy and sampled in one batch: token ids, logprobs and integer
+    logits equal (torch.equal / ==), and a receipt made on the GPU verifies `exact` on the CPU."""
+    from ditto.verify.build import receipt_for
+    from ditto.verify.replay import verify_receipt
+
+    runs = {}
+    for device in ("cpu", "cuda"):
+        llm = exact_llm(tiny_dirs[family], device=device)
+        prompts = _prompts(4, 21, llm.loaded.config.vocab_size)
+        params = [GREEDY, SAMPLED, SamplingParams(temperature=1.0, seed=5, max_tokens=8, ignore_eos=True), GREEDY]
+        outs = llm.generate(prompts, params)
+        scored = llm.score(prompts[1], outs[1].outputs[0].token_ids, keep_logits=True)
+        runs[device] = (llm, outs, params, llm.numerics.mode.logits_int(scored.logits))
+    (cpu, cpu_outs, params, cpu_ints), (gpu, gpu_outs, _, gpu_ints) = runs["cpu"], runs["cuda"]
+    assert torch.equal(cpu_ints, gpu_ints.cpu())
+    for a, b in zip(cpu_outs, gpu_outs):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].logprobs == b.outputs[0].logprobs
+    receipt = receipt_for(gpu, gpu_outs[1], gpu_outs[1].outputs[0], params[1])
+    assert receipt.hardware["device"].startswith("cuda")
+    assert verify_receipt(cpu, receipt).status == "exact"

@@ -53,7 +53,7 @@ def engine_parent() -> argparse.ArgumentParser:
     g.add_argument(
         "--device",
         default=d.device,
-        help="cpu (default), cuda, cuda:N or auto; numerics integer runs on CPU only",
+        help="cpu (default), cuda, cuda:N or auto; numerics integer (exact) gives the same bits on every device",
     )
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences per engine step")
     g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens, help="token budget per step")

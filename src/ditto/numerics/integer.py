@@ -118,7 +118,7 @@ def _dyadic_vec(scales: torch.Tensor, mbits: int) -> tuple[torch.Tensor, torch.T
 
 def _use_elementwise(x: torch.Tensor) -> bool:
     """Whether the fused elementwise C kernels run: on CPU, with the library built and the bound checks off."""
-    return x.device.type == "cpu" and not iops._CHECKS and iew.kernel_available()
+    return not iops.accelerator_path(x) and not iops._CHECKS and iew.kernel_available()
 
 
 def _kernel_params(build, *args):
@@ -433,7 +433,7 @@ class IntAttention(nn.Module):
         g = h // kv
         o = torch.empty(t, h, d, dtype=torch.int64)
         paged = getattr(ctx, "int_attention_paged", None)
-        if paged is not None and q8.device.type == "cpu" and _use_kernel():
+        if paged is not None and not iops.accelerator_path(q8) and _use_kernel():
             for tokens, pos, cache, table, table_row in paged(self.layer, k8, ka16, ksa, v8):
                 iattn.attend_paged(
                     (q8, qa16, qsa), cache, tokens, pos, table, table_row, self.window,
@@ -471,7 +471,10 @@ class IntegerMode:
             kernel_checks = os.environ.get("DITTO_INT_CHECKS", "0") == "1"
         self.kernel_checks = kernel_checks
 
-    def apply(self, model):
+    def apply(self, model, device: str | torch.device = "cpu"):
+        """Swap the modules of the float `model` (on the CPU: every integer is derived there, the same
+        on every machine), then move the integer model to `device`."""
+        device = torch.device(device)
         cfg, st = model.cfg, self.stats
         if cfg.final_logit_softcap:
             raise NotImplementedError("integer mode: final_logit_softcap is not supported yet")
@@ -501,7 +504,11 @@ class IntegerMode:
         forward, checks = model.forward, self.kernel_checks
         from ditto.numerics.integer_lean import LeanIntDecoder
 
-        lean = LeanIntDecoder.build(model)  # the same kernels with the fewest dispatches (engine steps)
+        if device.type == "cpu":
+            lean = LeanIntDecoder.build(model)  # the same kernels with the fewest dispatches (engine steps)
+        else:  # the C kernels are the CPU's: elsewhere the torch ops run (same bits)
+            lean = None
+            to_device(model, device)
 
         def checked_forward(*args, **kwargs):  # the kernels' checks as chosen for this model, restored after
             old = iops._CHECKS
@@ -534,6 +541,31 @@ class IntegerMode:
     @property
     def logit_scale(self) -> float:
         return 2.0**-self.logit_frac
+
+
+def to_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move an integer model to `device`: its parameters and buffers, and the tensors its modules keep as
+    plain attributes (int8 weights, dyadic multipliers, biases, rotary tables; alone or in lists, tuples
+    and dicts). A tensor shared by several modules is moved once and stays shared."""
+    model.to(device)
+    moved: dict[int, torch.Tensor] = {}
+
+    def move(value):
+        if isinstance(value, torch.Tensor):
+            if id(value) not in moved:
+                moved[id(value)] = value.to(device)
+            return moved[id(value)]
+        if isinstance(value, (list, tuple)):
+            return type(value)(move(v) for v in value)
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        return value
+
+    for module in model.modules():
+        for name, value in list(vars(module).items()):
+            if not name.startswith("_") and isinstance(value, (torch.Tensor, list, tuple, dict)):
+                object.__setattr__(module, name, move(value))
+    return model
 
 
 class DenseIntContext:

@@ -217,13 +217,12 @@ def _kv_bytes(cfg) -> int:
 
 def prepare_integer(loaded, config) -> Prepared:
     """Calibrate (or load the calibration), swap in the integer modules, return the engine bundle."""
-    if torch.device(config.device).type != "cpu":
-        raise ValueError("numerics 'integer' (determinism 'exact') runs on CPU only: its fused kernels are C")
     if config.kv_dtype not in (None, "int8"):
         raise ValueError(f"numerics 'integer' keeps its KV cache in int8; kv_dtype={config.kv_dtype!r} is unsupported")
+    loaded.model.to("cpu")  # calibrated and converted on the CPU whatever the device (moved after)
     stats, path = load_or_calibrate(loaded)
     mode = IntegerMode(stats)
-    model = mode.apply(loaded.model)
+    model = mode.apply(loaded.model, config.device)  # derived on the CPU, then moved: the same integers anywhere
     digest = cal.calibration_digest(path)
     info = {"calibration": str(path), "calibration_sha256": digest, "logit_frac": mode.logit_frac}
     return Prepared(

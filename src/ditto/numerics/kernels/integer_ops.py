@@ -10,6 +10,16 @@ Floats appear only at setup time (`dyadic`, table construction, `temperature_mul
 the lookup tables are built with Python's `decimal` module (correctly rounded), so they are the
 same on every machine.
 
+Devices. The same ops run on a CPU and on an accelerator (CUDA) with the same bits: integer ops are
+exact anywhere. Only the GEMMs need care: int8 x int8 -> int32 goes through torch._int_mm on both
+(zero-padded on an accelerator to its shape rules: M > 16, K and N multiples of 8, which adds zeros
+to no sum), and the small batched GEMMs of attention (`_bmm_exact`), which CPUs run in int32, run
+in float64 on an accelerator (CUDA has no integer batched GEMM): every product and partial sum
+there is an integer below 2^53, so float64 holds each one exactly and any summation order gives
+the same integer. `accelerator_path(t)` says which formulation a tensor takes; $DITTO_INT_ACCELERATOR_PATH=1
+makes a CPU take the accelerator's (and leaves ditto's C kernels off), which is how the test suite
+checks on every commit, without a GPU, that the GPU's formulation gives the CPU's bits.
+
 Fixed-point notation: "Q.F" means an integer n standing for n / 2^F. "dyadic (m, e)" means the
 real factor m / 2^e. Rounding is always half-up: (x + 2^(e-1)) >> e == floor(x / 2^e + 0.5).
 
@@ -30,6 +40,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from decimal import Decimal, getcontext
 from fractions import Fraction
 from functools import cache
@@ -39,6 +50,7 @@ import torch
 
 from ditto.sampling import noise_bits
 
+ACCELERATOR_ENV = "DITTO_INT_ACCELERATOR_PATH"  # "1": a CPU computes as an accelerator does (tests, audits)
 I64_MAX = (1 << 63) - 1
 Q30 = 30
 NOISE_FRAC = 24  # Gumbel noise format: Q.24
@@ -249,6 +261,11 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return clamp_int8(q), a16, sa
 
 
+def accelerator_path(t: torch.Tensor) -> bool:
+    """Whether ops on `t` take the accelerator formulation: off the CPU, or with $DITTO_INT_ACCELERATOR_PATH=1."""
+    return t.device.type != "cpu" or os.environ.get(ACCELERATOR_ENV, "") not in ("", "0")
+
+
 def _pad_to(x: torch.Tensor, dim: int, multiple: int, minimum: int = 0) -> torch.Tensor:
     size = x.shape[dim]
     target = max(-(-size // multiple) * multiple, minimum)
@@ -269,7 +286,7 @@ def int8_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if _CHECKS:
         _check(K < (1 << 17), f"int8_matmul K={K} >= 2^17 could overflow int32")
         _check(a.dtype == torch.int8 and w.dtype == torch.int8, "int8_matmul needs int8 operands")
-    if a.device.type == "cuda":
+    if accelerator_path(a):
         a = _pad_to(_pad_to(a, 1, 8), 0, 8, minimum=17)
         w = _pad_to(_pad_to(w, 1, 8), 0, 8)
     return torch._int_mm(a.contiguous(), w.contiguous().t())[:M, :N]
@@ -384,7 +401,11 @@ def log_softmax_int(x: torch.Tensor, frac: int, mask: torch.Tensor | None = None
 
 
 def _bmm_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact int32 batched a @ b for small integer operands whose sums fit int32 (int32 CPU GEMM)."""
+    """Exact int32 batched a @ b for small integer operands whose sums fit int32: an int32 GEMM on a
+    CPU, a float64 one on an accelerator (every product and partial sum an integer < 2^31 < 2^53:
+    exact in float64 in any order)."""
+    if accelerator_path(a):
+        return torch.matmul(a.to(torch.float64), b.to(torch.float64)).to(torch.int32)
     return torch.matmul(a.to(torch.int32), b.to(torch.int32))
 
 
