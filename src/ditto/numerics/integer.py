@@ -68,6 +68,7 @@ from torch import nn
 from ditto.numerics.kernels import integer_attention_c as iattn
 from ditto.numerics.kernels import integer_elementwise_c as iew
 from ditto.numerics.kernels import integer_ops as iops
+from ditto.numerics.kernels import integer_triton as itr
 
 RESID_TOP, INTER_TOP, LOGIT_TOP, NORM_TOP = 24, 20, 20, 22
 SCORE_FRAC, PROB_BITS = 16, 20
@@ -215,7 +216,10 @@ class IntLinear(nn.Module):
     def forward_int(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         q, a16, sa = iops.quantize_rows(x.reshape(-1, shape[-1]))
-        y = self.epilogue(iops.int8_matmul(q, self.w8), a16, sa)
+        if itr.applies(q):  # GPU: GEMM and epilogue in one Triton kernel, the same bits
+            y = itr.gemm_epilogue(q, self.w8, a16, sa, _columns(self, [self], q.device)).long()
+        else:
+            y = self.epilogue(iops.int8_matmul(q, self.w8), a16, sa)
         return y.reshape(*shape[:-1], -1)
 
     def from_quantized(self, q: torch.Tensor, a16: torch.Tensor, sa: torch.Tensor) -> torch.Tensor:
@@ -241,6 +245,15 @@ def _int32_table(t: torch.Tensor) -> torch.Tensor:
     return hit[1]
 
 
+def _columns(owner: nn.Module, parts: list, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The Triton kernel's per-column parameters of `parts`, made once per owner and device."""
+    cached = owner.__dict__.get("_triton_columns")
+    if cached is None or cached[0].device != device:
+        cached = itr.column_params(parts, device)
+        owner.__dict__["_triton_columns"] = cached
+    return cached
+
+
 class FusedIntLinear(nn.Module):
     """Several IntLinear sharing one input: one quantize_rows and one int8 GEMM, per-part epilogues.
     The parts' weights become views of the fused one (stored once)."""
@@ -263,6 +276,9 @@ class FusedIntLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         q, a16, sa = iops.quantize_rows(x.reshape(-1, x.shape[-1]))
+        if itr.applies(q):  # GPU: one Triton kernel for the parts side by side, the same bits
+            y = itr.gemm_epilogue(q, self.w8, a16, sa, _columns(self, self.parts, q.device)).long()
+            return list(y.split(self.sizes, dim=1))
         acc = iops.int8_matmul(q, self.w8)
         return [p.epilogue(a, a16, sa) for p, a in zip(self.parts, acc.split(self.sizes, dim=1))]
 

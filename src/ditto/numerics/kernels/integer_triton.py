@@ -1,0 +1,167 @@
+"""Triton kernels of the `integer` mode for GPUs: the int8 GEMM with the linear epilogue fused.
+
+One kernel computes what `IntLinear.epilogue(int8_matmul(q, w8), a16, sa)` computes, bit for bit,
+for one linear or several side by side (FusedIntLinear: every column carries its own part's
+multiplier, bias, shift and limit):
+
+    acc[t, n] = sum_k q[t, k] * w8[n, k]                         int32, exact (|acc| <= K * 127^2)
+    y = acc * a16[t] * m[n]                                      int64, < 2^62 (checked at setup)
+    y = (y + 2^(sh - 1)) >> sh,   sh = shift[n] - sa[t]          one rounding, half up
+    y = clamp(y + bias[n], -limit[n] + 1, limit[n] - 1)          -> int32
+
+Integer sums are exact in any order, so the tile shapes and the K split cannot change a bit: the
+GPU's result is the CPU's (the C kernels, and the torch ops they are checked against). It saves
+the torch formulation's round trips through memory: the int32 accumulator, and four int64
+(T, N) temporaries of the epilogue, per linear.
+
+Used on CUDA tensors when Triton imports. The test suite runs it on CPU tensors under Triton's
+interpreter (TRITON_INTERPRET=1 when the kernel is first used), against the torch ops and
+the C kernels; $DITTO_INT_TRITON=1 additionally routes a CPU model's linears through it there,
+so a whole model can be checked through the kernel without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+
+import torch
+
+TRITON_ENV = "DITTO_INT_TRITON"  # "1": CPU tensors take the kernel too (only under TRITON_INTERPRET=1)
+tl = None  # triton.language once _kernel() has imported it (the kernel's body names it)
+
+
+@cache
+def _triton():
+    """(triton, triton.language), imported at first need (not on a CPU run's path), or None."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:  # no Triton: the torch ops serve every device
+        return None
+    return triton, tl
+
+
+def available() -> bool:
+    return _triton() is not None
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def applies(x: torch.Tensor) -> bool:
+    """Whether a linear on `x` runs this kernel: CUDA with Triton, or a CPU under the interpreter when asked."""
+    if x.device.type == "cuda":
+        return not interpreted() and available()
+    return x.device.type == "cpu" and os.environ.get(TRITON_ENV, "0") == "1" and interpreted() and available()
+
+
+def _gemm_epilogue_kernel(
+    q_ptr,  # int8 (M, K)
+    w_ptr,  # int8 (N, K)
+    a16_ptr,  # int64 (M,)
+    sa_ptr,  # int64 (M,)
+    m_ptr,  # int64 (N,)
+    b_ptr,  # int64 (N,)
+    shift_ptr,  # int64 (N,)
+    lim_ptr,  # int64 (N,)
+    y_ptr,  # int32 (M, N)
+    M,
+    N,
+    K,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    for k0 in range(0, K, BK):
+        kk = k0 + rk
+        a = tl.load(q_ptr + rm[:, None] * K + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0)
+        b = tl.load(w_ptr + rn[None, :] * K + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < K), other=0)
+        acc += tl.dot(a, b, out_dtype=tl.int32)  # (BM, BK) x (BK, BN), exact
+    a16 = tl.load(a16_ptr + rm, mask=rm < M, other=1)
+    sa = tl.load(sa_ptr + rm, mask=rm < M, other=0)
+    m = tl.load(m_ptr + rn, mask=rn < N, other=0)
+    bias = tl.load(b_ptr + rn, mask=rn < N, other=0)
+    shift = tl.load(shift_ptr + rn, mask=rn < N, other=0)
+    lim = tl.load(lim_ptr + rn, mask=rn < N, other=1)
+    y = acc.to(tl.int64) * a16[:, None] * m[None, :]
+    sh = shift[None, :] - sa[:, None]  # in [0, 62]
+    one = tl.full((BM, BN), 1, tl.int64)
+    y = (y + ((one << sh) >> 1)) >> sh  # arithmetic shift: floor, as torch's on int64
+    y = y + bias[None, :]
+    y = tl.minimum(tl.maximum(y, -lim[None, :] + 1), lim[None, :] - 1)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(y_ptr + rm[:, None] * N + rn[None, :], y.to(tl.int32), mask=mask)
+
+
+_COMPILED: dict[bool, object] = {}
+
+
+def _kernel():
+    """The kernel, decorated at first use (interpreted or compiled, as TRITON_INTERPRET says then): a
+    process that imports ditto before a test sets the variable still gets the interpreter."""
+    mode = interpreted()
+    if mode not in _COMPILED:
+        triton, tl = _triton()
+        globals()["tl"] = tl  # the kernel's source names `tl`; Triton resolves it from this module
+        _COMPILED[mode] = triton.jit(_gemm_epilogue_kernel)
+    return _COMPILED[mode]
+
+
+def gemm_epilogue(
+    q: torch.Tensor,
+    w8: torch.Tensor,
+    a16: torch.Tensor,
+    sa: torch.Tensor,
+    params: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """q int8 (M, K) from quantize_rows with its a16, sa (M, 1); w8 int8 (N, K); params = (m, bias,
+    shift, limit), int64 (N,) each (`column_params`). Returns int32 (M, N)."""
+    if not available():
+        raise RuntimeError("integer_triton: Triton is not installed")
+    triton = _triton()[0]
+    m_, k = q.shape
+    n = w8.shape[0]
+    if w8.shape[1] != k or q.dtype != torch.int8 or w8.dtype != torch.int8:
+        raise ValueError(f"gemm_epilogue: q {tuple(q.shape)} {q.dtype}, w8 {tuple(w8.shape)} {w8.dtype}")
+    y = torch.empty(m_, n, dtype=torch.int32, device=q.device)
+    if m_ == 0 or n == 0:
+        return y
+    bm = 16 if m_ <= 16 else 64
+    bn, bk = 64, 64
+    grid = (triton.cdiv(m_, bm), triton.cdiv(n, bn))
+    _kernel()[grid](
+        q.contiguous(),
+        w8.contiguous(),
+        a16.reshape(-1).to(torch.int64).contiguous(),
+        sa.reshape(-1).to(torch.int64).contiguous(),
+        *(p.contiguous() for p in params),
+        y,
+        m_,
+        n,
+        k,
+        BM=bm,
+        BN=bn,
+        BK=bk,
+    )
+    return y
+
+
+def column_params(parts, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(m, bias, shift, limit) per output column, int64 (N,) each, from IntLinear-like parts (each with
+    .m (n,), .bias (n,) or None, .shift and .limit ints), side by side in the parts' order."""
+    ms, biases, shifts, limits = [], [], [], []
+    for p in parts:
+        n = p.m.shape[0]
+        ms.append(p.m.long())
+        biases.append(p.bias.long() if p.bias is not None else torch.zeros(n, dtype=torch.long, device=p.m.device))
+        shifts.append(torch.full((n,), p.shift, dtype=torch.long, device=p.m.device))
+        limits.append(torch.full((n,), p.limit, dtype=torch.long, device=p.m.device))
+    return tuple(torch.cat(t).to(device) for t in (ms, biases, shifts, limits))
