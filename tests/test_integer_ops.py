@@ -30,6 +30,11 @@ def test_isqrt_exact_small_range_and_random_large():
     rng = random.Random(1)
     big = [rng.randrange(1 << rng.randrange(1, 62)) for _ in range(5000)] + [(1 << 62) - 1, 1 << 61, 2**40, 2**40 - 1]
     assert iops.isqrt(torch.tensor(big)).tolist() == [math.isqrt(v) for v in big]
+    # powers of two and their neighbours, squares and their neighbours: the slowest starts for Newton
+    edges = [(1 << k) + d for k in range(62) for d in (-2, -1, 0, 1, 2)]
+    edges += [(r * r) + d for r in (3, 2**20 - 1, 2**31 - 1) for d in (-1, 0, 1)]
+    edges = [v for v in edges if 0 <= v < 1 << 62]
+    assert iops.isqrt(torch.tensor(edges)).tolist() == [math.isqrt(v) for v in edges]
 
 
 def test_bit_length_exact():

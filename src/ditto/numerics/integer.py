@@ -348,6 +348,9 @@ def _group_heads(z: torch.Tensor, b: int, n: int, kv: int, g: int) -> torch.Tens
     return z.view(b, n, kv, g, z.shape[-1]).permute(0, 2, 1, 3, 4).reshape(b, kv, n * g, z.shape[-1])
 
 
+_POSITIONS_CHECKED: list = [None]  # (positions tensor, RoPE table length) last found in range
+
+
 class IntAttention(nn.Module):
     def __init__(self, attn, stats, i: int, in_frac: int, resid_frac: int, smooth_in, cfg):
         super().__init__()
@@ -392,8 +395,14 @@ class IntAttention(nn.Module):
         self.o_m_flat, self.o_e_flat = self.o_m.reshape(-1).contiguous(), self.o_e.reshape(-1).contiguous()  # (H*D,)
 
     def _check_positions(self, positions: torch.Tensor) -> None:
+        """Positions within the calibrated RoPE table; checked once per step (every layer gets the same
+        tensor): the max is a host synchronisation on a GPU."""
+        last = _POSITIONS_CHECKED[0]
+        if last is not None and last[0] is positions and last[1] == self.cos.shape[0]:
+            return
         if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
             raise ValueError(f"position {int(positions.max())} beyond the calibrated RoPE table ({self.cos.shape[0]})")
+        _POSITIONS_CHECKED[0] = (positions, self.cos.shape[0])  # holds the tensor: `is` cannot see a reused id
 
     def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         self._check_positions(positions)

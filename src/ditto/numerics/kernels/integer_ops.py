@@ -52,6 +52,7 @@ from ditto.sampling import noise_bits
 
 ACCELERATOR_ENV = "DITTO_INT_ACCELERATOR_PATH"  # "1": a CPU computes as an accelerator does (tests, audits)
 I64_MAX = (1 << 63) - 1
+ISQRT_STEPS = 8  # Newton steps of isqrt (5 suffice for every n < 2^62; see isqrt)
 Q30 = 30
 NOISE_FRAC = 24  # Gumbel noise format: Q.24
 _CHECKS = True
@@ -158,19 +159,19 @@ def bit_length(x: torch.Tensor) -> torch.Tensor:
 def isqrt(n: torch.Tensor) -> torch.Tensor:
     """Elementwise floor(sqrt(n)) for int64 0 <= n < 2^62, by Newton's method from above.
 
-    Starts at 2^ceil(bits/2) >= sqrt(n); x <- (x + n // x) >> 1 decreases monotonically to the
-    floor root, which is reached when the step stops decreasing. Exact (matches math.isqrt).
+    Starts at 2^ceil(bits/2), within a factor 2 above sqrt(n); x <- min(x, (x + n // x) >> 1) falls
+    monotonically to the floor root and stays there. The relative error squares each step (1, 1/4,
+    1/40, 3e-4, 5e-8, 1e-15: below one unit of a root < 2^31 after five), so ISQRT_STEPS = 8 steps
+    reach it for every n < 2^62 (the worst case, found by search, takes 5) with no data-dependent
+    exit: no host synchronisation on a GPU. Exact (matches math.isqrt; tests/test_integer_ops.py).
     """
     n = n.long()
     if _CHECKS:
         _check(bool((n >= 0).all()) and _absmax(n) < (1 << 62), "isqrt needs 0 <= n < 2^62")
     x = torch.ones_like(n) << ((bit_length(n) + 1) >> 1)
     safe_n = n.clamp(min=1)
-    while True:
-        nxt = (x + torch.div(safe_n, x, rounding_mode="floor")) >> 1
-        if not bool((nxt < x).any()):
-            break
-        x = torch.minimum(x, nxt)
+    for _ in range(ISQRT_STEPS):
+        x = torch.minimum(x, (x + torch.div(safe_n, x, rounding_mode="floor")) >> 1)
     return torch.where(n == 0, torch.zeros_like(x), x)
 
 
