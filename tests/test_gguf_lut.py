@@ -191,3 +191,23 @@ def test_portable_build_gives_the_same_bits(monkeypatch, tmp_path):
     for w in weights(raw, kind):
         for isa in ISAS:
             assert torch.equal(gguf_lut.lut_linear(x, w, kind, isa=isa), want), isa
+
+
+@pytest.mark.parametrize("kind", gguf_lut.KINDS)
+def test_bound_call_is_lut_linear(kind):
+    """LutCall (one packed-argument ctypes call, the decode path's) gives `gguf_reference.linear`'s bits,
+    with and without a bias, for one and two rows; inputs it does not take directly (a column slice, a
+    float64 row, 1-D) go through `lut_linear` and still give them."""
+    k, n = 576, 192
+    raw = random_blocks(kind, n, k, seed=3)
+    bias = torch.randn(n)
+    x = activations(2, k, seed=4)
+    for b in (None, bias):
+        call = gguf_lut.LutCall(gguf_lut.repack(raw, kind), b)
+        for rows in (x[:1], x):
+            assert torch.equal(call(rows), gguf_reference.linear(rows, raw, kind, b))
+        wide = torch.cat([x, x], dim=1)[:, :k]  # not contiguous
+        assert torch.equal(call(wide), gguf_reference.linear(x, raw, kind, b))
+        assert torch.equal(call(x.double()), gguf_reference.linear(x, raw, kind, b))
+    with pytest.raises(ValueError, match="bias"):
+        gguf_lut.LutCall(gguf_lut.repack(raw, kind), torch.randn(n + 1))

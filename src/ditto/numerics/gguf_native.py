@@ -86,9 +86,9 @@ class GGUFLinear(nn.Module):
             if self.lut is None:
                 self.small_calls += 1
                 if self.small_calls >= LUT_AFTER_CALLS:  # a long decode: the copy pays for itself from here
-                    self.lut = gguf_lut.repack(self._rows, self.kind)
+                    self.lut = gguf_lut.LutCall(gguf_lut.repack(self._rows, self.kind), self._bias)
             if self.lut is not None:
-                return gguf_lut.lut_linear(x, self.lut, self.kind, self._bias)
+                return self.lut(x)
         return block_linear(x, self._rows, self.kind, self._bias)
 
     def allow_lut(self) -> bool:

@@ -27,6 +27,7 @@ reference (`gguf_reference.linear`), which gives the same bits.
 from __future__ import annotations
 
 import ctypes
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,6 +69,8 @@ def _setup(lib: ctypes.CDLL) -> str | None:
     lib.ditto_lut_tables.argtypes = [i, p, n, n, n, p, p, p]
     lib.ditto_lut_tables.restype = i
     lib.ditto_lut_linear.argtypes = [i, i, i, p, n, n, n, p, n, n, p, p, n]
+    lib.ditto_lut_linear_packed.argtypes = None  # one int64 array (see LutCall)
+    lib.ditto_lut_linear_packed.restype = i
     lib.ditto_lut_linear.restype = i
     return None
 
@@ -246,3 +249,40 @@ def lut_linear(
     if rc != 0:
         raise ValueError(f"gguf LUT kernel rejected {kind} x {tuple(x.shape)} w {tuple(w.shape)} (isa {isa})")
     return y
+
+
+_ARGS = threading.local()  # per-thread argument arrays: ctypes releases the GIL during a call
+
+
+class LutCall:
+    """`lut_linear(x, weight, kind, bias)` for one repacked weight, bound once: a call checks only what
+    can change (x fp32, contiguous, 2-D, K wide), fills one int64 argument array and makes one ctypes
+    call (single-stream decode makes ~120 such calls a token). Anything else goes to `lut_linear`."""
+
+    def __init__(self, weight: LutWeight, bias: torch.Tensor | None = None):
+        self.weight, self.kind = weight, weight.kind
+        self.bias = None if bias is None else bias.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        if self.bias is not None and self.bias.shape != (weight.n,):
+            raise ValueError(f"bias of shape {tuple(self.bias.shape)} for {weight.n} outputs")
+        self._fixed = (_kind_code(self.kind), _PACKED, _ISA[None])
+        self._w, self._b = weight.data.data_ptr(), 0 if self.bias is None else self.bias.data_ptr()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.weight.k or not x.is_contiguous():
+            return lut_linear(x, self.weight, self.kind, self.bias)
+        m, n = x.shape[0], self.weight.n
+        y = torch.empty(m, n, dtype=torch.float32)
+        a = getattr(_ARGS, "lut", None)
+        if a is None:
+            a = _ARGS.lut = (ctypes.c_int64 * 13)()
+        a[0], a[1], a[2] = self._fixed
+        a[3], a[4], a[5], a[6] = x.data_ptr(), m, self.weight.k, self.weight.k
+        a[7], a[8], a[9], a[10], a[11], a[12] = self._w, n, 0, self._b, y.data_ptr(), n
+        rc = _lib().ditto_lut_linear_packed(a)
+        if rc:
+            raise (
+                MemoryError("gguf LUT kernel: out of memory")
+                if rc == -2
+                else ValueError(f"LUT kernel rejected {x.shape}")
+            )
+        return y
