@@ -373,3 +373,32 @@ def test_disabled_kernels_fall_back(env):
     env_vars = dict(os.environ, OMP_NUM_THREADS="1", **{env: "1"})
     out = subprocess.run([sys.executable, "-c", code], env=env_vars, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False", "disabled", "by", env]
+
+
+@pytest.mark.parametrize("scales", ["none", "col", "row", "both"])
+def test_weight_quantisation_is_torchs(scales, monkeypatch):
+    """integer_mod.quant_weight and _col_absmax through the C pass give the torch ops' bits (the integers of
+    the integer model must not depend on whether a compiler was there): weights of several magnitudes,
+    a zero row, exact halves after scaling, SmoothQuant-like column and row factors."""
+    if not kern.kernel_available():
+        pytest.skip(kern.kernel_status())
+    g = torch.Generator().manual_seed(len(scales))
+    w = torch.randn(97, 203, generator=g) * torch.logspace(-4, 1, 97)[:, None]
+    w[3] = 0.0
+    w[5, :8] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, 127.0, -127.0, 63.5])  # ties for rint
+    col = torch.rand(203, generator=g, dtype=torch.float64) * 4 + 0.1 if scales in ("col", "both") else None
+    row = torch.rand(97, generator=g, dtype=torch.float64) * 4 + 0.1 if scales in ("row", "both") else None
+    fast = integer_mod.quant_weight(w, col, row), integer_mod._col_absmax(w)
+    monkeypatch.setattr(kern, "quant_weight", lambda *a: None)
+    monkeypatch.setattr(kern, "col_absmax", lambda *a: None)
+    slow = integer_mod.quant_weight(w, col, row), integer_mod._col_absmax(w)
+    assert torch.equal(fast[0][0], slow[0][0]) and torch.equal(fast[0][1], slow[0][1])
+    assert torch.equal(fast[1], slow[1])
+    assert fast[0][0].dtype == torch.int8 and fast[0][1].dtype == torch.float64
+    assert int(fast[0][0].abs().max()) == 127
+
+
+def test_weight_quantisation_of_non_finite_weights_falls_back():
+    w = torch.randn(4, 16)
+    w[2, 3] = float("nan")
+    assert kern.quant_weight(w) is None  # the caller runs torch's ops (its result, NaN or not)

@@ -1,6 +1,7 @@
 /* ditto integer elementwise kernels: torch-exact int64 chains of the integer numerics mode
    (wrapped by ditto/numerics/kernels/integer_elementwise_c.py, whose docstring maps each kernel to
    the torch chain it reproduces). */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -443,5 +444,51 @@ void ditto_gemv_s8(const int8_t *x, const int8_t *w, const int32_t *wsum, long N
       y[n0 + r] = s;
     }
 #endif
+  }
+}
+
+/* ---- setup: weight quantisation (integer.quant_weight), bit for bit torch's float32 ops ---------
+   w' = (w * c[k]) / r[n]  (c, r optional: NULL skips the multiply / divide; two separately rounded
+   float32 operations, as torch's elementwise mul and div), s = max|w'| / 127 (1 where that is not
+   > 0), q = rint(w' / s) (half to even, as torch.round; |q| <= 127). Rows are independent. */
+void ditto_quant_weight(const float *w, long N, long K, const float *c, const float *r, int8_t *q, float *s_out) {
+#pragma omp parallel for schedule(static)
+  for (long n = 0; n < N; n++) {
+    const float *row = w + n * K;
+    float lo = 0.0f, hi = 0.0f;
+    int finite = 1;
+    for (long k = 0; k < K; k++) {
+      float v = row[k];
+      if (c) v = v * c[k];
+      if (r) v = v / r[n];
+      finite &= isfinite(v) != 0;
+      if (k == 0 || v < lo) lo = v;
+      if (k == 0 || v > hi) hi = v;
+    }
+    if (!finite) { /* not the caller's case: it sees the NaN scale and takes torch's ops instead */
+      s_out[n] = NAN;
+      continue;
+    }
+    float s = (-lo > hi ? -lo : hi) / 127.0f;
+    if (!(s > 0.0f)) s = 1.0f;
+    s_out[n] = s;
+    for (long k = 0; k < K; k++) {
+      float v = row[k];
+      if (c) v = v * c[k];
+      if (r) v = v / r[n];
+      q[n * K + k] = (int8_t)rintf(v / s);
+    }
+  }
+}
+
+/* max over rows of |w[n, k]| per column k (integer._col_absmax; exact: a maximum rounds nothing) */
+void ditto_col_absmax(const float *w, long N, long K, float *out) {
+  for (long k = 0; k < K; k++) out[k] = 0.0f;
+  for (long n = 0; n < N; n++) {
+    const float *row = w + n * K;
+    for (long k = 0; k < K; k++) {
+      const float a = fabsf(row[k]);
+      if (a > out[k]) out[k] = a;
+    }
   }
 }

@@ -87,6 +87,9 @@ def quant_weight(w: torch.Tensor, col_scale=None, row_scale=None) -> tuple[torch
     w' = w * col_scale[None, :] / row_scale[:, None] in float32 (elementwise IEEE ops, correctly
     rounded: every machine derives the same integers); s_w = max|w'_n| / 127 rounded to float32.
     """
+    fast = iew.quant_weight(w, col_scale, row_scale)  # the same float32 ops in C (tests: bit for bit)
+    if fast is not None:
+        return fast[0], fast[1].double()
     w = w.detach().float()
     if col_scale is not None:
         w = w * col_scale.float()[None, :]
@@ -100,6 +103,9 @@ def quant_weight(w: torch.Tensor, col_scale=None, row_scale=None) -> tuple[torch
 
 
 def _col_absmax(w: torch.Tensor) -> torch.Tensor:
+    fast = iew.col_absmax(w)
+    if fast is not None and bool(torch.isfinite(fast).all()):
+        return fast.double()
     lo, hi = torch.aminmax(w.detach().float(), dim=0)
     return torch.maximum(-lo, hi).double()
 
