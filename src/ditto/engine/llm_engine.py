@@ -68,7 +68,12 @@ class LLMEngine:
         prompt: str | None = None,
         score_from: int | None = None,
         keep_score_logits: bool = False,
+        output_ids: list[int] | None = None,
+        sample_index: int = 0,
     ) -> Request:
+        """output_ids: continue a sample that already has these tokens (computed as part of the prompt;
+        sampling noise, penalties, min_tokens and max_tokens count them as outputs), as sample
+        `sample_index` of its request (n must be 1). ditto.llm42's draft uses it."""
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         if not prompt_ids:
@@ -84,14 +89,17 @@ class LLMEngine:
         if score_from is not None and len(prompt_ids) > limit:
             raise PromptTooLong(f"prompt + continuation have {len(prompt_ids)} tokens; the context window is {limit}")
         params = params.with_seed()
+        if (output_ids or sample_index) and (params.n != 1 or score_from is not None):
+            raise ValueError("a resumed sample (output_ids / sample_index) takes n=1 and no scoring")
         seq = Sequence(
             request_id,
             list(prompt_ids),
             params,
-            0,
+            sample_index,
             fork_n=params.n,
             score_from=score_from,
             keep_score_logits=keep_score_logits,
+            output_ids=list(output_ids or []),
         )
         # one sequence: n > 1 samples fork from it once the prompt is computed (`_fork`)
         req = Request(request_id, prompt, list(prompt_ids), params, seqs=[seq], score=score_from is not None)
@@ -180,6 +188,16 @@ class LLMEngine:
         return children
 
     def _append_token(self, seq: Sequence, logits: torch.Tensor, hidden: torch.Tensor) -> None:
+        token = self.record_token(seq, logits, hidden)
+        reason = self.stop_reason(seq, token)
+        if reason is not None:
+            seq.finish_reason = reason
+            self.scheduler.finish(seq)
+
+    def record_token(self, seq: Sequence, logits: torch.Tensor, hidden: torch.Tensor | None) -> int:
+        """Choose `seq`'s next token from its next-token logits (V,) and append it with its logprob, top
+        logprobs and fingerprint: the engine's own step, usable on a sequence it does not schedule
+        (ditto.llm42 replays a verified window through it). Returns the token."""
         params = seq.params
         token_index = len(seq.output_ids)
         logits = mask_min_tokens(logits[None], params, self.stop_ids, start=token_index)[0]  # (V,)
@@ -192,9 +210,11 @@ class LLMEngine:
             seq.top_logprobs.append({int(i): float(v) for v, i in zip(top.values, top.indices)})
         if params.fingerprint_k and self.fingerprint_fn is not None:
             seq.fingerprints.append(self.fingerprint_fn(hidden[None], params.fingerprint_k)[0].tolist())
-        self._check_stop(seq, token)
+        return token
 
-    def _check_stop(self, seq: Sequence, token: int) -> None:
+    def stop_reason(self, seq: Sequence, token: int) -> str | None:
+        """Why `seq` ends after appending `token` ("stop" / "length"), or None; sets its stop_reason and
+        (for stop strings) its text. Changes no scheduling state."""
         params = seq.params
         n_out = len(seq.output_ids)
         reason = None
@@ -215,6 +235,4 @@ class LLMEngine:
             reason = "length"
         if reason is None and len(seq) >= self.max_model_len:
             reason = "length"
-        if reason is not None:
-            seq.finish_reason = reason
-            self.scheduler.finish(seq)
+        return reason
