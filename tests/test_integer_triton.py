@@ -19,6 +19,7 @@ from ditto.numerics.kernels import integer_ops as iops
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 SHAPES = ((64, [64]), (40, [24]), (96, [48, 16, 16]), (130, [70, 9]))  # (K, output sizes of the parts)
 CASES = [(m, k, sizes) for m in (1, 2, 5, 16, 17, 33) for k, sizes in SHAPES]
+ROWS = [(1, 64, 10), (3, 1500, 31), (5, 37, 20), (2, 2048, 31), (4, 3000, 1)]  # (M, K, bits of |x|)
 
 
 class Part:
@@ -55,7 +56,7 @@ def _case(m: int, k: int, sizes: list[int], seed: int, scale_bits: int = 28):
 _KERNEL_CHILD = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-from test_integer_triton import CASES, _case
+from test_integer_triton import CASES, ROWS, _case
 from ditto.numerics.kernels import integer_triton as itr
 out = {}
 for m, k, sizes in CASES:
@@ -65,6 +66,12 @@ q, a16, sa, w8, parts = _case(37, 96, [48, 16, 16], seed=5)
 cols = itr.column_params(parts, q.device)
 out["batch"] = itr.gemm_epilogue(q, w8, a16, sa, cols)
 out["alone"] = torch.cat([itr.gemm_epilogue(q[i : i + 1], w8, a16[i : i + 1], sa[i : i + 1], cols) for i in range(37)])
+g = torch.Generator().manual_seed(8)
+for m, k, bits in ROWS:
+    x = torch.randint(-(1 << bits) + 1, 1 << bits, (m, k), generator=g, dtype=torch.int64)
+    x[0] = 0
+    out[f"rows/{m}/{k}/{bits}/int64"] = itr.quantize_rows(x)
+    out[f"rows/{m}/{k}/{bits}/int32"] = itr.quantize_rows(x.to(torch.int32))
 for name, bad in (("dtype", (q.long(), w8)), ("shape", (q[:, :32], w8))):
     try:
         itr.gemm_epilogue(*bad, a16, sa, cols)
@@ -101,6 +108,22 @@ def test_kernel_equals_torch_ops_and_c(m, k, sizes, kernel_results):
         assert torch.equal(iew.linear_epilogue(acc, a16, sa, kp).long(), want)
     if len(sizes) > 1 and m >= 5:  # the 2^24-limited part saturates somewhere: the clamp is exercised
         assert bool((want[:, sizes[0] : sizes[0] + sizes[1]].abs() == (1 << 24) - 1).any())
+
+
+@pytest.mark.parametrize("m,k,bits", ROWS)
+def test_quantize_rows_kernel_is_integer_ops(m, k, bits, kernel_results):
+    """Per-row int8 quantisation (a zero row, |x| up to 2^31 - 1, K across several 1024 chunks or not a
+    power of two, int32 and int64 inputs): q, a16 and sa equal integer_ops.quantize_rows'."""
+    g = torch.Generator().manual_seed(8)
+    for mm, kk, bb in ROWS:  # the child drew the same numbers in this order
+        x = torch.randint(-(1 << bb) + 1, 1 << bb, (mm, kk), generator=g, dtype=torch.int64)
+        if (mm, kk, bb) == (m, k, bits):
+            break
+    x[0] = 0
+    want = iops.quantize_rows(x)
+    for kind in ("int64", "int32"):
+        got = kernel_results[f"rows/{m}/{k}/{bits}/{kind}"]
+        assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(got, want)), kind
 
 
 def test_rows_do_not_depend_on_the_batch(kernel_results):

@@ -221,10 +221,11 @@ class IntLinear(nn.Module):
 
     def forward_int(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        q, a16, sa = iops.quantize_rows(x.reshape(-1, shape[-1]))
-        if itr.applies(q):  # GPU: GEMM and epilogue in one Triton kernel, the same bits
+        if itr.applies(x):  # GPU: two Triton kernels (quantise; GEMM + epilogue), the same bits
+            q, a16, sa = itr.quantize_rows(x.reshape(-1, shape[-1]))
             y = itr.gemm_epilogue(q, self.w8, a16, sa, _columns(self, [self], q.device)).long()
         else:
+            q, a16, sa = iops.quantize_rows(x.reshape(-1, shape[-1]))
             y = self.epilogue(iops.int8_matmul(q, self.w8), a16, sa)
         return y.reshape(*shape[:-1], -1)
 
@@ -281,10 +282,11 @@ class FusedIntLinear(nn.Module):
         return iew.linear_epilogue(iops.int8_matmul(q, self.w8), a16, sa, self.kparams)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        q, a16, sa = iops.quantize_rows(x.reshape(-1, x.shape[-1]))
-        if itr.applies(q):  # GPU: one Triton kernel for the parts side by side, the same bits
+        if itr.applies(x):  # GPU: quantise, then one GEMM + epilogue kernel for the parts side by side
+            q, a16, sa = itr.quantize_rows(x.reshape(-1, x.shape[-1]))
             y = itr.gemm_epilogue(q, self.w8, a16, sa, _columns(self, self.parts, q.device)).long()
             return list(y.split(self.sizes, dim=1))
+        q, a16, sa = iops.quantize_rows(x.reshape(-1, x.shape[-1]))
         acc = iops.int8_matmul(q, self.w8)
         return [p.epilogue(a, a16, sa) for p, a in zip(self.parts, acc.split(self.sizes, dim=1))]
 

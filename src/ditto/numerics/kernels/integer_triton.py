@@ -1,4 +1,5 @@
-"""Triton kernels of the `integer` mode for GPUs: the int8 GEMM with the linear epilogue fused.
+"""Triton kernels of the `integer` mode for GPUs: per-row int8 quantisation, and the int8 GEMM with
+the linear epilogue fused (a linear is these two launches instead of some twenty torch ops).
 
 One kernel computes what `IntLinear.epilogue(int8_matmul(q, w8), a16, sa)` computes, bit for bit,
 for one linear or several side by side (FusedIntLinear: every column carries its own part's
@@ -101,18 +102,75 @@ def _gemm_epilogue_kernel(
     tl.store(y_ptr + rm[:, None] * N + rn[None, :], y.to(tl.int32), mask=mask)
 
 
-_COMPILED: dict[bool, object] = {}
+def _quantize_rows_kernel(
+    x_ptr,  # int32 or int64 (M, K), rows of stride K
+    q_ptr,  # int8 (M, K)
+    a16_ptr,  # int64 (M,)
+    sa_ptr,  # int64 (M,)
+    K,
+    BK: tl.constexpr,
+):
+    """integer_ops.quantize_rows for one row per program: amax, sa = max(0, bit_length(amax) - 15),
+    a16 = max(1, ceil(amax / 2^sa)), R = (127 * 2^38 + a16 / 2) // a16, q = clamp(round_half_up(x * R /
+    2^(38 + sa)), -127, 127)."""
+    row = tl.program_id(0)
+    base = x_ptr + row.to(tl.int64) * K
+    rk = tl.arange(0, BK)
+    amax = tl.zeros((BK,), dtype=tl.int64)
+    for k0 in range(0, K, BK):
+        x = tl.load(base + k0 + rk, mask=k0 + rk < K, other=0).to(tl.int64)
+        amax = tl.maximum(amax, tl.abs(x))
+    top = tl.max(amax, axis=0)
+    bits = tl.arange(0, 64).to(tl.int64)
+    powers = tl.full((64,), 1, tl.int64) << tl.minimum(bits, 62)  # 2^0 .. 2^62 (the last two repeat 2^62)
+    length = tl.sum(((powers <= top) & (bits < 63)).to(tl.int64), axis=0)  # bit_length(top): top < 2^63
+    sa = tl.maximum(length - 15, 0)
+    one = tl.full((), 1, tl.int64)
+    a16 = tl.maximum((top + (one << sa) - 1) >> sa, 1)
+    recip = ((127 << 38) + (a16 >> 1)) // a16
+    e = 38 + sa
+    half = (one << e) >> 1
+    for k0 in range(0, K, BK):
+        x = tl.load(base + k0 + rk, mask=k0 + rk < K, other=0).to(tl.int64)
+        q = (x * recip + half) >> e
+        q = tl.minimum(tl.maximum(q, -127), 127)
+        tl.store(q_ptr + row.to(tl.int64) * K + k0 + rk, q.to(tl.int8), mask=k0 + rk < K)
+    tl.store(a16_ptr + row, a16)
+    tl.store(sa_ptr + row, sa)
 
 
-def _kernel():
-    """The kernel, decorated at first use (interpreted or compiled, as TRITON_INTERPRET says then): a
+_COMPILED: dict[tuple[str, bool], object] = {}
+
+
+def _kernel(fn=_gemm_epilogue_kernel):
+    """A kernel, decorated at first use (interpreted or compiled, as TRITON_INTERPRET says then): a
     process that imports ditto before a test sets the variable still gets the interpreter."""
-    mode = interpreted()
-    if mode not in _COMPILED:
+    key = (fn.__name__, interpreted())
+    if key not in _COMPILED:
         triton, tl = _triton()
-        globals()["tl"] = tl  # the kernel's source names `tl`; Triton resolves it from this module
-        _COMPILED[mode] = triton.jit(_gemm_epilogue_kernel)
-    return _COMPILED[mode]
+        globals()["tl"] = tl  # the kernels' source names `tl`; Triton resolves it from this module
+        _COMPILED[key] = triton.jit(fn)
+    return _COMPILED[key]
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`integer_ops.quantize_rows` of integer rows x (M, K) (|x| < 2^31) as one kernel: q int8 (M, K),
+    a16 and sa int64 (M, 1), the same bits."""
+    if not available():
+        raise RuntimeError("integer_triton: Triton is not installed")
+    if x.dim() != 2 or x.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"quantize_rows: integer (M, K) rows expected, got {x.dtype} {tuple(x.shape)}")
+    x = x.contiguous()
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    a16 = torch.empty(m, 1, dtype=torch.int64, device=x.device)
+    sa = torch.empty(m, 1, dtype=torch.int64, device=x.device)
+    if m and k:
+        _kernel(_quantize_rows_kernel)[(m,)](x, q, a16, sa, k, BK=min(1024, 1 << (k - 1).bit_length()))
+    elif m:  # no inputs: what quantize_rows gives a zero row
+        a16.fill_(1)
+        sa.zero_()
+    return q, a16, sa
 
 
 def gemm_epilogue(
