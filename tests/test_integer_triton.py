@@ -20,6 +20,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 SHAPES = ((64, [64]), (40, [24]), (96, [48, 16, 16]), (130, [70, 9]))  # (K, output sizes of the parts)
 CASES = [(m, k, sizes) for m in (1, 2, 5, 16, 17, 33) for k, sizes in SHAPES]
 ROWS = [(1, 64, 10), (3, 1500, 31), (5, 37, 20), (2, 2048, 31), (4, 3000, 1)]  # (M, K, bits of |x|)
+NORMS = [(2, 64, 10, 0), (3, 1500, 30, 2), (5, 576, 20, -3), (2, 2048, 31, 0), (2, 9, 3, -1)]  # (M, D, bits, shift)
 
 
 class Part:
@@ -56,7 +57,7 @@ def _case(m: int, k: int, sizes: list[int], seed: int, scale_bits: int = 28):
 _KERNEL_CHILD = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-from test_integer_triton import CASES, ROWS, _case
+from test_integer_triton import CASES, NORMS, ROWS, _case
 from ditto.numerics.kernels import integer_triton as itr
 out = {}
 for m, k, sizes in CASES:
@@ -72,6 +73,11 @@ for m, k, bits in ROWS:
     x[0] = 0
     out[f"rows/{m}/{k}/{bits}/int64"] = itr.quantize_rows(x)
     out[f"rows/{m}/{k}/{bits}/int32"] = itr.quantize_rows(x.to(torch.int32))
+for m, d, bits, shift in NORMS:
+    x = torch.randint(-(1 << bits) + 1, 1 << bits, (m, d), generator=g, dtype=torch.int64)
+    x[0] = 0
+    gm = torch.randint(-(1 << 23), 1 << 23, (d,), generator=g)
+    out[f"norm/{m}/{d}/{bits}/{shift}"] = (x, gm, itr.rmsnorm(x.to(torch.int32), gm, 30, 12345, shift))
 for name, bad in (("dtype", (q.long(), w8)), ("shape", (q[:, :32], w8))):
     try:
         itr.gemm_epilogue(*bad, a16, sa, cols)
@@ -124,6 +130,16 @@ def test_quantize_rows_kernel_is_integer_ops(m, k, bits, kernel_results):
     for kind in ("int64", "int32"):
         got = kernel_results[f"rows/{m}/{k}/{bits}/{kind}"]
         assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(got, want)), kind
+
+
+@pytest.mark.parametrize("m,d,bits,shift", NORMS)
+def test_rmsnorm_kernel_is_integer_ops(m, d, bits, shift, kernel_results):
+    """Integer RMSNorm (rmsnorm_int, then IntRMSNorm's left or rounding right output shift): a zero row,
+    |x| up to 2^31 - 1, D over several chunks, odd D: the torch ops' bits."""
+    x, gm, got = kernel_results[f"norm/{m}/{d}/{bits}/{shift}"]
+    want = iops.rmsnorm_int(x, gm, 30, 12345)
+    want = want << shift if shift >= 0 else iops.rshift_round(want, -shift)
+    assert got.dtype == torch.int32 and torch.equal(got.long(), want)
 
 
 def test_rows_do_not_depend_on_the_batch(kernel_results):

@@ -172,6 +172,8 @@ class IntRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kparams is not None and x.dtype == torch.int32 and _use_elementwise(x):
             return iew.rmsnorm(x, self.kparams)
+        if x.dim() == 2 and itr.applies(x) and not iops._CHECKS:  # GPU: one Triton kernel, the same bits
+            return itr.rmsnorm(x, self.gm, self.ge, self.eps_int, self.shift)
         _check_limit(x, "RMSNorm input")
         y = iops.rmsnorm_int(x, self.gm, self.ge, self.eps_int)
         y = y << self.shift if self.shift >= 0 else iops.rshift_round(y, -self.shift)

@@ -23,6 +23,7 @@ so a whole model can be checked through the kernel without a GPU.
 
 from __future__ import annotations
 
+import math
 import os
 from functools import cache
 
@@ -139,6 +140,60 @@ def _quantize_rows_kernel(
     tl.store(sa_ptr + row, sa)
 
 
+def _rmsnorm_kernel(
+    x_ptr,  # int32 or int64 (M, D)
+    gm_ptr,  # int64 (D,)
+    y_ptr,  # int32 (M, D)
+    D,
+    b,  # (61 - ceil(log2 D)) // 2
+    eps_term,  # min(eps_int * D, 2^60)
+    gamma_e,
+    left,  # the output shift: max(0, shift) exact left ...
+    right,  # ... and max(0, -shift) rounding right
+    BK: tl.constexpr,
+):
+    """integer_ops.rmsnorm_int (and IntRMSNorm's output shift) for one row per program, step for step."""
+    row = tl.program_id(0)
+    base = x_ptr + row.to(tl.int64) * D
+    rk = tl.arange(0, BK)
+    one = tl.full((), 1, tl.int64)
+    bits = tl.arange(0, 64).to(tl.int64)
+    powers = tl.full((64,), 1, tl.int64) << tl.minimum(bits, 62)
+    acc = tl.zeros((BK,), dtype=tl.int64)
+    for k0 in range(0, D, BK):
+        x = tl.load(base + k0 + rk, mask=k0 + rk < D, other=0).to(tl.int64)
+        acc = tl.maximum(acc, tl.abs(x))
+    amax = tl.max(acc, axis=0)
+    sh = tl.maximum(tl.sum(((powers <= amax) & (bits < 63)).to(tl.int64), axis=0) - b, 0)
+    half_sh = (one << sh) >> 1
+    acc = tl.zeros((BK,), dtype=tl.int64)
+    for k0 in range(0, D, BK):
+        x = tl.load(base + k0 + rk, mask=k0 + rk < D, other=0).to(tl.int64)
+        xs = (x + half_sh) >> sh
+        acc += xs * xs
+    ss = tl.maximum(tl.sum(acc, axis=0) + (eps_term >> (2 * sh)), 1)
+    u = tl.maximum((62 - tl.sum(((powers <= ss) & (bits < 63)).to(tl.int64), axis=0)) >> 1, 0)
+    n = ss << (2 * u)
+    r = one << ((tl.sum(((powers <= n) & (bits < 63)).to(tl.int64), axis=0) + 1) >> 1)
+    for _ in range(8):  # integer_ops.ISQRT_STEPS
+        r = tl.minimum(r, (r + n // r) >> 1)
+    inv = (one << 62) // r
+    k1 = tl.maximum(tl.sum(((powers <= (amax >> sh)) & (bits < 63)).to(tl.int64), axis=0) - 5, 0)
+    shift = 62 + gamma_e - u - k1
+    pre = tl.maximum(shift - 62, 0)
+    e = shift - pre
+    for k0 in range(0, D, BK):
+        mask = k0 + rk < D
+        x = tl.load(base + k0 + rk, mask=mask, other=0).to(tl.int64)
+        gm = tl.load(gm_ptr + k0 + rk, mask=mask, other=0)
+        xs = (x + half_sh) >> sh
+        t = (xs * inv + ((one << k1) >> 1)) >> k1
+        t = (t + ((one << pre) >> 1)) >> pre
+        y = (t * gm + ((one << e) >> 1)) >> e
+        y = ((y << left) + ((one << right) >> 1)) >> right  # the output shift: exact left or rounding right
+        tl.store(y_ptr + row.to(tl.int64) * D + k0 + rk, y.to(tl.int32), mask=mask)
+
+
 _COMPILED: dict[tuple[str, bool], object] = {}
 
 
@@ -223,3 +278,23 @@ def column_params(parts, device: torch.device) -> tuple[torch.Tensor, ...]:
         shifts.append(torch.full((n,), p.shift, dtype=torch.long, device=p.m.device))
         limits.append(torch.full((n,), p.limit, dtype=torch.long, device=p.m.device))
     return tuple(torch.cat(t).to(device) for t in (ms, biases, shifts, limits))
+
+
+def rmsnorm(x: torch.Tensor, gamma_m: torch.Tensor, gamma_e: int, eps_int: int, out_shift: int) -> torch.Tensor:
+    """IntRMSNorm's torch ops (`integer_ops.rmsnorm_int`, then the output shift) as one kernel: int32 rows
+    x (M, D) (|x| < 2^31) -> int32 (M, D), the same bits."""
+    if not available():
+        raise RuntimeError("integer_triton: Triton is not installed")
+    if x.dim() != 2 or x.dtype not in (torch.int32, torch.int64) or gamma_m.shape != (x.shape[1],):
+        raise ValueError(f"rmsnorm: integer (M, D) rows and (D,) gains expected, got {tuple(x.shape)}")
+    x = x.contiguous()
+    m, d = x.shape
+    y = torch.empty(m, d, dtype=torch.int32, device=x.device)
+    if m and d:
+        b = (61 - math.ceil(math.log2(d))) // 2
+        eps_term = min(eps_int * d, 1 << 60)
+        gm = gamma_m.to(device=x.device, dtype=torch.int64).contiguous()
+        bk = min(1024, 1 << (d - 1).bit_length())
+        left, right = max(0, out_shift), max(0, -out_shift)
+        _kernel(_rmsnorm_kernel)[(m,)](x, gm, y, d, b, eps_term, gamma_e, left, right, BK=bk)
+    return y
