@@ -23,6 +23,20 @@ from ditto.sampling import SamplingParams
 Prompt = str | list[int]
 
 
+def pair_prompts(
+    prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None
+) -> tuple[list[Prompt], list[SamplingParams]]:
+    """One prompt or a list, with one SamplingParams for all (default: SamplingParams()) or one each:
+    (prompts, params) as two lists of the same length."""
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    params = params or SamplingParams()
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+    if len(plist) != len(prompts):
+        raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
+    return list(prompts), plist
+
+
 class LLM:
     """Load a model once, then generate, stream or score with it.
 
@@ -155,12 +169,7 @@ class LLM:
         A progress bar (requests done, decode tok/s) shows for 8+ prompts when the LLM was built with
         progress=True, unless `progress` says otherwise.
         """
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        params = params or SamplingParams()
-        plist = params if isinstance(params, list) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
+        prompts, plist = pair_prompts(prompts, params)
         if chat:
             prompts = [self.chat_prompt([{"role": "user", "content": p}]) for p in prompts]
         with self._lock:

@@ -28,7 +28,7 @@ import time
 
 from ditto.engine.llm_engine import Request
 from ditto.engine.sequence import Sequence, Status
-from ditto.llm import LLM, Prompt
+from ditto.llm import LLM, Prompt, pair_prompts
 from ditto.outputs import RequestOutput
 from ditto.sampling import SamplingParams
 
@@ -65,12 +65,7 @@ class LLM42:
         self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None
     ) -> list[RequestOutput]:
         """What `LLM(..., determinism="batch_invariant").generate(prompts, params)` returns, token for token."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        params = params or SamplingParams()
-        plist = params if isinstance(params, list) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
+        prompts, plist = pair_prompts(prompts, params)
         ref = self.reference
         reqs = []
         for prompt, sp in zip(prompts, plist):

@@ -29,6 +29,8 @@ from functools import cache
 
 import torch
 
+from ditto.numerics.kernels.integer_ops import ISQRT_STEPS
+
 TRITON_ENV = "DITTO_INT_TRITON"  # "1": CPU tensors take the kernel too (only under TRITON_INTERPRET=1)
 tl = None  # triton.language once _kernel() has imported it (the kernel's body names it)
 
@@ -151,6 +153,7 @@ def _rmsnorm_kernel(
     left,  # the output shift: max(0, shift) exact left ...
     right,  # ... and max(0, -shift) rounding right
     BK: tl.constexpr,
+    STEPS: tl.constexpr,  # integer_ops.ISQRT_STEPS
 ):
     """integer_ops.rmsnorm_int (and IntRMSNorm's output shift) for one row per program, step for step."""
     row = tl.program_id(0)
@@ -175,7 +178,7 @@ def _rmsnorm_kernel(
     u = tl.maximum((62 - tl.sum(((powers <= ss) & (bits < 63)).to(tl.int64), axis=0)) >> 1, 0)
     n = ss << (2 * u)
     r = one << ((tl.sum(((powers <= n) & (bits < 63)).to(tl.int64), axis=0) + 1) >> 1)
-    for _ in range(8):  # integer_ops.ISQRT_STEPS
+    for _ in range(STEPS):
         r = tl.minimum(r, (r + n // r) >> 1)
     inv = (one << 62) // r
     k1 = tl.maximum(tl.sum(((powers <= (amax >> sh)) & (bits < 63)).to(tl.int64), axis=0) - 5, 0)
@@ -296,5 +299,5 @@ def rmsnorm(x: torch.Tensor, gamma_m: torch.Tensor, gamma_e: int, eps_int: int, 
         gm = gamma_m.to(device=x.device, dtype=torch.int64).contiguous()
         bk = min(1024, 1 << (d - 1).bit_length())
         left, right = max(0, out_shift), max(0, -out_shift)
-        _kernel(_rmsnorm_kernel)[(m,)](x, gm, y, d, b, eps_term, gamma_e, left, right, BK=bk)
+        _kernel(_rmsnorm_kernel)[(m,)](x, gm, y, d, b, eps_term, gamma_e, left, right, BK=bk, STEPS=ISQRT_STEPS)
     return y
